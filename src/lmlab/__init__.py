@@ -1,0 +1,1 @@
+"""lmlab: build, train, evaluate and honestly compare small language models."""
