@@ -1,0 +1,139 @@
+"""Build a :class:`Config` from a preset or YAML file plus ``key=value`` overrides.
+
+Every key is checked against the dataclasses, so a typo is a one-line error that names the
+closest valid key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmlab.config.schema import Config
+from lmlab.errors import LmlabError
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in the package."""
+    folder = resources.files("lmlab.config") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise LmlabError(f"{where} is not valid YAML{at}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmlabError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def read_source(source: str) -> dict:
+    """The settings of a preset name or a YAML file path, as a nested dict."""
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise LmlabError(f"config file {source} does not exist; give a YAML path or a preset")
+        return _read_yaml(path.read_text(encoding="utf-8"), str(path))
+    if source not in preset_names():
+        close = difflib.get_close_matches(source, preset_names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise LmlabError(
+            f"unknown preset {source!r}; {hint}presets: {', '.join(preset_names())}"
+        )
+    text = (resources.files("lmlab.config") / "presets" / f"{source}.yaml").read_text("utf-8")
+    return _read_yaml(text, f"preset {source}")
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"unknown config key {prefix}{key}; did you mean {prefix}{close[0]}?"
+    return f"unknown config key {prefix}{key}; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check a YAML value against a field's type, converting the harmless cases (int -> float)."""
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    expected = origin or kind
+    if expected in (int, float) and isinstance(value, bool):
+        expected = None
+    if expected is None or not isinstance(value, expected):
+        name = getattr(kind, "__name__", str(kind))
+        raise LmlabError(f"{key}={value!r} must be of type {name}")
+    return value
+
+
+def _merge(target: Any, settings: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in settings.items():
+        if key not in fields:
+            raise LmlabError(_suggest(str(key), list(fields), prefix))
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise LmlabError(f"{prefix}{key} is a section; set its keys, e.g. {prefix}{key}.x=")
+            _merge(current, value, f"{prefix}{key}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            current.update(value)
+        else:
+            setattr(target, key, _coerce(value, hints[key], prefix + key))
+
+
+def parse_override(text: str) -> dict:
+    """``model.d_model=256`` -> ``{"model": {"d_model": 256}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise LmlabError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def build_config(
+    source: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: dict | None = None
+) -> Config:
+    """A validated config: defaults, then ``base`` (e.g. a saved run), ``source``, ``overrides``."""
+    config = Config()
+    if base:
+        _merge(config, base)
+    if source:
+        _merge(config, read_source(source))
+    for item in overrides:
+        _merge(config, parse_override(item))
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,242 @@
+"""Typed configuration: one dataclass per part of a run, nested in :class:`Config`.
+
+Every field has a default so a preset only states what differs. Validation lives in
+``validate()`` methods so a bad value is reported before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmlab.errors import LmlabError
+
+DEFAULT_LETTERS = {
+    "A": "attention",
+    "M": "mamba2",
+    "G": "gla",
+    "D": "deltanet",
+    "N": "gated_deltanet",
+    "K": "kda",
+    "R": "retnet",
+    "W": "rwkv7",
+    "H": "hyena",
+    "B": "bdh",
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise LmlabError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The architecture: a stack of pre-norm blocks, each a token mixer plus a channel mixer."""
+
+    vocab_size: int = 0
+    """0 takes the tokenizer's vocabulary size."""
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads (MHA), 1 is MQA."""
+    head_dim: int = 0
+    """0 means d_model // n_heads."""
+    mixer: str = "attention"
+    """Token mixer of every layer, unless ``pattern`` is set."""
+    pattern: str = ""
+    """One letter per layer (e.g. ``MMMMMA``), each mapped to a mixer by ``letters``."""
+    letters: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LETTERS))
+    mixer_options: dict[str, dict] = field(default_factory=dict)
+    """Per-mixer settings keyed by mixer name, e.g. ``{gla: {expand_k: 0.5}}``."""
+    channel_mixer: str = "swiglu"
+    mlp_hidden: int = 0
+    """Hidden width of the channel mixer; 0 means 8/3 * d_model rounded up to a multiple of 64."""
+    position: str = "rope"
+    """Position encoding used by attention layers: ``rope`` or ``none``."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def layer_mixers(self) -> list[str]:
+        """The token-mixer name of each layer, resolved from ``mixer`` or ``pattern``."""
+        if not self.pattern:
+            return [self.mixer] * self.n_layers
+        unknown = sorted(set(self.pattern) - set(self.letters))
+        _require(
+            not unknown,
+            f"model.pattern uses letter(s) {', '.join(unknown)} that model.letters does not map; "
+            f"known letters: {', '.join(sorted(self.letters))}",
+        )
+        return [self.letters[c] for c in self.pattern]
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def resolved_mlp_hidden(self) -> int:
+        return self.mlp_hidden or -(-int(8 * self.d_model / 3) // 64) * 64
+
+    def validate(self) -> None:
+        _require(self.d_model > 0, "model.d_model must be positive")
+        _require(self.n_layers > 0, "model.n_layers must be positive")
+        _require(self.n_heads > 0, "model.n_heads must be positive")
+        _require(
+            self.head_dim > 0 or self.d_model % self.n_heads == 0,
+            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+            "change one of them or set model.head_dim",
+        )
+        _require(
+            self.n_heads % self.resolved_kv_heads == 0,
+            f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
+            f"{self.resolved_kv_heads}",
+        )
+        _require(
+            not self.pattern or len(self.pattern) == self.n_layers,
+            f"model.pattern has {len(self.pattern)} letters but model.n_layers={self.n_layers}; "
+            "give one letter per layer",
+        )
+        _require(
+            self.position in ("rope", "none"),
+            f"model.position={self.position!r} is unknown; use rope or none",
+        )
+        _require(self.init_std > 0, "model.init_std must be positive")
+        self.layer_mixers()
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenised and split."""
+
+    path: str = ""
+    """Empty: the embedded Shakespeare corpus. Else a text file, a folder of text files, or a
+    token-shard folder written by ``lmlab.data.shards``."""
+    edition: str = "modern"
+    """Embedded corpus edition: ``modern`` (Gutenberg modern spelling) or ``folio``."""
+    tokenizer: str = "char"
+    """``byte``, ``char`` or ``bpe``."""
+    vocab_size: int = 1000
+    """Vocabulary size of a trained BPE tokenizer."""
+    val_fraction: float = 0.1
+    split: str = "auto"
+    """``by_document`` (no work on both sides), ``tail`` (last fraction of the text, as nanoGPT),
+    or ``auto`` (by document when there are several, else tail)."""
+    seq_len: int = 256
+    seed: int = 0
+    """Seed of the document split."""
+
+    def validate(self) -> None:
+        _require(
+            self.tokenizer in ("byte", "char", "bpe"),
+            f"data.tokenizer={self.tokenizer!r} is unknown; use byte, char or bpe",
+        )
+        _require(
+            self.edition in ("modern", "folio"),
+            f"data.edition={self.edition!r} is unknown; use modern or folio",
+        )
+        _require(
+            self.split in ("auto", "by_document", "tail"),
+            f"data.split={self.split!r} is unknown; use auto, by_document or tail",
+        )
+        _require(0 < self.val_fraction < 1, "data.val_fraction must be between 0 and 1")
+        _require(self.seq_len > 0, "data.seq_len must be positive")
+        _require(
+            self.tokenizer != "bpe" or self.vocab_size >= 260,
+            "data.vocab_size must be at least 260 for a BPE tokenizer (256 bytes + specials)",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe and its budget."""
+
+    batch_size: int = 32
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    """``adamw``, or ``muon`` (Muon for 2-D hidden weights, AdamW for the rest)."""
+    lr: float = 3e-3
+    """AdamW learning rate (for every parameter with adamw; embeddings/head/norms with muon)."""
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    schedule: str = "cosine"
+    """``cosine`` (warmup + cosine), ``wsd`` (warmup-stable-decay) or ``constant``."""
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """Fraction of the budget spent in the final linear decay of ``wsd``."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    max_steps: int = 1000
+    max_tokens: int = 0
+    """If set, the budget in tokens (overrides max_steps)."""
+    max_time: float = 0.0
+    """If set, the budget in seconds of training wall time (overrides max_steps)."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast where bf16 matmuls are fast: CUDA, CPUs with AMX/AVX512-BF16),
+    ``bf16`` or ``fp32``."""
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    eval_interval: int = 200
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 3
+    deterministic: bool = False
+    tensorboard: bool = False
+    threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+
+    def validate(self) -> None:
+        _require(self.batch_size > 0, "train.batch_size must be positive")
+        _require(self.grad_accum > 0, "train.grad_accum must be positive")
+        _require(
+            self.optimizer in ("adamw", "muon"),
+            f"train.optimizer={self.optimizer!r} is unknown; use adamw or muon",
+        )
+        _require(self.lr > 0, f"train.lr={self.lr} must be positive (e.g. train.lr=3e-3)")
+        _require(self.muon_lr > 0, f"train.muon_lr={self.muon_lr} must be positive")
+        _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
+        _require(
+            self.schedule in ("cosine", "wsd", "constant"),
+            f"train.schedule={self.schedule!r} is unknown; use cosine, wsd or constant",
+        )
+        _require(self.warmup_steps >= 0, "train.warmup_steps must not be negative")
+        _require(0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]")
+        _require(self.grad_clip >= 0, "train.grad_clip must not be negative (0 disables it)")
+        _require(
+            self.max_steps > 0 or self.max_tokens > 0 or self.max_time > 0,
+            "no training budget: set train.max_steps, train.max_tokens or train.max_time",
+        )
+        _require(
+            self.precision in ("auto", "bf16", "fp32"),
+            f"train.precision={self.precision!r} is unknown; use auto, bf16 or fp32",
+        )
+        _require(self.eval_interval > 0, "train.eval_interval must be positive")
+        _require(self.eval_batches > 0, "train.eval_batches must be positive")
+        _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be at least 1")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as ``config.yaml`` in every run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+    """Run name; empty makes one from the preset and the time."""
+    out_dir: str = "runs"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()

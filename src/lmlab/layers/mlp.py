@@ -1,0 +1,25 @@
+"""Channel mixers: the SwiGLU MLP (Shazeer 2020)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config.schema import ModelConfig
+from lmlab.layers.registry import register_channel_mixer
+
+
+@register_channel_mixer("swiglu")
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up share one matmul."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
+        super().__init__()
+        hidden = cfg.resolved_mlp_hidden
+        self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
+        self.out = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.out(F.silu(gate) * up)
