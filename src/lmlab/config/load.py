@@ -49,9 +49,7 @@ def read_source(source: str) -> dict:
     if source not in preset_names():
         close = difflib.get_close_matches(source, preset_names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise LmlabError(
-            f"unknown preset {source!r}; {hint}presets: {', '.join(preset_names())}"
-        )
+        raise LmlabError(f"unknown preset {source!r}; {hint}presets: {', '.join(preset_names())}")
     text = (resources.files("lmlab.config") / "presets" / f"{source}.yaml").read_text("utf-8")
     return _read_yaml(text, f"preset {source}")
 
@@ -117,7 +115,10 @@ def parse_override(text: str) -> dict:
 
 
 def build_config(
-    source: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: dict | None = None
+    source: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    base: dict | None = None,
 ) -> Config:
     """A validated config: defaults, then ``base`` (e.g. a saved run), ``source``, ``overrides``."""
     config = Config()

@@ -194,6 +194,13 @@ class TrainConfig:
     tensorboard: bool = False
     threads: int = 0
     """CPU threads for torch; 0 leaves torch's default."""
+    tbptt: bool = False
+    """Truncated BPTT: each batch row reads its own contiguous stream and recurrent states are
+    carried (detached) from one segment to the next."""
+    seq_len_start: int = 0
+    """Sequence-length curriculum: start at this length (0 disables the curriculum) ..."""
+    curriculum_steps: int = 0
+    """... and grow linearly to data.seq_len over this many steps."""
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "train.batch_size must be positive")
@@ -223,6 +230,11 @@ class TrainConfig:
         _require(self.eval_interval > 0, "train.eval_interval must be positive")
         _require(self.eval_batches > 0, "train.eval_batches must be positive")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be at least 1")
+        _require(self.seq_len_start >= 0, "train.seq_len_start must not be negative")
+        _require(
+            not self.seq_len_start or self.curriculum_steps > 0,
+            "train.seq_len_start needs train.curriculum_steps > 0 (steps to reach data.seq_len)",
+        )
 
 
 @dataclass

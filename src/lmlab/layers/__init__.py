@@ -1,6 +1,12 @@
-"""The nn.Module building blocks; importing this package registers every built-in mixer."""
+"""The nn.Module building blocks.
 
-from lmlab.layers import attention, mlp
+Importing this package imports every module in it, which runs each mixer's registration
+decorator: adding a mixer is adding one file here.
+"""
+
+import importlib
+import pkgutil
+
 from lmlab.layers.registry import (
     CHANNEL_MIXERS,
     TOKEN_MIXERS,
@@ -10,13 +16,14 @@ from lmlab.layers.registry import (
     register_token_mixer,
 )
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
     "CHANNEL_MIXERS",
     "TOKEN_MIXERS",
-    "attention",
     "build_channel_mixer",
     "build_token_mixer",
-    "mlp",
     "register_channel_mixer",
     "register_token_mixer",
 ]

@@ -72,7 +72,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(q_width, cfg.d_model, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
 
-    def forward(self, x: torch.Tensor, state: KVState | None = None) -> tuple[torch.Tensor, KVState]:
+    def forward(
+        self, x: torch.Tensor, state: KVState | None = None
+    ) -> tuple[torch.Tensor, KVState]:
         batch, time, _ = x.shape
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim

@@ -62,8 +62,10 @@ def mixer_options(cls: type[nn.Module], name: str, settings: dict[str, Any]) -> 
     for key in settings:
         if key not in fields:
             close = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f"did you mean model.mixer_options.{name}.{close[0]}?" if close else (
-                f"valid: {', '.join(sorted(fields)) or 'none'}"
+            hint = (
+                f"did you mean model.mixer_options.{name}.{close[0]}?"
+                if close
+                else (f"valid: {', '.join(sorted(fields)) or 'none'}")
             )
             raise LmlabError(f"unknown setting model.mixer_options.{name}.{key}; {hint}")
     return cls.Options(**settings)

@@ -23,9 +23,7 @@ class ModelState:
 
     def detach(self) -> ModelState:
         """Cut the autograd graph (truncated BPTT) but keep the values."""
-        detached = tree_map(
-            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, self.layers
-        )
+        detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, self.layers)
         return ModelState(detached, self.position)
 
     def nbytes(self) -> int:

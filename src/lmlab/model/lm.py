@@ -93,9 +93,7 @@ class LanguageModel(nn.Module):
     def flops_per_token(self, context: int) -> float:
         """Forward FLOPs per token: 2 per weight of every matmul (the head included, the
         embedding lookup not) plus each mixer's context-dependent extra (attention scores)."""
-        matmul = sum(
-            2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
-        )
+        matmul = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         extra = sum(
             block.mixer.extra_flops_per_token(context)
             for block in self.blocks

@@ -15,7 +15,9 @@ def rope_tables(
     """cos and sin tables ``[len(positions), dim // 2]`` in float32 for the given positions."""
     if dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {dim}")
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    inv_freq = theta ** (
+        -torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    )
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 

@@ -1,0 +1,296 @@
+"""The ``lmlab`` command: a thin layer over the library.
+
+Every user mistake surfaces as ``error: <one line>`` and exit code 2 (see ``LmlabError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+RESUMABLE_KEYS = (
+    "train.max_steps",
+    "train.max_tokens",
+    "train.max_time",
+    "train.eval_interval",
+    "train.eval_batches",
+    "train.log_interval",
+    "train.checkpoint_interval",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "train.threads",
+    "train.compile",
+    "train.device",
+)
+"""Settings that may change when a run is resumed: the budget and bookkeeping, nothing that
+changes what a step computes."""
+
+DEFAULT_PRESET = "gpt-tiny"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("letters", "mixer_options"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.config.load import build_config, config_to_dict
+    from lmlab.data.dataset import prepare_data
+    from lmlab.train.checkpoint import load_latest_checkpoint
+    from lmlab.train.run import (
+        TOKENIZER_DIR,
+        new_run_dir,
+        open_run,
+        run_tokenizer,
+        save_run_config,
+    )
+    from lmlab.train.trainer import Trainer
+
+    overrides = list(args.overrides)
+    source = args.preset or args.config
+    positional_config = [o for o in overrides if "=" not in o]
+    if positional_config:
+        if source or len(positional_config) > 1:
+            raise LmlabError(
+                f"unexpected argument {positional_config[-1]!r}; give one config "
+                "(--preset NAME or a YAML path) and key=value overrides"
+            )
+        source = positional_config[0]
+        overrides.remove(source)
+
+    if args.resume:
+        if source:
+            raise LmlabError("--resume takes its config from the run; drop --preset/--config")
+        run_dir, saved = open_run(args.resume)
+        config = build_config(base=config_to_dict(saved), overrides=overrides)
+        before, after = _flatten(config_to_dict(saved)), _flatten(config_to_dict(config))
+        changed = [k for k in after if after[k] != before.get(k) and k not in RESUMABLE_KEYS]
+        if changed:
+            raise LmlabError(
+                f"cannot change {changed[0]} when resuming (it changes what a step computes); "
+                "start a new run instead, or change only the budget (train.max_steps, ...)"
+            )
+        tokenizer = run_tokenizer(run_dir)
+        checkpoint = load_latest_checkpoint(run_dir)
+        if checkpoint is None:
+            print(f"no valid checkpoint in {run_dir}; starting it from step 0", file=sys.stderr)
+        data, tokenizer = prepare_data(config.data, tokenizer)
+        save_run_config(run_dir, config)
+    else:
+        source = source or DEFAULT_PRESET
+        config = build_config(source, overrides)
+        data, tokenizer = prepare_data(config.data, None)
+        if config.model.vocab_size == 0:
+            config.model.vocab_size = tokenizer.vocab_size
+        elif config.model.vocab_size < tokenizer.vocab_size:
+            raise LmlabError(
+                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
+            )
+        run_dir = new_run_dir(config, Path(source).stem)
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+        save_run_config(run_dir, config)
+        checkpoint = None
+
+    trainer = Trainer(config, run_dir, data, tokenizer, checkpoint, show_progress=not args.quiet)
+    model = trainer.model
+    print(
+        f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}, "
+        f"{trainer.precision}, layers {''.join(config.model.pattern) or config.model.mixer}",
+        file=sys.stderr,
+    )
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
+        return 130
+    print(
+        f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
+        f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
+        f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
+    )
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lmlab.data.dataset import prepare_data
+    from lmlab.eval.evaluate import evaluate
+    from lmlab.train.device import autocast, pick_device, resolve_precision
+    from lmlab.train.run import load_trained_model
+
+    device = pick_device(args.device)
+    config, model, tokenizer, step = load_trained_model(args.run, device)
+    data, _ = prepare_data(config.data, tokenizer)
+    precision = resolve_precision(config.train.precision, device)
+    result = evaluate(
+        model,
+        data,
+        batch_size=config.train.batch_size,
+        seq_len=config.data.seq_len,
+        max_batches=args.batches,
+        device=device,
+        autocast=autocast(device, precision),
+        split=args.split,
+    )
+    result["step"] = step
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.run} @ step {step} ({args.split}, {result['tokens']} tokens): "
+            f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+            f"{result['bits_per_byte']:.4f} bits/byte"
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmlab.model.generate import SamplingSettings, stream_tokens
+    from lmlab.train.device import pick_device
+    from lmlab.train.run import load_trained_model
+
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p)
+    settings.validate()
+    if args.max_new_tokens < 0:
+        raise LmlabError("--max-new-tokens must be >= 0")
+    device = pick_device(args.device)
+    _, model, tokenizer, _ = load_trained_model(args.run, device)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise LmlabError("--prompt is empty after tokenisation; give at least one character")
+    prompt = torch.tensor([ids], device=device)
+    sys.stdout.write(args.prompt)
+    new_ids: list[int] = []
+    printed = ""
+    for token in stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed):
+        new_ids.append(int(token))
+        text = tokenizer.decode(new_ids)
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from lmlab.config.load import preset_names, read_source
+
+    for name in preset_names():
+        description = read_source(name).get("name", "")
+        print(f"{name}{'  ' + description if description else ''}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lmlab.config.load import build_config
+    from lmlab.model.lm import LanguageModel
+
+    overrides = list(args.overrides)
+    config = build_config(args.config or DEFAULT_PRESET, overrides)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
+    model = LanguageModel(config.model)
+    context = config.data.seq_len
+    print(f"layers: {', '.join(config.model.layer_mixers())}")
+    print(f"parameters: {model.num_parameters():,} ({model.num_parameters(True):,} non-embedding)")
+    print(f"forward FLOPs/token at context {context}: {model.flops_per_token(context):,.0f}")
+    print(f"training FLOPs/token (3x forward): {3 * model.flops_per_token(context):,.0f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmlab",
+        description="Build, train, evaluate and compare small language models.",
+        epilog="Examples:\n"
+        "  lmlab train --preset gpt-tiny train.max_steps=500\n"
+        "  lmlab train my.yaml model.d_model=256 train.lr=3e-3\n"
+        "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000\n"
+        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (new run or --resume)",
+        description="Train a model. Settings come from a preset or YAML file, then key=value "
+        "overrides (e.g. model.d_model=256 train.lr=3e-3 data.tokenizer=bpe). "
+        f"Without a config the '{DEFAULT_PRESET}' preset is used. The run folder (config, "
+        "tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the start.",
+    )
+    train.add_argument("--preset", help="a preset shipped with lmlab (see: lmlab presets)")
+    train.add_argument("--config", help="a YAML config file")
+    train.add_argument("--resume", metavar="RUN", help="continue a run folder exactly")
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+    train.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-3")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="validation loss, perplexity and bits per byte of a run",
+        description="Evaluate a run's newest valid checkpoint on its validation split.",
+    )
+    evaluate.add_argument("run", help="run folder")
+    evaluate.add_argument("--batches", type=int, default=50, help="evaluation batches (50)")
+    evaluate.add_argument("--split", choices=["val", "train"], default="val")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(func=cmd_eval)
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample text from a run",
+        description="Sample from a run with its state/KV cache (one prefill, then one token "
+        "per step).",
+    )
+    generate.add_argument("run", help="run folder")
+    generate.add_argument("--prompt", default="\n", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: off)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")
+    generate.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default="auto")
+    generate.set_defaults(func=cmd_generate)
+
+    presets = commands.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(func=cmd_presets)
+
+    info = commands.add_parser(
+        "info", help="parameters and FLOPs of a config without training it"
+    )
+    info.add_argument("config", nargs="?", help="preset or YAML file")
+    info.add_argument("overrides", nargs="*", help="key=value settings")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LmlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Byte, character and byte-level BPE tokenizers behind one small interface.
+
+All three encode straight to numpy arrays, because the dataset keeps whole splits as token arrays
+and a Python loop per character would make the full corpus take seconds to encode. They save as
+plain JSON (``tokenizer.json`` + ``tokenizer_meta.json``) so a run folder never holds a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import LmlabError
+
+KINDS = ("byte", "char", "bpe")
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+UNKNOWN_CHAR = "\ufffd"
+"""What the char tokenizer's unknown id decodes to."""
+
+_BPE_CHUNK_CHARS = 1 << 16
+_BPE_BOUNDARY = re.compile(r"\n(?=\S)")
+"""A newline followed by a non-space always ends a byte-level pre-token, so cutting the text
+there gives exactly the same tokens as encoding it whole."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id below ``vocab_size``."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class Tokenizer(ABC):
+    """Maps text to ids and back; ``vocab_size`` is the size the model's embedding needs."""
+
+    kind: str
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as a 1-D array of :attr:`dtype`."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    @abstractmethod
+    def _state(self) -> str:
+        """The JSON text saved as ``tokenizer.json``; enough to rebuild the tokenizer."""
+
+    @classmethod
+    @abstractmethod
+    def _from_state(cls, state: str) -> Tokenizer: ...
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / TOKENIZER_FILE).write_text(self._state(), encoding="utf-8")
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._state() == self._state()
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self._state()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids: no training, never an unknown token, but the longest sequences."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return bytes(np.asarray(ids).tolist()).decode("utf-8", errors="replace")
+
+    def _state(self) -> str:
+        return json.dumps({"kind": self.kind})
+
+    @classmethod
+    def _from_state(cls, state: str) -> ByteTokenizer:
+        return cls()
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in training; id 0 is reserved for any character not seen.
+
+    Encoding goes through a numpy lookup table indexed by code point, so a whole corpus is
+    encoded in one vectorised pass.
+    """
+
+    kind = "char"
+    unknown_id = 0
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise LmlabError("char tokenizer vocabulary has repeated characters; retrain it")
+        self.chars = "".join(sorted(chars))
+        points = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        self._lookup = np.full(int(points.max(initial=0)) + 1, self.unknown_id, dtype=self.dtype)
+        self._lookup[points] = np.arange(1, len(points) + 1)
+        self._points = np.concatenate([[ord(UNKNOWN_CHAR)], points]).astype("<u4")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    def encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        known = points < len(self._lookup)
+        ids = self._lookup[np.where(known, points, 0)]
+        ids[~known] = self.unknown_id
+        return ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._points[np.asarray(ids, dtype=np.int64)].tobytes().decode("utf-32-le")
+
+    def _state(self) -> str:
+        return json.dumps({"kind": self.kind, "unknown_id": self.unknown_id, "chars": self.chars})
+
+    @classmethod
+    def _from_state(cls, state: str) -> CharTokenizer:
+        return cls(json.loads(state)["chars"])
+
+
+class BpeTokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style) from the HF ``tokenizers`` package: lossless on any text."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer) -> None:
+        self._tok = hf_tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        encodings = self._tok.encode_batch(list(_bpe_chunks(text)), add_special_tokens=False)
+        return np.array([i for e in encodings for i in e.ids], dtype=self.dtype)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    def _state(self) -> str:
+        return self._tok.to_str()
+
+    @classmethod
+    def _from_state(cls, state: str) -> BpeTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(state))
+
+
+def _bpe_chunks(text: str) -> Iterator[str]:
+    """Pieces of about ``_BPE_CHUNK_CHARS`` characters cut only where tokens cannot span."""
+    start = 0
+    while start < len(text):
+        cut = _BPE_BOUNDARY.search(text, start + _BPE_CHUNK_CHARS)
+        end = cut.end() if cut else len(text)
+        yield text[start:end]
+        start = end
+
+
+_CLASSES: dict[str, type[Tokenizer]] = {
+    "byte": ByteTokenizer,
+    "char": CharTokenizer,
+    "bpe": BpeTokenizer,
+}
+
+
+def _train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((c for t in texts for c in _bpe_chunks(t)), trainer=trainer)
+    return BpeTokenizer(tok)
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int = 1000) -> Tokenizer:
+    """A tokenizer of ``kind`` fitted to ``texts`` (``vocab_size`` is used by ``bpe`` only).
+
+    A BPE vocabulary can come out smaller than ``vocab_size`` when the texts run out of merges.
+    """
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        chars = set().union(*map(set, texts))
+        if not chars:
+            raise LmlabError("cannot train a char tokenizer on empty text; give data.path text")
+        return CharTokenizer("".join(chars))
+    if kind == "bpe":
+        if vocab_size <= 256:
+            raise LmlabError(
+                f"data.vocab_size={vocab_size} is too small for BPE: the 256 byte tokens come "
+                "first, so use at least 257 (e.g. 1000)"
+            )
+        return _train_bpe(texts, vocab_size)
+    raise LmlabError(f"data.tokenizer={kind!r} is unknown; use {', '.join(KINDS)}")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer saved by :meth:`Tokenizer.save` in ``directory``."""
+    directory = Path(directory)
+    meta_path, state_path = directory / META_FILE, directory / TOKENIZER_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise LmlabError(
+            f"no saved tokenizer in {directory} (needs {META_FILE} and {TOKENIZER_FILE}); "
+            "point at a run or shard folder written by lmlab"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kind = meta["kind"]
+        tokenizer = _CLASSES[kind]._from_state(state_path.read_text(encoding="utf-8"))
+    except Exception as e:  # the HF parser raises bare Exception on a damaged file
+        raise LmlabError(f"the tokenizer in {directory} is damaged ({e!r}); re-create it") from None
+    if tokenizer.vocab_size != meta.get("vocab_size"):
+        raise LmlabError(
+            f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but its "
+            f"{META_FILE} says {meta.get('vocab_size')}; the folder is inconsistent, re-create it"
+        )
+    return tokenizer

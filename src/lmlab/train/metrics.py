@@ -1,0 +1,109 @@
+"""Per-step metrics (JSONL) and the live progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from lmlab.train.checkpoint import atomic_write_text
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped so
+    the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_through_step: int = 0) -> None:
+        self.path = path
+        if path.exists():
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if _row_step(line) is not None and _row_step(line) <= keep_through_step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics file, skipping a torn last line left by a killed process."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One status line (step, loss, tokens/s, ETA), redrawn in place on a terminal and printed
+    every few seconds otherwise, so logs of non-interactive runs stay readable."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self._last_print = 0.0
+        self._open_line = False
+
+    def update(self, step: int, budget, elapsed: float, loss: float, tokens_per_s: float,
+               val_loss: float | None) -> None:
+        if not self.enabled:
+            return
+        progress = budget.progress(step, elapsed)
+        eta = elapsed / progress * (1 - progress) if progress > 0 else math.inf
+        total = f"/{budget.steps}" if budget.steps else ""
+        val = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        text = (
+            f"step {step}{total} {100 * min(progress, 1):5.1f}% | loss {loss:.4f}{val} | "
+            f"{tokens_per_s / 1000:.1f}k tok/s | ETA {format_duration(eta)}"
+        )
+        now = time.monotonic()
+        if self.live:
+            self.stream.write("\r\033[K" + text)
+            self._open_line = True
+            self.stream.flush()
+        elif now - self._last_print >= 5 or progress >= 1:
+            self.stream.write(text + "\n")
+            self._last_print = now
+
+    def note(self, message: str) -> None:
+        """A message on its own line (evaluations), keeping the status line below it."""
+        if not self.enabled:
+            return
+        if self._open_line:
+            self.stream.write("\r\033[K")
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._open_line:
+            self.stream.write("\n")
+            self._open_line = False

@@ -1,0 +1,82 @@
+"""Optimisers: AdamW everywhere, or Muon for hidden 2-D weights with AdamW for the rest.
+
+Muon orthogonalises the update of a weight matrix; it suits the matrices inside blocks but not
+embeddings, the output head (rows are per-token vectors), norms, biases or scalar gates, which
+stay with AdamW as Keller Jordan's recipe prescribes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lmlab.config.schema import TrainConfig
+
+
+class OptimizerSet:
+    """Several optimisers stepped together, with one schedule multiplier for all of them."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+
+    def learning_rates(self) -> dict[str, float]:
+        """The current rate of each optimiser (its first group; all groups share the multiplier)."""
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+
+def _is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    return param.ndim == 2 and not name.startswith(("embed.", "head."))
+
+
+def _adamw(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains, biases and gates are not decayed)."""
+    decay, no_decay = [], []
+    for _, param in params:
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False
+    )
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> OptimizerSet:
+    """The optimiser set for ``cfg.optimizer``; tied weights appear once."""
+    named = list(model.named_parameters())
+    if cfg.optimizer == "adamw":
+        return OptimizerSet({"adamw": _adamw(named, cfg)})
+    matrices = [p for n, p in named if _is_hidden_matrix(n, p)]
+    rest = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
+    muon = torch.optim.Muon(
+        matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay
+    )
+    return OptimizerSet({"muon": muon, "adamw": _adamw(rest, cfg)})
