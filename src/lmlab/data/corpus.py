@@ -60,6 +60,7 @@ def strip_gutenberg(text: str) -> str:
     right after the header, and World Library ``<<...>>`` notices. Text without markers is only
     trimmed, so the function is safe on already-clean files.
     """
+    text = text.replace("\r\n", "\n")
     start = _GUTENBERG_START.search(text)
     if start:
         text = text[start.end() :]
@@ -69,7 +70,7 @@ def strip_gutenberg(text: str) -> str:
     text = _WORLD_LIBRARY_NOTICE.sub("", text)
     if start:
         text = _PRODUCER_NOTE.sub("", text)
-    return text.strip().replace("\r\n", "\n")
+    return text.strip()
 
 
 def _texts_dir() -> Path:
