@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model,
         data,
         batch_size=config.train.batch_size,
-        seq_len=config.data.seq_len,
+        seq_len=args.seq_len or config.data.seq_len,
         max_batches=args.batches,
         device=device,
         autocast=autocast(device, precision),
@@ -200,7 +200,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.model.lm import LanguageModel
 
     overrides = list(args.overrides)
-    config = build_config(args.config or DEFAULT_PRESET, overrides)
+    source = args.config
+    if source and "=" in source:
+        overrides.insert(0, source)
+        source = None
+    config = build_config(source or DEFAULT_PRESET, overrides)
     if config.model.vocab_size == 0:
         config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
     model = LanguageModel(config.model)
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--batches", type=int, default=50, help="evaluation batches (50)")
     evaluate.add_argument("--split", choices=["val", "train"], default="val")
+    evaluate.add_argument(
+        "--seq-len", type=int, default=0, help="context of the evaluation windows (the run's)"
+    )
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_eval)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.config.schema import Config
-from lmlab.data.dataset import TokenData, random_batch, sequential_batch
+from lmlab.data.dataset import TokenData, random_batch, sequential_batch, stream_length
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
@@ -133,12 +133,16 @@ class Trainer:
         carried = saved.pop("carried_state", None)
         self.state = TrainerState(**saved)
         if carried is not None:
-            self.carried = carried
+            self.carried = ModelState(carried["layers"], carried["position"])
         restore_rng_state(checkpoint.rng)
 
     def _batch(self, step: int, micro: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = self.config.train
         if train.tbptt:
+            stream = stream_length(len(self.data.train), train.batch_size, seq_len)
+            if self.state.stream_position + seq_len + 1 > stream:
+                self.state.stream_position = 0  # every row wraps to its start: forget the state
+                self.carried = None
             x, y = sequential_batch(
                 self.data.train, self.state.stream_position, train.batch_size, seq_len
             )
@@ -180,7 +184,7 @@ class Trainer:
     def save(self) -> Path:
         trainer_state = dict(vars(self.state))
         if self.carried is not None:
-            trainer_state["carried_state"] = self.carried
+            trainer_state["carried_state"] = vars(self.carried)
         return save_checkpoint(
             self.run_dir,
             self.state.step,

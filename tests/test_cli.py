@@ -1,0 +1,173 @@
+"""End-to-end through the ``lmlab`` command: train, resume (also after SIGKILL), eval,
+generate, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.cli import main
+from lmlab.train.trainer import Trainer
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.max_time=0",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        lines = [f"Line {j} of work {i}: to be or not to be, that is the question." for j in range(300)]
+        (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return folder
+
+
+def train_args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
+    return ["train", "--quiet", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'runs'}",
+            f"name={name}", *extra]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_train_eval_generate(tmp_path, corpus, capsys):
+    assert main(train_args(tmp_path, corpus, "a", "train.max_steps=12", "train.eval_interval=5")) == 0
+    run = tmp_path / "runs" / "a"
+    for item in ("config.yaml", "tokenizer", "metrics.jsonl", "summary.json", "checkpoints"):
+        assert (run / item).exists(), item
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    first = train_rows[0]
+    assert len(first["grad_norm_layers"]) == 2
+    assert set(first["time_ms"]) == {"data", "forward_backward", "optimizer"}
+    assert first["tokens_per_s"] > 0 and first["peak_memory_mb"] > 0
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [5, 10, 12]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batches", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 12 and result["bits_per_byte"] > 0
+    assert main(["generate", str(run), "--prompt", "Line", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("Line")
+
+
+def test_token_budget_sets_the_number_of_steps(tmp_path, corpus):
+    assert main(train_args(tmp_path, corpus, "t", "train.max_tokens=1000")) == 0
+    assert len(losses(tmp_path / "runs" / "t")) == 8  # ceil(1000 / (4 * 32))
+
+
+def test_muon_and_wsd_train(tmp_path, corpus):
+    args = train_args(tmp_path, corpus, "m", "train.max_steps=6", "train.optimizer=muon",
+                      "train.schedule=wsd", "train.grad_accum=2")
+    assert main(args) == 0
+    values = losses(tmp_path / "runs" / "m")
+    assert len(values) == 6 and all(v == v for v in values.values())
+
+
+def test_interrupt_then_resume_continues_exactly(tmp_path, corpus, monkeypatch):
+    common = ["train.max_steps=16", "train.checkpoint_interval=4", "train.deterministic=true",
+              "train.optimizer=muon"]
+    assert main(train_args(tmp_path, corpus, "whole", *common)) == 0
+    original_step = Trainer._step
+
+    def interrupted_step(trainer):
+        if trainer.state.step == 10:
+            raise KeyboardInterrupt  # as Ctrl-C between steps: the trainer saves step 10
+        original_step(trainer)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_step)
+    assert main(train_args(tmp_path, corpus, "part", *common)) == 130
+    monkeypatch.setattr(Trainer, "_step", original_step)
+    part = tmp_path / "runs" / "part"
+    assert len(losses(part)) == 10
+    assert main(["train", "--quiet", "--resume", str(part)]) == 0
+    assert losses(part) == losses(tmp_path / "runs" / "whole")
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, corpus):
+    common = ["train.max_steps=40", "train.checkpoint_interval=5", "train.deterministic=true"]
+    assert main(train_args(tmp_path, corpus, "whole", *common)) == 0
+    command = [sys.executable, "-m", "lmlab.cli", *train_args(tmp_path, corpus, "killed", *common)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 17:
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len(losses(tmp_path / "runs" / "killed"))
+    assert 10 < killed_at < 40, "the kill must land mid-run"
+    assert main(["train", "--quiet", "--resume", str(tmp_path / "runs" / "killed")]) == 0
+    assert losses(tmp_path / "runs" / "killed") == losses(tmp_path / "runs" / "whole")
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, corpus, capsys):
+    args = train_args(tmp_path, corpus, "c", "train.max_steps=8", "train.checkpoint_interval=4")
+    assert main(args) == 0
+    run = tmp_path / "runs" / "c"
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batches", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 4
+    assert len([line for line in captured.err.splitlines() if "corrupt" in line]) == 1
+
+
+def expect_error(capsys, argv: list[str], fragment: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
+    out = f"out_dir={tmp_path / 'runs'}"
+    expect_error(capsys, ["train", "data.path=/nonexistent/x.txt", out], "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_error(capsys, ["train", f"data.path={empty}", out], "empty")
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 au lait".encode("latin-1") * 100)
+    expect_error(capsys, ["train", f"data.path={binary}", out], "UTF-8")
+    expect_error(capsys, ["train", "--preset", "nope", out], "unknown preset")
+    expect_error(capsys, ["train", "model.d_model=100", "model.n_heads=3", out], "not divisible")
+    expect_error(capsys, ["train", "train.lr=-0.1", out], "must be positive")
+    expect_error(capsys, ["train", "model.widht=3", out], "unknown config key")
+    expect_error(capsys, ["eval", str(tmp_path)], "not an lmlab run")
+    expect_error(capsys, ["generate", str(tmp_path / "missing")], "does not exist")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resume_rejects_incompatible_changes(tmp_path, corpus, capsys):
+    assert main(train_args(tmp_path, corpus, "r", "train.max_steps=2")) == 0
+    run = tmp_path / "runs" / "r"
+    before = (run / "config.yaml").read_text()
+    expect_error(capsys, ["train", "--resume", str(run), "model.d_model=64"], "cannot change")
+    assert (run / "config.yaml").read_text() == before
+    expect_error(capsys, ["train", str(run / "config.yaml"), f"out_dir={tmp_path / 'runs'}",
+                          "name=r"], "already exists")
