@@ -11,48 +11,12 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 
-RESUMABLE_KEYS = (
-    "train.max_steps",
-    "train.max_tokens",
-    "train.max_time",
-    "train.eval_interval",
-    "train.eval_batches",
-    "train.log_interval",
-    "train.checkpoint_interval",
-    "train.keep_checkpoints",
-    "train.tensorboard",
-    "train.threads",
-    "train.compile",
-    "train.device",
-)
-"""Settings that may change when a run is resumed: the budget and bookkeeping, nothing that
-changes what a step computes."""
-
 DEFAULT_PRESET = "gpt-tiny"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("letters", "mixer_options"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.config.load import build_config, config_to_dict
-    from lmlab.data.dataset import prepare_data
-    from lmlab.train.checkpoint import load_latest_checkpoint
-    from lmlab.train.run import (
-        TOKENIZER_DIR,
-        new_run_dir,
-        open_run,
-        run_tokenizer,
-        save_run_config,
-    )
-    from lmlab.train.trainer import Trainer
+    from lmlab.config.load import build_config
+    from lmlab.train.launch import new_trainer, resume_trainer
 
     overrides = list(args.overrides)
     source = args.preset or args.config
@@ -69,38 +33,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if source:
             raise LmlabError("--resume takes its config from the run; drop --preset/--config")
-        run_dir, saved = open_run(args.resume)
-        config = build_config(base=config_to_dict(saved), overrides=overrides)
-        before, after = _flatten(config_to_dict(saved)), _flatten(config_to_dict(config))
-        changed = [k for k in after if after[k] != before.get(k) and k not in RESUMABLE_KEYS]
-        if changed:
-            raise LmlabError(
-                f"cannot change {changed[0]} when resuming (it changes what a step computes); "
-                "start a new run instead, or change only the budget (train.max_steps, ...)"
-            )
-        tokenizer = run_tokenizer(run_dir)
-        checkpoint = load_latest_checkpoint(run_dir)
-        if checkpoint is None:
-            print(f"no valid checkpoint in {run_dir}; starting it from step 0", file=sys.stderr)
-        data, tokenizer = prepare_data(config.data, tokenizer)
-        save_run_config(run_dir, config)
+        trainer = resume_trainer(args.resume, overrides, show_progress=not args.quiet)
     else:
         source = source or DEFAULT_PRESET
         config = build_config(source, overrides)
-        data, tokenizer = prepare_data(config.data, None)
-        if config.model.vocab_size == 0:
-            config.model.vocab_size = tokenizer.vocab_size
-        elif config.model.vocab_size < tokenizer.vocab_size:
-            raise LmlabError(
-                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
-            )
-        run_dir = new_run_dir(config, Path(source).stem)
-        tokenizer.save(run_dir / TOKENIZER_DIR)
-        save_run_config(run_dir, config)
-        checkpoint = None
-
-    trainer = Trainer(config, run_dir, data, tokenizer, checkpoint, show_progress=not args.quiet)
+        trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
+    run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
     print(
         f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "

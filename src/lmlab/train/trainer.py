@@ -21,6 +21,7 @@ from lmlab.data.dataset import TokenData, random_batch, sequential_batch, stream
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
+from lmlab.layers.features import feature_counters
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import (
@@ -119,6 +120,8 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=self.state.step)
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
+        self.feature_totals = feature_counters(self.model)
+        self.features_checked = False
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         load_weights(self.model, checkpoint.model, self.run_dir)
@@ -277,6 +280,16 @@ class Trainer:
             },
             "peak_memory_mb": peak_memory_bytes(self.device) / 2**20,
         }
+        totals = feature_counters(self.model)
+        row["feature_calls"] = {k: v - self.feature_totals.get(k, 0) for k, v in totals.items()}
+        self.feature_totals = totals
+        idle = sorted(name for name, calls in row["feature_calls"].items() if calls == 0)
+        if idle and not self.features_checked:
+            raise LmlabError(
+                f"feature(s) {', '.join(idle)} switched on but never ran in step {state.step}; "
+                "check the config (e.g. a pattern or capacity that skips every layer)"
+            )
+        self.features_checked = True
         self.metrics.write(row)
         self.progress.update(
             state.step, self.budget, state.elapsed, loss_value, row["tokens_per_s"],
