@@ -1,0 +1,492 @@
+"""Checkpoints that are safe, atomic, verified and exact.
+
+A checkpoint is a folder ``run_dir/checkpoints/step_00000123/``::
+
+    model.safetensors                      the model state dict
+    optimizer.json + optimizer.safetensors optimiser state: nested structure + its tensors
+    trainer.json + trainer.safetensors     trainer state (same encoding, so it may hold tensors)
+    rng.json + rng.safetensors             RNG states (python's ``random`` state is in the JSON)
+    manifest.json                          sha256 and size of every file above, written last
+
+*Safe*: only JSON and safetensors are parsed; nothing is unpickled, so loading cannot run code.
+*Atomic*: the folder is written as ``.tmp-step_...``, fsynced and renamed into place, so every
+``step_*`` folder is complete; ``.tmp-*`` entries are leftovers of a killed process, ignored by
+readers and removed by the next save. One process writes a run's checkpoints at a time.
+*Verified*: every file's size and sha256 are checked against the manifest before parsing; a damaged
+checkpoint is reported in one line and the previous one is used.
+*Exact*: tensors keep dtype, shape and bits; the JSON keeps int dict keys, tuples, bools, None and
+every float (non-finite ones included), so ``optimizer.load_state_dict`` of a loaded state gives
+back an equal ``state_dict()`` and a resumed run continues bit for bit.
+
+Tensors that share memory (tied embeddings) are stored once and come back as one tensor object
+under both names; tensors that only partly overlap are stored as copies (equal values, aliasing
+not kept). Non-contiguous tensors are stored contiguous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import safetensors.torch
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.safetensors"
+TREES = ("optimizer", "trainer", "rng")
+CHECKPOINT_FILES = (
+    MODEL_FILE,
+    *(f"{tree}{ext}" for tree in TREES for ext in (".json", ".safetensors")),
+)
+TMP_PREFIX = ".tmp-"
+FORMAT = "lmlab-checkpoint"
+VERSION = 1
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
+_KEYS_METADATA = "lmlab.keys"
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, decoded back into the objects that were saved."""
+
+    step: int
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    trainer: dict
+    rng: dict
+
+
+class _Corrupt(Exception):
+    """A checkpoint file that is missing, damaged or unparsable (message: ``file: reason``)."""
+
+
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _write_synced(file: BinaryIO, data: bytes) -> None:
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make new entries and renames in ``path`` durable (Windows cannot open a directory)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            _write_synced(file, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (indent 2, sorted keys) that any parser reads: non-finite floats are written as
+    the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which ``float()`` turns back."""
+    atomic_write_bytes(path, _json_bytes(_finite_json(obj), sort_keys=True))
+
+
+def _json_bytes(obj: Any, sort_keys: bool) -> bytes:
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False, ensure_ascii=False)
+    return (text + "\n").encode("utf-8")
+
+
+def _float_name(value: float) -> str:
+    """A non-finite float spelled the way ``float()`` parses it back."""
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _finite_json(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _float_name(obj)
+    if isinstance(obj, dict):
+        return {key: _finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_json(value) for value in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- tensors and nested states
+
+
+def _tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes for ``tensors``, which may alias each other (see the module docstring).
+
+    The header metadata maps every name, in the original order, to the stored tensor it reads.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (
+            *storage,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if tensor.numel() and view in views:
+            sources[name] = views[view]
+            continue
+        overlaps = tensor.numel() > 0 and storage in storages
+        views[view] = sources[name] = name
+        storages.add(storage)
+        tensor = tensor.cpu()
+        stored[name] = (
+            tensor.clone(memory_format=torch.contiguous_format) if overlaps else tensor.contiguous()
+        )
+    return safetensors.torch.save(stored, metadata={_KEYS_METADATA: json.dumps(sources)})
+
+
+def _tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    stored = safetensors.torch.load(data)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    sources = json.loads(header["__metadata__"][_KEYS_METADATA])
+    return {name: stored[source] for name, source in sources.items()}
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for ``obj`` with its tensors moved to ``tensors`` under their path in the structure.
+
+    Plain JSON is kept where it is exact (str-keyed dicts, lists, finite floats, ...); the rest is
+    tagged with a one-key object: ``{"__tensor__": key}``, ``{"__tuple__": [...]}``,
+    ``{"__float__": "NaN"}`` and ``{"__dict__": [[key, value], ...]}`` for dicts with non-str
+    keys (the optimiser's int parameter ids) or a key that looks like a tag.
+    """
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": _float_name(obj)}
+    if isinstance(obj, torch.Tensor):
+        key = path or "."
+        while key in tensors:
+            key += "~"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, _join(path, i), tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, _join(path, i), tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        for key in obj:
+            if key is not None and not isinstance(key, bool | int | float | str):
+                raise TypeError(f"cannot store dict key {key!r} at {path or 'the top'}")
+        if all(isinstance(key, str) and key not in _TAGS for key in obj):
+            return {key: _encode(v, _join(path, key), tensors) for key, v in obj.items()}
+        pairs = [
+            [_encode(k, path, tensors), _encode(v, _join(path, k), tensors)] for k, v in obj.items()
+        ]
+        return {"__dict__": pairs}
+    raise TypeError(
+        f"cannot store {type(obj).__name__} at {path or 'the top'} in a checkpoint; convert it "
+        "to tensors, numbers, str, None, lists, tuples and dicts"
+    )
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        [(tag, value)] = node.items()
+        if tag == "__tensor__":
+            return tensors[value]
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "__float__":
+            return float(value)
+        if tag == "__dict__":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+    return {key: _decode(v, tensors) for key, v in node.items()}
+
+
+def _tree_files(name: str, obj: Any) -> dict[str, bytes]:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(obj, "", tensors)
+    # Unsorted: the order of the saved dicts is part of what comes back.
+    return {
+        f"{name}.json": _json_bytes(skeleton, sort_keys=False),
+        f"{name}.safetensors": _tensors_to_bytes(tensors),
+    }
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """Python ``random``, numpy's global generator, torch CPU and, when present, CUDA and MPS."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo :func:`capture_rng_state`; states of devices this machine lacks are skipped."""
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders by step, newest last (not yet verified)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match[1]), path)
+        for path in root.iterdir()
+        if (match := _STEP_DIR.fullmatch(path.name)) and path.is_dir()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint; the rename first means a crash mid-delete leaves only a leftover."""
+    doomed = path.with_name(f"{TMP_PREFIX}discard-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith(TMP_PREFIX):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict,
+    keep_last: int = 3,
+    rng: dict | None = None,
+) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically and return its path.
+
+    ``rng`` defaults to the RNG state at this moment. Afterwards only the ``keep_last`` newest
+    checkpoints up to ``step`` are kept; any newer ones belong to the timeline a resumed run
+    abandoned and are removed too. A checkpoint already at ``step`` is replaced.
+    """
+    if keep_last < 1 or step < 0:
+        raise ValueError(f"need step >= 0 and keep_last >= 1, got {step} and {keep_last}")
+    files = {MODEL_FILE: _tensors_to_bytes(model_state)}
+    trees = {
+        "optimizer": optimizer_state,
+        "trainer": trainer_state,
+        "rng": capture_rng_state() if rng is None else rng,
+    }
+    for name in TREES:
+        files.update(_tree_files(name, trees[name]))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "files": {
+            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in files.items()
+        },
+    }
+    files[MANIFEST_FILE] = _json_bytes(manifest, sort_keys=True)
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        _fsync_dir(root.parent)
+    _remove_leftovers(root)
+    final = root / _step_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    tmp.mkdir()
+    for name, data in files.items():
+        with open(tmp / name, "xb") as file:
+            _write_synced(file, data)
+    _fsync_dir(tmp)
+    if final.exists():
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+    others = [path for path in list_checkpoints(run_dir) if path != final]
+    older = [path for path in others if _step_of(path) < step]
+    newer = [path for path in others if _step_of(path) > step]
+    for path in newer + older[: max(0, len(older) - (keep_last - 1))]:
+        _discard(path)
+    return final
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read(folder: Path, name: str) -> bytes:
+    try:
+        return (folder / name).read_bytes()
+    except FileNotFoundError:
+        raise _Corrupt(f"{name}: missing") from None
+    except OSError as exc:
+        raise _Corrupt(f"{name}: cannot be read ({exc.strerror})") from None
+
+
+def _parse(name: str, parse: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return parse(*args)
+    except Exception as exc:  # any failure to decode bytes from disk means a damaged file
+        raise _Corrupt(f"{name}: unreadable ({type(exc).__name__})") from None
+
+
+def _manifest_fields(raw: bytes) -> tuple[tuple, dict[str, tuple[int, str]]]:
+    manifest = json.loads(raw)
+    files = {
+        name: (int(entry["bytes"]), str(entry["sha256"]))
+        for name, entry in manifest["files"].items()
+    }
+    return (manifest["format"], manifest["version"], manifest["step"]), files
+
+
+def _read_manifest(folder: Path) -> tuple[int, dict[str, tuple[int, str]]]:
+    """The step and the ``name -> (size, sha256)`` table of a checkpoint's manifest."""
+    (kind, version, step), files = _parse(
+        MANIFEST_FILE, _manifest_fields, _read(folder, MANIFEST_FILE)
+    )
+    if (kind, version) != (FORMAT, VERSION):
+        raise _Corrupt(f"{MANIFEST_FILE}: not a {FORMAT} version {VERSION} manifest")
+    if step != _step_of(folder):
+        raise _Corrupt(f"{MANIFEST_FILE}: it is for step {step}")
+    return step, files
+
+
+def _verified(folder: Path, name: str, files: dict[str, tuple[int, str]]) -> bytes:
+    if name not in files:
+        raise _Corrupt(f"{name}: not in the manifest")
+    size, sha256 = files[name]
+    data = _read(folder, name)
+    if len(data) < size:
+        raise _Corrupt(f"{name}: truncated ({len(data)} of {size} bytes)")
+    if len(data) != size:
+        raise _Corrupt(f"{name}: {len(data)} bytes, the manifest says {size}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise _Corrupt(f"{name}: checksum mismatch")
+    return data
+
+
+def _decode_json(raw: bytes, tensors: dict[str, torch.Tensor]) -> Any:
+    return _decode(json.loads(raw), tensors)
+
+
+def _read_checkpoint(folder: Path) -> Checkpoint:
+    """Verify every file against the manifest, then parse them."""
+    step, files = _read_manifest(folder)
+    data = {name: _verified(folder, name, files) for name in CHECKPOINT_FILES}
+    trees = {}
+    for tree in TREES:
+        tensors = _parse(f"{tree}.safetensors", _tensors_from_bytes, data[f"{tree}.safetensors"])
+        trees[tree] = _parse(f"{tree}.json", _decode_json, data[f"{tree}.json"], tensors)
+    model = _parse(MODEL_FILE, _tensors_from_bytes, data[MODEL_FILE])
+    return Checkpoint(step=step, path=folder, model=model, **trees)
+
+
+def load_latest_checkpoint(
+    run_dir: Path, warn: Callable[[str], None] = print_to_stderr
+) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None; each damaged newer one is one ``warn`` line."""
+    problems = []
+    found = None
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            found = _read_checkpoint(folder)
+            break
+        except _Corrupt as exc:
+            problems.append(f"checkpoint {folder.name} is corrupt ({exc})")
+    outcome = f"using {found.path.name}" if found else "no valid checkpoint left"
+    for problem in problems:
+        warn(f"{problem}; {outcome}")
+    return found
