@@ -83,6 +83,21 @@ class LanguageModel(nn.Module):
         position = (state.position if state is not None else 0) + idx.shape[1]
         return self.head(self.norm(x)), ModelState(layer_states, position)
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses (e.g. MoE load balancing) that modules stored as
+        ``aux_loss`` during the last forward; None when no module has one."""
+        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+    def pop_statistics(self) -> dict[str, dict]:
+        """Per-module statistics gathered since the last call (router loads, tokens dropped...),
+        from every module with a ``pop_statistics()`` method, keyed by module path."""
+        return {
+            name: module.pop_statistics()
+            for name, module in self.named_modules()
+            if module is not self and hasattr(module, "pop_statistics")
+        }
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Unique parameters (tied weights counted once); optionally without the embedding."""
         total = sum(p.numel() for p in self.parameters())

@@ -155,13 +155,15 @@ class Trainer:
             x, y = random_batch(self.data.train, index, train.batch_size, seq_len, train.seed)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-token cross-entropy and the model's auxiliary loss (None if it has none)."""
         state = self.carried if self.config.train.tbptt else None
         with autocast(self.device, self.precision):
             logits, new_state = self.forward(x, state)
         if self.config.train.tbptt:
             self.carried = new_state.detach()
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return loss, self.model.auxiliary_loss()
 
     def _layer_grad_norms(self) -> list[float]:
         norms = []
@@ -234,14 +236,16 @@ class Trainer:
         self.optimizers.set_lr_multiplier(multiplier)
         started = time.perf_counter()
         data_time = compute_time = 0.0
-        loss_sum = 0.0
+        loss_sum = aux_sum = 0.0
         for micro in range(train.grad_accum):
             t0 = time.perf_counter()
             x, y = self._batch(state.step, micro, seq_len)
             t1 = time.perf_counter()
-            loss = self._loss(x, y)
-            (loss / train.grad_accum).backward()
+            loss, aux = self._loss(x, y)
+            total = loss if aux is None else loss + aux
+            (total / train.grad_accum).backward()
             loss_sum += loss.item()
+            aux_sum += 0.0 if aux is None else aux.item()
             data_time += t1 - t0
             compute_time += time.perf_counter() - t1
         loss_value = loss_sum / train.grad_accum
@@ -267,6 +271,7 @@ class Trainer:
             "step": state.step,
             "tokens": state.tokens,
             "loss": loss_value,
+            "aux_loss": aux_sum / train.grad_accum,
             "lr": self.optimizers.learning_rates(),
             "grad_norm": grad_norm,
             "grad_norm_layers": layer_norms,
@@ -280,6 +285,9 @@ class Trainer:
             },
             "peak_memory_mb": peak_memory_bytes(self.device) / 2**20,
         }
+        statistics = self.model.pop_statistics()
+        if statistics:
+            row["statistics"] = statistics
         totals = feature_counters(self.model)
         row["feature_calls"] = {k: v - self.feature_totals.get(k, 0) for k, v in totals.items()}
         self.feature_totals = totals
