@@ -154,6 +154,93 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lmlab.eval.compare import plan_compare, run_compare, summary_lines
+
+    second = _compare_options(argparse.ArgumentParser(prog="lmlab compare"))
+    second.add_argument("arms_and_overrides", nargs="*")
+    args = second.parse_intermixed_args(args.items, namespace=args)
+    args.items = args.arms_and_overrides
+    if not args.budget:
+        raise LmlabError("give --budget, e.g. --budget tokens=2M (or flops=1e15, time=10m)")
+    plan = plan_compare(
+        [item for item in args.items if "=" not in item],
+        budget=args.budget,
+        variants=args.variant,
+        overrides=[item for item in args.items if "=" in item],
+        seeds=args.seeds,
+        baseline=args.baseline,
+        rule=args.rule,
+        out=args.out,
+        target=args.target_loss,
+        parallel=args.parallel,
+    )
+    print(f"compare folder {plan.out} ({len(plan.runs)} runs)", file=sys.stderr)
+    try:
+        results = run_compare(plan, show_progress=not args.quiet, registry_location=args.registry)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(results)))
+    return 1 if results["failed"] else 0
+
+
+def _compare_options(compare: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``lmlab compare``, shared by its sub-parser and the second pass that
+    reads the options written after the arms."""
+    compare.add_argument(
+        "--budget",
+        help="per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
+    )
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (3)")
+    compare.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add an arm: the first config plus this override (repeatable)",
+    )
+    compare.add_argument("--baseline", help="arm the others are judged against (the first)")
+    compare.add_argument(
+        "--rule",
+        help="YAML promotion rule: metric, min_effect, confidence, interval, probe_tolerance "
+        "(default val_bits_per_byte, 0.01, 0.95, t, 0.02)",
+    )
+    compare.add_argument("--out", help="compare folder (default: OUT_DIR/compare-<arm>-vs-<arm>)")
+    compare.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train K runs at once, each an 'lmlab train' process sharing the cores "
+        "(0: one after another in this process)",
+    )
+    compare.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="BPB",
+        help="validation bits per byte for 'time to target' (the baseline's median final)",
+    )
+    compare.add_argument(
+        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
+    )
+    compare.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
+    return compare
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from lmlab.eval.registry import format_runs, list_runs
+
+    rows, compare = list_runs(args.folder, args.filter, args.compare)
+    if args.json:
+        print(json.dumps({"runs": rows, "compare": compare}, indent=2))
+    else:
+        print(format_runs(rows, compare))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -224,6 +311,54 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", nargs="?", help="preset or YAML file")
     info.add_argument("overrides", nargs="*", help="key=value settings")
     info.set_defaults(func=cmd_info)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare configs at a matched budget over several seeds, with a verdict",
+        description="Train every arm with the same budget and seeds (seed i: same initial\n"
+        "seed and batch order in every arm), then report mean ± sd, paired differences with\n"
+        "t and bootstrap intervals, and a verdict per candidate against the baseline\n"
+        "(PROMOTE, REGRESSION or NO EVIDENCE) in COMPARE/report.md and results.json.\n"
+        "Run the same command again to continue an interrupted comparison: finished runs\n"
+        "are reused, unfinished ones resumed. See docs/compare.md.",
+        epilog="Examples:\n"
+        "  lmlab compare base.yaml cand.yaml --seeds 3 --budget tokens=2M\n"
+        "  lmlab compare gpt-tiny --variant model.mixer=gla --budget time=5m model.d_model=64\n"
+        "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _compare_options(compare)
+    compare.add_argument(
+        "items",
+        nargs=argparse.REMAINDER,
+        metavar="ARM ... [KEY=VALUE ...]",
+        help="arms (presets or YAML files), then key=value overrides applied to every arm; "
+        "options may come before, between or after them",
+    )
+    compare.set_defaults(func=cmd_compare)
+
+    runs = commands.add_parser(
+        "runs",
+        help="list runs and comparisons recorded in the run registry",
+        description="List the runs in the SQLite run registry, newest first.",
+    )
+    runs.add_argument(
+        "folder",
+        nargs="?",
+        help="runs folder holding registry.sqlite, or the database file "
+        "(default: $LMLAB_REGISTRY or runs/registry.sqlite)",
+    )
+    runs.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep rows whose column equals VALUE (* and ? match anything), e.g. arm=base, "
+        "status=failed; repeatable",
+    )
+    runs.add_argument("--compare", metavar="NAME", help="only the runs of this comparison")
+    runs.add_argument("--json", action="store_true", help="print JSON")
+    runs.set_defaults(func=cmd_runs)
     return parser
 
 
