@@ -53,7 +53,7 @@ class ModelConfig:
     mlp_hidden: int = 0
     """Hidden width of the channel mixer; 0 means 8/3 * d_model rounded up to a multiple of 64."""
     position: str = "rope"
-    """Position encoding used by attention layers: ``rope`` or ``none``."""
+    """Position encoding used by attention layers: ``rope``, ``alibi``, ``cope`` or ``none``."""
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -103,8 +103,8 @@ class ModelConfig:
             "give one letter per layer",
         )
         _require(
-            self.position in ("rope", "none"),
-            f"model.position={self.position!r} is unknown; use rope or none",
+            self.position in ("rope", "alibi", "cope", "none"),
+            f"model.position={self.position!r} is unknown; use rope, alibi, cope or none",
         )
         _require(self.init_std > 0, "model.init_std must be positive")
         self.layer_mixers()

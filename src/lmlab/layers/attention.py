@@ -1,18 +1,34 @@
-"""Causal softmax self-attention (Vaswani et al. 2017) with GQA/MQA and RoPE.
+"""Causal softmax self-attention (Vaswani et al. 2017) with GQA/MQA and a choice of positions.
 
 Training runs through ``F.scaled_dot_product_attention`` (a fused flash kernel on CPU and CUDA).
 The decode state is a key/value cache that grows by doubling, so appending one token is O(1)
 amortised instead of re-copying the whole cache every step.
+
+Options of the same mixer:
+
+- ``window > 0``: sliding-window attention (Beltagy et al. 2020; Mistral): query ``i`` sees keys
+  ``i - window + 1 .. i``. The decode cache is trimmed to the last ``window - 1`` keys, so its
+  memory stays flat however long generation runs.
+- ``model.position``: ``rope`` (Su et al.), ``none``, ``alibi`` (Press et al. 2022: logit bias
+  ``-slope_h * (i - j)``) or ``cope`` (Golovneva et al. 2024, :class:`CoPE`). ALiBi goes through
+  the fused kernel as a float mask; CoPE needs the scores themselves, so it computes attention
+  explicitly.
+- ``decode_top_k > 0``: at one-token decode with a cache, each head attends only to the k
+  highest-scoring cached keys (an approximation; :func:`sparse_decode_gap` measures its cost).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
-from lmlab.layers.position import Rotary
+from lmlab.errors import LmlabError
+from lmlab.layers.features import FeatureCounter
+from lmlab.layers.position import CoPE, Rotary, alibi_slopes
 from lmlab.layers.registry import register_token_mixer
 
 KVState = dict
@@ -36,45 +52,100 @@ def append_kv(state: KVState | None, k: torch.Tensor, v: torch.Tensor) -> KVStat
     return {"k": buf_k, "v": buf_v, "length": length + new}
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int
-) -> torch.Tensor:
-    """Attention of queries ``[B, Tq, H, D]`` at positions ``offset..`` over keys ``[B, Tk, Hkv, D]``.
+def append_window(state: KVState | None, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple:
+    """Keys and values visible to the new queries, and the trimmed cache that the next call
+    needs (its last ``window - 1`` entries): the cache never exceeds the window."""
+    if state is None:
+        keys, values, length = k, v, k.shape[1]
+    else:
+        keys, values = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
+        length = state["length"] + k.shape[1]
+    keep = keys.shape[1] - min(window - 1, keys.shape[1])
+    return keys, values, {"k": keys[:, keep:], "v": values[:, keep:], "length": length}
 
-    Keys start at position 0, so query i may see keys ``j <= offset + i``.
-    """
+
+def attention_mask(
+    tq: int, tk: int, offset: int, key_start: int = 0, window: int = 0, device=None
+) -> torch.Tensor:
+    """Which keys each query may see, ``[Tq, Tk]`` bool: queries sit at ``offset..``, keys at
+    ``key_start..``; causal, and within the last ``window`` positions when ``window > 0``."""
+    rows = torch.arange(tq, device=device)[:, None] + offset
+    cols = torch.arange(tk, device=device)[None, :] + key_start
+    allowed = cols <= rows
+    if window:
+        allowed &= rows - cols < window
+    return allowed
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offset: int,
+    key_start: int = 0,
+    window: int = 0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of queries ``[B, Tq, H, D]`` at positions ``offset..`` over keys
+    ``[B, Tk, Hkv, D]`` at positions ``key_start..`` (see :func:`attention_mask`), plus an
+    optional additive logit ``bias [H, Tq, Tk]``."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     tq, tk = q.shape[2], k.shape[2]
-    if offset == 0 and tq == tk:
+    if offset == 0 and key_start == 0 and tq == tk and not window and bias is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif tq == 1:
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:
-        rows = torch.arange(tq, device=q.device)[:, None] + offset
-        mask = torch.arange(tk, device=q.device)[None, :] <= rows
+        mask = attention_mask(tq, tk, offset, key_start, window, q.device)
+        if bias is not None:
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
 @register_token_mixer("attention")
-class Attention(nn.Module):
+class Attention(FeatureCounter, nn.Module):
     """Multi-head attention; ``n_kv_heads < n_heads`` gives GQA, ``n_kv_heads = 1`` MQA."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
+    @dataclass
+    class Options:
+        window: int = 0
+        """Sliding window: each query sees its last ``window`` keys (itself included); 0 = all."""
+        decode_top_k: int = 0
+        """At one-token decode, attend only to the k highest-scoring keys; 0 = exact."""
+        cope_positions: int = 64
+        """Number of learned CoPE position embeddings (positions beyond are clamped)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
+        if options.window < 0 or options.decode_top_k < 0 or options.cope_positions < 2:
+            raise LmlabError(
+                "model.mixer_options.attention: window and decode_top_k must be >= 0 and "
+                "cope_positions >= 2"
+            )
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.resolved_kv_heads
         self.head_dim = cfg.resolved_head_dim
+        self.window = options.window
+        self.decode_top_k = options.decode_top_k
+        self.feature = "sliding_window" if self.window else ""
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, q_width + 2 * kv_width, bias=False)
         self.out = nn.Linear(q_width, cfg.d_model, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.cope = CoPE(self.head_dim, options.cope_positions) if cfg.position == "cope" else None
+        slopes = alibi_slopes(self.n_heads) if cfg.position == "alibi" else torch.empty(0)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
 
     def forward(
         self, x: torch.Tensor, state: KVState | None = None
     ) -> tuple[torch.Tensor, KVState]:
+        y, state = self.attend(x, state)
+        return self.out(y.flatten(2)), state
+
+    def attend(self, x: torch.Tensor, state: KVState | None = None) -> tuple[torch.Tensor, KVState]:
+        """Per-head outputs ``[B, T, H, D]`` before the output projection, and the new cache
+        (subclasses such as mixture-of-heads weight the heads in between)."""
         batch, time, _ = x.shape
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
@@ -85,12 +156,100 @@ class Attention(nn.Module):
         offset = 0 if state is None else state["length"]
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
-        state = append_kv(state, k, v)
-        length = state["length"]
-        y = causal_attention(q, state["k"][:, :length], state["v"][:, :length], offset)
-        return self.out(y.reshape(batch, time, q_width)), state
+        if self.window:
+            keys, values, state = append_window(state, k, v, self.window)
+            if self.training:
+                self.count_call()
+        else:
+            state = append_kv(state, k, v)
+            keys, values = state["k"][:, : state["length"]], state["v"][:, : state["length"]]
+        key_start = offset + time - keys.shape[1]
+        top_k = self.decode_top_k if time == 1 and offset > 0 else 0
+        if self.cope is not None or 0 < top_k < keys.shape[1]:
+            y = self._scored_attention(q, keys, values, offset, key_start, top_k)
+        else:
+            bias = self._alibi_bias(time, keys.shape[1], offset, key_start)
+            y = causal_attention(q, keys, values, offset, key_start, self.window, bias)
+        return y, state
+
+    def _alibi_bias(self, tq: int, tk: int, offset: int, key_start: int) -> torch.Tensor | None:
+        """``-slope_h * (i - j)`` for each head, query ``i`` and key ``j``; None without ALiBi."""
+        if not self.alibi_slopes.numel():
+            return None
+        rows = torch.arange(tq, device=self.alibi_slopes.device)[:, None] + offset
+        cols = torch.arange(tk, device=self.alibi_slopes.device)[None, :] + key_start
+        return -self.alibi_slopes[:, None, None] * (rows - cols)
+
+    def _scored_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        offset: int,
+        key_start: int,
+        top_k: int,
+    ) -> torch.Tensor:
+        """Attention with the logits materialised: CoPE reads them to count positions, top-k
+        decode keeps only the largest. Shapes as :func:`causal_attention`."""
+        groups = self.n_heads // self.n_kv_heads
+        q = q.transpose(1, 2)
+        k, v = (t.repeat_interleave(groups, dim=2).transpose(1, 2) for t in (k, v))
+        tq, tk = q.shape[2], k.shape[2]
+        logits = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        bias = self._alibi_bias(tq, tk, offset, key_start)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        mask = attention_mask(tq, tk, offset, key_start, self.window, q.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        if self.cope is not None:
+            logits = logits + self.cope(q, logits)
+        if top_k:
+            threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        return (logits.softmax(-1) @ v).transpose(1, 2)
+
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """Decode-cache memory per token: a key and a value per key/value head."""
+        return 2 * self.n_kv_heads * self.head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def extra_flops_per_token(self, context: int) -> float:
         """Forward FLOPs of the score and value matmuls per token at this context length
-        (full, not causal-halved, context: the PaLM / nanoGPT convention used for MFU)."""
+        (full, not causal-halved, context: the PaLM / nanoGPT convention used for MFU); a
+        sliding window caps the context."""
+        if self.window:
+            context = min(context, self.window)
         return 4.0 * self.n_heads * self.head_dim * context
+
+
+@torch.no_grad()
+def sparse_decode_gap(model: nn.Module, tokens: torch.Tensor, prefix: int, top_k: int) -> dict:
+    """Exact vs top-k decode of ``tokens [B, T]`` after a ``prefix``-token prefill: the largest
+    absolute logit difference and the next-token loss of each, over the decoded positions."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [m.decode_top_k for m in layers]
+    results = {}
+    try:
+        for name, k in (("exact", 0), ("sparse", top_k)):
+            for m in layers:
+                m.decode_top_k = k
+            _, state = model(tokens[:, :prefix])
+            steps = []
+            for t in range(prefix, tokens.shape[1] - 1):
+                logits, state = model(tokens[:, t : t + 1], state)
+                steps.append(logits)
+            results[name] = torch.cat(steps, 1)
+    finally:
+        for m, k in zip(layers, saved, strict=True):
+            m.decode_top_k = k
+    targets = tokens[:, prefix + 1 :]
+
+    def loss(logits: torch.Tensor) -> float:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).item()
+
+    exact, sparse = results["exact"], results["sparse"]
+    return {
+        "max_abs_logit_diff": (exact - sparse).abs().max().item(),
+        "loss_exact": loss(exact),
+        "loss_sparse": loss(sparse),
+        "loss_gap": loss(sparse) - loss(exact),
+    }

@@ -1,0 +1,138 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2, DeepSeek-AI 2024).
+
+Keys and values are rebuilt from one small latent per token, so the decode cache holds only
+that latent plus a single RoPE key shared by all heads:
+
+    c_t = RMSNorm(W_DKV x_t)                      [kv_lora_rank]      (cached)
+    k^R_t = RoPE(W_KR x_t)                        [rope_head_dim]     (cached, shared by heads)
+    k_{t,h} = [W_UK,h c_t ; k^R_t],  v_{t,h} = W_UV,h c_t
+    q_{t,h} = [W_UQ,h cq_t ; RoPE(W_QR,h cq_t)],  cq_t = RMSNorm(W_DQ x_t) (x_t if no q_lora_rank)
+    o_{t,h} = softmax_s(q_{t,h} . k_{s,h} / sqrt(head_dim + rope_head_dim)) v_{s,h}
+
+RoPE cannot go through the up-projection (it depends on the position), hence the decoupled rope
+key. Training and prefill expand the latent into per-head keys and values and use the fused
+kernel; with a cache the up-projections are absorbed into the query and the output
+(``q W_UK`` scores latents directly, ``W_UV`` applied after the weighted sum), so decode never
+materialises per-head keys. Deviation: the decoupled key always uses RoPE, whatever
+``model.position`` says (it is part of MLA's design); nope/value head widths both equal
+``head_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config.schema import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.layers.attention import append_kv, attention_mask, causal_attention
+from lmlab.layers.position import Rotary
+from lmlab.layers.registry import register_token_mixer
+
+
+@register_token_mixer("mla")
+class MultiHeadLatentAttention(nn.Module):
+    """MLA; the state is ``{"latent", "k_rope", "length"}`` (a cache growing by doubling)."""
+
+    @dataclass
+    class Options:
+        kv_lora_rank: int = 0
+        """Width of the cached key/value latent; 0 means 4 * head_dim (DeepSeek-V2's ratio)."""
+        q_lora_rank: int = 0
+        """Width of the query latent; 0 projects queries directly."""
+        rope_head_dim: int = 0
+        """Width of the decoupled RoPE query/key; 0 means head_dim // 2 (DeepSeek-V2's ratio)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.kv_rank = options.kv_lora_rank or 4 * self.head_dim
+        self.rope_dim = options.rope_head_dim or self.head_dim // 2
+        if self.rope_dim % 2 or min(self.kv_rank, self.rope_dim, options.q_lora_rank) < 0:
+            raise LmlabError(
+                "model.mixer_options.mla: rope_head_dim must be even and positive, kv_lora_rank "
+                "and q_lora_rank non-negative"
+            )
+        q_width = self.n_heads * (self.head_dim + self.rope_dim)
+        if options.q_lora_rank:
+            self.q_down = nn.Linear(cfg.d_model, options.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(options.q_lora_rank, eps=cfg.norm_eps)
+            self.q_up = nn.Linear(options.q_lora_rank, q_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, q_width, bias=False)
+        self.kv_down = nn.Linear(cfg.d_model, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.kv_rank, eps=cfg.norm_eps)
+        self.kv_up = nn.Linear(self.kv_rank, self.n_heads * 2 * self.head_dim, bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.rotary = Rotary(self.rope_dim, cfg.rope_theta)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_up(self.q_norm(self.q_down(x)))
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        batch, time, _ = x.shape
+        heads, dim = self.n_heads, self.head_dim
+        offset = 0 if state is None else state["length"]
+        q = self._queries(x).view(batch, time, heads, dim + self.rope_dim)
+        q_nope, q_rope = q.split([dim, self.rope_dim], -1)
+        q_rope = self.rotary(q_rope, offset)
+        latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], -1)
+        latent = self.kv_norm(latent)
+        k_rope = self.rotary(k_rope[:, :, None], offset)[:, :, 0]
+        previous = state and {"k": state["latent"], "v": state["k_rope"], "length": offset}
+        cache = append_kv(previous, latent, k_rope)
+        length = cache["length"]
+        state = {"latent": cache["k"], "k_rope": cache["v"], "length": length}
+        latents, rope_keys = cache["k"][:, :length], cache["v"][:, :length]
+        if offset == 0:
+            y = self._expanded(q_nope, q_rope, latents, rope_keys)
+        else:
+            y = self._absorbed(q_nope, q_rope, latents, rope_keys, offset)
+        return self.out(y.reshape(batch, time, heads * dim)), state
+
+    def _expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latents: torch.Tensor,
+        rope_keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training/prefill: per-head keys and values from the latents, then the fused kernel."""
+        batch, _, heads, dim = q_nope.shape
+        k_nope, v = self.kv_up(latents).view(batch, -1, heads, 2 * dim).split([dim, dim], -1)
+        k = torch.cat([k_nope, rope_keys[:, :, None].expand(-1, -1, heads, -1)], -1)
+        return causal_attention(torch.cat([q_nope, q_rope], -1), k, v, offset=0)
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latents: torch.Tensor,
+        rope_keys: torch.Tensor,
+        offset: int,
+    ) -> torch.Tensor:
+        """With a cache: scores and the weighted sum stay in latent space (weights absorbed)."""
+        heads, dim = self.n_heads, self.head_dim
+        up = self.kv_up.weight.view(heads, 2 * dim, self.kv_rank)
+        w_k, w_v = up[:, :dim], up[:, dim:]
+        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_k)
+        scores = q_latent @ latents[:, None].transpose(-1, -2)
+        scores = scores + q_rope.transpose(1, 2) @ rope_keys[:, None].transpose(-1, -2)
+        scores = scores * (dim + self.rope_dim) ** -0.5
+        mask = attention_mask(q_nope.shape[1], latents.shape[1], offset, device=scores.device)
+        weights = F.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        return torch.einsum("bhts,bsr,hdr->bthd", weights, latents, w_v)
+
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        """Decode-cache memory per token: the latent plus the shared rope key."""
+        return (self.kv_rank + self.rope_dim) * torch.empty(0, dtype=dtype).element_size()
+
+    def extra_flops_per_token(self, context: int) -> float:
+        """Score and value matmuls per token at this context (as attention, expanded form)."""
+        return 2.0 * self.n_heads * (2 * self.head_dim + self.rope_dim) * context
