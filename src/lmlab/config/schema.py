@@ -21,6 +21,9 @@ DEFAULT_LETTERS = {
     "W": "rwkv7",
     "H": "hyena",
     "B": "bdh",
+    "L": "mla",
+    "X": "diff_attention",
+    "O": "moh",
 }
 
 

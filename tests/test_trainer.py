@@ -1,0 +1,128 @@
+"""Trainer pieces: schedules, budgets, the curriculum, precision choice, truncated BPTT with
+carried state, auxiliary losses and integrity counters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.config.load import build_config
+from lmlab.errors import LmlabError
+from lmlab.layers.features import FeatureCounter
+from lmlab.train.device import resolve_precision
+from lmlab.train.schedule import lr_multiplier
+from lmlab.train.trainer import budget_for, seq_len_at
+
+
+def test_cosine_and_wsd_schedules():
+    assert lr_multiplier("cosine", 0, 0.0, 10, 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_multiplier("cosine", 9, 0.0, 10, 0.1, 0.2) == pytest.approx(1.0)
+    assert lr_multiplier("cosine", 50, 0.5, 10, 0.1, 0.2) == pytest.approx(0.55)
+    assert lr_multiplier("cosine", 100, 1.0, 10, 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_multiplier("wsd", 50, 0.7, 10, 0.0, 0.2) == pytest.approx(1.0)
+    assert lr_multiplier("wsd", 90, 0.9, 10, 0.0, 0.2) == pytest.approx(0.5)
+    assert lr_multiplier("constant", 90, 0.9, 10, 0.0, 0.2) == 1.0
+
+
+def test_budgets_in_steps_tokens_and_time():
+    config = build_config(None, ["train.max_tokens=10000", "data.seq_len=64", "train.batch_size=8"])
+    assert budget_for(config).steps == 20  # ceil(10000 / 512)
+    config = build_config(None, ["train.max_time=30"])
+    budget = budget_for(config)
+    assert budget.progress(5, 15.0) == 0.5 and budget.done(9, 30.0)
+
+
+def test_sequence_length_curriculum():
+    config = build_config(None, ["data.seq_len=256", "train.seq_len_start=64",
+                                 "train.curriculum_steps=100"])
+    lengths = [seq_len_at(config, s) for s in range(0, 120, 10)]
+    assert lengths[0] == 64 and lengths[-1] == 256
+    assert lengths == sorted(lengths) and all(n % 8 == 0 for n in lengths)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import lmlab.train.device as device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4",
+        "train.max_time=0", "train.eval_batches=2", "train.warmup_steps=2",
+        "train.deterministic=true"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps.\n" for i in range(800)))
+    return path
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
+    from lmlab.train.trainer import Trainer
+
+    settings = [*TINY, "model.mixer=gla", f"data.path={corpus}", "data.seq_len=32",
+                "train.tbptt=true", "train.seq_len_start=8", "train.curriculum_steps=6",
+                "train.max_steps=12", "train.checkpoint_interval=3", f"out_dir={tmp_path}"]
+    assert main(["train", "--quiet", *settings, "name=whole"]) == 0
+    whole = [r for r in rows(tmp_path / "whole") if r["kind"] == "train"]
+    assert [r["seq_len"] for r in whole][:3] == [8, 8, 16]
+    original = Trainer._step
+
+    def stop_at_7(trainer):
+        if trainer.state.step == 7:
+            raise KeyboardInterrupt
+        original(trainer)
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_7)
+    assert main(["train", "--quiet", *settings, "name=part"]) == 130
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
+    part = [r for r in rows(tmp_path / "part") if r["kind"] == "train"]
+    assert [r["loss"] for r in part] == [r["loss"] for r in whole]
+
+
+class SilentFeature(FeatureCounter, torch.nn.Module):
+    feature = "never_runs"
+
+
+def test_feature_switched_on_but_never_run_is_an_error(tmp_path, corpus, monkeypatch):
+    from lmlab.model.lm import LanguageModel
+
+    original_init = LanguageModel.__init__
+
+    def with_idle_feature(self, cfg):
+        original_init(self, cfg)
+        self.idle = SilentFeature()
+
+    monkeypatch.setattr(LanguageModel, "__init__", with_idle_feature)
+    with pytest.raises(LmlabError, match="never_runs switched on but never ran in step 1"):
+        from lmlab.train.launch import new_trainer
+
+        config = build_config(None, [*TINY, f"data.path={corpus}", "data.seq_len=16",
+                                     "train.max_steps=2", f"out_dir={tmp_path}", "name=f"])
+        new_trainer(config, "f", show_progress=False).train()
+
+
+def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch):
+    from lmlab.model.lm import LanguageModel
+
+    monkeypatch.setattr(LanguageModel, "auxiliary_loss", lambda self: torch.tensor(0.25))
+    config = build_config(None, [*TINY, f"data.path={corpus}", "data.seq_len=16",
+                                 "train.max_steps=2", f"out_dir={tmp_path}", "name=a"])
+    from lmlab.train.launch import new_trainer
+
+    new_trainer(config, "a", show_progress=False).train()
+    first = rows(tmp_path / "a")[0]
+    assert first["aux_loss"] == 0.25 and first["loss"] > 1.0
