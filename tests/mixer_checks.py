@@ -110,7 +110,6 @@ def check_learns(name: str, steps: int = 120, **options) -> tuple[float, float]:
     """Train a tiny 2-layer model with this mixer on embedded Shakespeare (char tokens) and
     return (final training loss, unigram entropy) in nats; the caller asserts the gap."""
     from lmlab.data.corpus import load_embedded_corpus
-
     from lmlab.model.lm import LanguageModel
 
     text = load_embedded_corpus("modern")[0].text[:200_000]
@@ -150,3 +149,28 @@ def clone_with(mixer: torch.nn.Module, **attributes) -> torch.nn.Module:
     for key, value in attributes.items():
         setattr(twin, key, value)
     return twin
+
+
+def check_bfloat16(mixer: torch.nn.Module, time: int = 40, rtol: float = 5e-2) -> None:
+    """Forward and backward in bfloat16, both as training runs it (float32 weights under
+    autocast) and with bfloat16 weights: finite gradients, outputs loosely close to float32."""
+    mixer = mixer.float()
+    x = random_input(2, time, mixer_width(mixer)).float()
+    with torch.no_grad():
+        reference, _ = mixer(x)
+    for cast in ("autocast", "weights"):
+        module = clone_with(mixer)
+        xi = x.clone().requires_grad_(True)
+        if cast == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y, _ = module(xi)
+        else:
+            module = module.bfloat16()
+            y, _ = module(xi.bfloat16())
+        y.float().square().sum().backward()
+        assert torch.isfinite(xi.grad).all(), f"bfloat16 ({cast}): input gradient not finite"
+        for name, param in module.named_parameters():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), (
+                f"bfloat16 ({cast}): gradient of {name} missing or not finite"
+            )
+        assert_close(y.detach().float(), reference, rtol, f"bfloat16 ({cast}) vs float32")

@@ -66,9 +66,11 @@ class DeltaNet(nn.Module):
         mode: str = "chunk"
         """``chunk`` (training) or ``recurrent`` (the core's step-by-step oracle)."""
 
+    mixer_name = "deltanet"
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
-        name = self._registered_name()
+        name = self.mixer_name
         if options.mode not in ("chunk", "recurrent"):
             raise LmlabError(
                 f"{name}: mode={options.mode!r} is unknown; set model.mixer_options.{name}.mode "
@@ -94,23 +96,21 @@ class DeltaNet(nn.Module):
         self.mode = options.mode
         key_width, value_width = self.n_heads * self.key_dim, self.n_heads * self.value_dim
         self.conv_width = 2 * key_width + value_width
-        widths = {"qkv": self.conv_width, "beta": self.n_heads}
-        widths.update(self._extra_widths(cfg, options))
+        widths = {"qkv": self.conv_width, "beta": self.n_heads, **self._gate_widths(options)}
         self.names, self.widths = list(widths), list(widths.values())
         self.proj = nn.Linear(cfg.d_model, sum(self.widths), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_width, options.conv_size))
-        self._build_readout(cfg, options)
+        self._build_gates(cfg, options)
         self.out = nn.Linear(value_width, cfg.d_model, bias=False)
         self.reset_parameters()
 
-    def _registered_name(self) -> str:
-        return "deltanet"
-
-    def _extra_widths(self, cfg: ModelConfig, options: Options) -> dict[str, int]:
-        """Widths of further slices of the shared input projection (decay and gate inputs)."""
+    def _gate_widths(self, options: Options) -> dict[str, int]:
+        """Widths of the further slices of the shared input projection that the decay and the
+        output gate read."""
         return {}
 
-    def _build_readout(self, cfg: ModelConfig, options: Options) -> None:
+    def _build_gates(self, cfg: ModelConfig, options: Options) -> None:
+        """Create the output norm and any decay or gate parameters."""
         self.norm = nn.RMSNorm(self.value_dim, eps=cfg.norm_eps)
 
     def reset_parameters(self) -> None:
@@ -124,8 +124,9 @@ class DeltaNet(nn.Module):
         return None
 
     def _readout(self, o: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The per-head output ``[B, T, H, V]`` before the output projection."""
-        return self.norm(o)
+        """The per-head output ``[B, T, H, V]`` before the output projection, normalised in the
+        norm weight's dtype (float32 under autocast)."""
+        return self.norm(o.to(self.norm.weight.dtype))
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch, time, _ = x.shape
@@ -149,6 +150,7 @@ class DeltaNet(nn.Module):
             beta,
             self._log_decay(parts),
             initial_state=None if state is None else state["recurrent"],
+            output_final_state=True,
             mode=self.mode,
             chunk_size=self.chunk_size,
         )

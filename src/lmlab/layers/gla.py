@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
+from lmlab.errors import LmlabError
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
-from lmlab.layers.retnet import head_dims
+from lmlab.layers.retnet import check_core_options, head_dims
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 
 
@@ -53,7 +54,10 @@ class GatedLinearAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.key_dim = head_dims("gla", cfg.d_model, options.expand_k, cfg.n_heads, "expand_k")
         self.value_dim = head_dims("gla", cfg.d_model, options.expand_v, cfg.n_heads, "expand_v")
+        if options.gate_low_rank_dim < 1 or options.gate_normalizer <= 0:
+            raise LmlabError("gla: gate_low_rank_dim must be >= 1 and gate_normalizer > 0")
         self.gate_normalizer = options.gate_normalizer
+        check_core_options("gla", options.mode, options.chunk_size)
         self.chunk_size = options.chunk_size
         self.mode = options.mode
         key_width, value_width = self.n_heads * self.key_dim, self.n_heads * self.value_dim
@@ -63,9 +67,7 @@ class GatedLinearAttention(nn.Module):
         self.norm = GatedRMSNorm(self.value_dim, eps=cfg.norm_eps)
         self.out = nn.Linear(value_width, cfg.d_model, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, state: dict | None = None
-    ) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch, time, _ = x.shape
         q, k, v, g, gate = self.proj(x).split(self.splits, dim=-1)
         heads = (batch, time, self.n_heads, -1)
@@ -73,17 +75,18 @@ class GatedLinearAttention(nn.Module):
         # The decay is accumulated over many steps: keep it in at least float32 under autocast.
         gate = gate.to(torch.promote_types(gate.dtype, torch.float32))
         log_decay = F.logsigmoid(gate) / self.gate_normalizer
-        o, matrix = gated_linear_attention(
+        o, recurrent = gated_linear_attention(
             q.view(heads),
             k.view(heads),
             v.view(heads),
             log_decay.view(heads),
-            initial_state=None if state is None else state["matrix"],
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=True,
             mode=self.mode,
             chunk_size=self.chunk_size,
         )
         o = self.norm(o, g.view(heads))
-        return self.out(o.reshape(batch, time, -1)), {"matrix": matrix}
+        return self.out(o.reshape(batch, time, -1)), {"recurrent": recurrent}
 
     def extra_flops_per_token(self, context: int) -> float:
         """State update and readout: two ``K x V`` products per head and token."""

@@ -31,6 +31,7 @@ from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
+from lmlab.layers.retnet import check_core_options
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 from lmlab.ops.short_conv import short_conv
 
@@ -76,10 +77,13 @@ class Mamba2(nn.Module):
                 f"mamba2: ngroups={options.ngroups} must divide the {self.n_heads} heads; "
                 "change model.mixer_options.mamba2.ngroups"
             )
+        if options.d_state < 1 or options.conv_width < 1:
+            raise LmlabError("mamba2: d_state and conv_width must be at least 1")
         if not 0 < options.a_init_min <= options.a_init_max:
             raise LmlabError("mamba2: need 0 < a_init_min <= a_init_max")
         if not 0 < options.dt_min <= options.dt_max:
             raise LmlabError("mamba2: need 0 < dt_min <= dt_max")
+        check_core_options("mamba2", options.mode, options.chunk_size)
         self.ngroups = options.ngroups
         self.d_state = options.d_state
         self.norm_before_gate = options.norm_before_gate
@@ -111,23 +115,21 @@ class Mamba2(nn.Module):
             bound = 1 / math.sqrt(o.conv_width)
             self.conv_weight.uniform_(-bound, bound)
             self.conv_bias.uniform_(-bound, bound)
-            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(o.a_init_min, o.a_init_max).log())
-            log_dt = torch.empty_like(self.dt_bias).uniform_(math.log(o.dt_min), math.log(o.dt_max))
-            dt = log_dt.exp().clamp_min(o.dt_init_floor)
+            self.A_log.uniform_(o.a_init_min, o.a_init_max).log_()
+            self.dt_bias.uniform_(math.log(o.dt_min), math.log(o.dt_max))
+            dt = self.dt_bias.exp().clamp_min(o.dt_init_floor)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             self.D.fill_(1.0)
 
-    def forward(
-        self, x: torch.Tensor, state: dict | None = None
-    ) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch, time, _ = x.shape
         z, xbc, dt = self.in_proj(x).split(self.splits, dim=-1)
         xbc, conv = short_conv(
             xbc,
             self.conv_weight.squeeze(1),
             self.conv_bias,
+            state=None if state is None else state["conv"],
             activation="silu",
-            initial_state=None if state is None else state["conv"],
         )
         bc_width = self.ngroups * self.d_state
         xs, b, c = xbc.split([self.d_inner, bc_width, bc_width], dim=-1)
@@ -143,21 +145,26 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt + self.dt_bias)
         log_decay = -torch.exp(self.A_log) * dt
         v = (xs * dt[..., None]).to(xs.dtype)
-        y, matrix = gated_linear_attention(
+        y, recurrent = gated_linear_attention(
             c,
             b,
             v,
             log_decay,
             scale=1.0,
-            initial_state=None if state is None else state["matrix"],
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=True,
             mode=self.mode,
             chunk_size=self.chunk_size,
         )
         y = y + xs * self.D[:, None].to(xs.dtype)
         groups = (batch, time, self.ngroups, -1)
         y, z = y.reshape(groups), z.reshape(groups)
-        y = self.norm(y, z) if self.norm_before_gate else self.norm(y * F.silu(z))
-        return self.out(y.reshape(batch, time, self.d_inner)), {"matrix": matrix, "conv": conv}
+        if self.norm_before_gate:
+            y = self.norm(y, z)
+        else:  # normalise in the weight's dtype: float32 under autocast
+            y = self.norm((y * F.silu(z)).to(self.norm.weight.dtype))
+        y = self.out(y.reshape(batch, time, self.d_inner))
+        return y, {"recurrent": recurrent, "conv": conv}
 
     def extra_flops_per_token(self, context: int) -> float:
         """State update and readout: two ``N x P`` products per head and token."""

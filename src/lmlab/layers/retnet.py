@@ -43,6 +43,17 @@ def head_dims(name: str, width: int, expand: float, n_heads: int, what: str) -> 
     return total // n_heads
 
 
+def check_core_options(name: str, mode: str, chunk_size: int) -> None:
+    """Reject a bad core setting when the model is built rather than at the first forward."""
+    if mode not in ("chunk", "recurrent"):
+        raise LmlabError(
+            f"{name}: mode={mode!r} is unknown; set model.mixer_options.{name}.mode to chunk "
+            "or recurrent"
+        )
+    if chunk_size < 1:
+        raise LmlabError(f"{name}: chunk_size={chunk_size} must be at least 1")
+
+
 @register_token_mixer("retnet")
 class MultiScaleRetention(nn.Module):
     """Retention with fixed per-head decays, rotary q/k and a swish-gated per-head norm."""
@@ -67,6 +78,7 @@ class MultiScaleRetention(nn.Module):
                 f"retnet: the per-head key size {self.key_dim} must be even for the rotation; "
                 "change model.mixer_options.retnet.expand_k or model.n_heads"
             )
+        check_core_options("retnet", options.mode, options.chunk_size)
         self.chunk_size = options.chunk_size
         self.mode = options.mode
         key_width, value_width = self.n_heads * self.key_dim, self.n_heads * self.value_dim
@@ -75,14 +87,8 @@ class MultiScaleRetention(nn.Module):
         self.rotary = Rotary(self.key_dim, cfg.rope_theta)
         self.norm = GatedRMSNorm(self.value_dim, eps=cfg.norm_eps)
         self.out = nn.Linear(value_width, cfg.d_model, bias=False)
-        heads = torch.arange(self.n_heads, dtype=torch.float64)
-        self.register_buffer(
-            "log_gamma", torch.log1p(-(2.0 ** (-5.0 - heads))).float(), persistent=False
-        )
 
-    def forward(
-        self, x: torch.Tensor, state: dict | None = None
-    ) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch, time, _ = x.shape
         q, k, v, g = self.proj(x).split(self.splits, dim=-1)
         q = q.view(batch, time, self.n_heads, self.key_dim)
@@ -90,19 +96,26 @@ class MultiScaleRetention(nn.Module):
         v = v.view(batch, time, self.n_heads, self.value_dim)
         position = 0 if state is None else state["position"]
         q, k = self.rotary(q, position), self.rotary(k, position)
-        log_decay = self.log_gamma.expand(batch, time, self.n_heads)
-        o, matrix = gated_linear_attention(
+        log_decay = self.log_gamma(x).expand(batch, time, self.n_heads)
+        o, recurrent = gated_linear_attention(
             q,
             k,
             v,
             log_decay,
-            initial_state=None if state is None else state["matrix"],
+            initial_state=None if state is None else state["recurrent"],
+            output_final_state=True,
             mode=self.mode,
             chunk_size=self.chunk_size,
         )
         o = self.norm(o, g.view(batch, time, self.n_heads, self.value_dim))
         y = self.out(o.reshape(batch, time, self.n_heads * self.value_dim))
-        return y, {"matrix": matrix, "position": position + time}
+        return y, {"recurrent": recurrent, "position": position + time}
+
+    def log_gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """``log(1 - 2^(-5 - h))`` per head, in at least float32 (exact for float64 inputs)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        heads = torch.arange(self.n_heads, dtype=dtype, device=x.device)
+        return torch.log1p(-torch.exp2(-5.0 - heads))
 
     def extra_flops_per_token(self, context: int) -> float:
         """State update and readout: two ``K x V`` products per head and token."""

@@ -62,9 +62,10 @@ def gated_delta_rule(
         g = g.unsqueeze(-1) if log_decay.dim() == 3 else g  # [B, T, H, 1 or K]
     s0 = None if initial_state is None else initial_state.to(cdt)
     run = _recurrent if mode == "recurrent" else _chunk
-    o, state = run(
-        q.to(cdt) * scale, k.to(cdt), v.to(cdt), beta.to(cdt).unsqueeze(-1), g, s0, chunk_size
-    )
+    with torch.autocast(q.device.type, enabled=False):  # keep the promised precision
+        o, state = run(
+            q.to(cdt) * scale, k.to(cdt), v.to(cdt), beta.to(cdt).unsqueeze(-1), g, s0, chunk_size
+        )
     return o.to(v.dtype), state if output_final_state else None
 
 

@@ -1,0 +1,111 @@
+"""Mamba-2 (SSD): the generic mixer checks plus the SSM recurrence written out step by step."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mixer_checks import (
+    check_bfloat16,
+    check_decode_matches_full,
+    check_learns,
+    check_modes_agree,
+    check_segments_match_whole,
+    clone_with,
+    make_mixer,
+    random_input,
+)
+
+from lmlab.errors import LmlabError
+
+SMALL = {"head_dim": 16, "d_state": 8}
+
+
+@pytest.mark.parametrize(
+    ("time", "chunk_size", "ngroups"),
+    [(1, 16, 1), (7, 16, 2), (63, 16, 1), (65, 64, 4), (200, 16, 2)],
+)
+def test_chunk_matches_recurrent(time, chunk_size, ngroups):
+    mixer = make_mixer("mamba2", chunk_size=chunk_size, ngroups=ngroups, **SMALL)
+    check_modes_agree(mixer, clone_with(mixer, mode="recurrent"), time=time)
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_prefill_then_decode_matches_full(norm_before_gate):
+    mixer = make_mixer("mamba2", chunk_size=4, norm_before_gate=norm_before_gate, **SMALL)
+    check_decode_matches_full(mixer)
+
+
+def test_two_segments_match_one_sequence():
+    check_segments_match_whole(make_mixer("mamba2", chunk_size=16, ngroups=2, **SMALL))
+
+
+def test_explicit_ssm_recurrence():
+    """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t (no K^-1/2), each
+    group's B and C shared by its heads, then rms_norm(y * silu(z)) * w per group and out."""
+    mixer = make_mixer("mamba2", ngroups=2, **SMALL)
+    x = random_input(1, 6, 32)
+    y, state = mixer(x)
+    heads, p, n = mixer.n_heads, 16, 8
+    z, xbc, dt = mixer.in_proj(x).split(mixer.splits, dim=-1)
+    width = mixer.conv_weight.shape[-1]
+    padded = F.pad(xbc.transpose(1, 2), (width - 1, 0))
+    xbc = F.silu(F.conv1d(padded, mixer.conv_weight, mixer.conv_bias, groups=xbc.shape[-1]))
+    xs, b, c = xbc[0].T.split([mixer.d_inner, 2 * n, 2 * n], dim=-1)
+    dt = F.softplus(dt[0] + mixer.dt_bias)
+    a = -mixer.A_log.exp()
+    h = torch.zeros(heads, n, p, dtype=torch.float64)
+    outputs = []
+    for t in range(6):
+        xt = xs[t].view(heads, p)
+        group = torch.arange(heads) // (heads // 2)
+        bt, ct = b[t].view(2, n)[group], c[t].view(2, n)[group]
+        decay, step = (dt[t] * a).exp()[:, None, None], dt[t][:, None, None]
+        h = decay * h + step * bt[..., None] * xt[:, None]
+        outputs.append(torch.einsum("hn,hnp->hp", ct, h) + mixer.D[:, None] * xt)
+    gated = torch.stack(outputs).reshape(6, 2, -1) * F.silu(z[0].view(6, 2, -1))
+    normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + 1e-5) * mixer.norm.weight
+    expected = mixer.out(normed.reshape(1, 6, -1))
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(state["recurrent"][0].double(), h)
+
+
+def test_initialisation_follows_mamba_ssm():
+    mixer = make_mixer("mamba2", d_model=512, **SMALL)
+    a = mixer.A_log.exp().detach()
+    dt = F.softplus(mixer.dt_bias).detach()
+    assert a.min() >= 1 and a.max() <= 16
+    assert dt.min() >= 0.001 * (1 - 1e-6) and dt.max() <= 0.1 * (1 + 1e-6)
+    assert math.log(dt.max() / dt.min()) > 0.5 * math.log(100)  # spread over the log range
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+    assert mixer.conv_weight.ndim == 3  # a filter, kept away from Muon like nn.Conv1d's
+
+
+def test_default_heads_are_64_wide():
+    mixer = make_mixer("mamba2", d_model=64)
+    assert (mixer.n_heads, mixer.head_dim, mixer.d_state) == (2, 64, 128)
+
+
+def test_bfloat16():
+    check_bfloat16(make_mixer("mamba2", chunk_size=16, ngroups=2, **SMALL))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"head_dim": 48}, "head_dim"),
+        ({"ngroups": 3, **SMALL}, "ngroups"),
+        ({"d_state": 0}, "d_state"),
+        ({"a_init_min": 0.0}, "a_init"),
+        ({"dt_max": 0.0001}, "dt_min"),
+        ({"mode": "parallel"}, "mode"),
+    ],
+)
+def test_bad_options_are_rejected(options, match):
+    with pytest.raises(LmlabError, match=match):
+        make_mixer("mamba2", **options)
+
+
+def test_learns():
+    final, unigram = check_learns("mamba2")
+    assert final < 0.8 * unigram, (final, unigram)
