@@ -241,6 +241,49 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from lmlab.config.load import build_config
+    from lmlab.eval.probes import (
+        TASKS,
+        ProbeTask,
+        parse_list,
+        run_loss_by_position,
+        run_probe,
+        sweep_table,
+    )
+
+    if args.task == "loss_by_position":
+        report = run_loss_by_position(args.config, buckets=args.buckets)
+        print(f"{args.config} @ step {report['step']}: mean loss per position bucket")
+        for length, curve in report["loss"].items():
+            print(f"  length {length}: " + " ".join(f"{v:.3f}" for v in curve))
+        return 0
+    if args.task not in TASKS:
+        raise LmlabError(
+            f"unknown probe task {args.task!r}; use {', '.join(TASKS)} or loss_by_position"
+        )
+    lrs = parse_list(args.lrs, float, "--lrs")
+    config = build_config(args.config, args.overrides)
+    lengths = parse_list(args.lengths, int, "--lengths") if args.lengths else []
+    task = ProbeTask(
+        args.task,
+        args.seq_len,
+        vocab_size=args.vocab,
+        items=args.kv_pairs,
+        num_examples=args.examples,
+        seed=args.seed,
+        eval_lengths=tuple(lengths),
+    )
+    out = Path(args.out) if args.out else None
+    report = run_probe(
+        config, task, epochs=args.epochs, lrs=lrs, out=out, log=lambda s: print(s, file=sys.stderr)
+    )
+    print(sweep_table(report))
+    if out is not None:
+        print(f"scores written to {out / 'probes.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -359,6 +402,40 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--compare", metavar="NAME", help="only the runs of this comparison")
     runs.add_argument("--json", action="store_true", help="print JSON")
     runs.set_defaults(func=cmd_runs)
+
+    probe = commands.add_parser(
+        "probe",
+        help="synthetic capability probes (MQAR, induction, copying, needle) or loss by position",
+        description="Train the config's architecture from scratch on a synthetic task at each\n"
+        "learning rate and report held-out accuracy (best of the sweep; solved at >= 0.99).\n"
+        "With --task loss_by_position, CONFIG is a run folder: mean validation loss per\n"
+        "position bucket at 1x, 2x and 4x its training length. See docs/probes.md.",
+        epilog="Examples:\n"
+        "  lmlab probe gpt-tiny model.d_model=64 --task mqar --seq-len 256 --kv-pairs 16\n"
+        "  lmlab probe my.yaml --task needle --seq-len 256 --lengths 64,128,256 --out runs/x\n"
+        "  lmlab probe runs/gpt-tiny-20260101-120000 --task loss_by_position",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe.add_argument("config", help="preset or YAML file (a run folder for loss_by_position)")
+    probe.add_argument("overrides", nargs="*", help="key=value settings, e.g. model.mixer=gla")
+    probe.add_argument(
+        "--task",
+        default="mqar",
+        help="mqar, induction, selective_copy, needle or loss_by_position (mqar)",
+    )
+    probe.add_argument("--seq-len", type=int, default=256, help="sequence length (256)")
+    probe.add_argument(
+        "--kv-pairs", type=int, default=16, help="kv pairs (mqar) or tokens to copy (16)"
+    )
+    probe.add_argument("--vocab", type=int, default=8192, help="vocabulary size (8192)")
+    probe.add_argument("--examples", type=int, default=20000, help="training examples (20000)")
+    probe.add_argument("--epochs", type=int, default=16, help="passes over the examples (16)")
+    probe.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate sweep")
+    probe.add_argument("--lengths", help="needle: test lengths, e.g. 64,128,256 (--seq-len)")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--buckets", type=int, default=8, help="loss_by_position buckets (8)")
+    probe.add_argument("--out", help="folder for probes.json and the per-lr table (e.g. a run)")
+    probe.set_defaults(func=cmd_probe)
     return parser
 
 

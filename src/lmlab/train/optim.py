@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import TrainConfig
+from lmlab.train.device import cpu_has_fast_bf16
+from lmlab.train.muon import Muon
 
 
 class OptimizerSet:
@@ -69,14 +71,21 @@ def _adamw(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torc
     )
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig) -> OptimizerSet:
+def build_optimizers(
+    model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
+) -> OptimizerSet:
     """The optimiser set for ``cfg.optimizer``; tied weights appear once."""
+    device = device or next(model.parameters()).device
     named = list(model.named_parameters())
     if cfg.optimizer == "adamw":
         return OptimizerSet({"adamw": _adamw(named, cfg)})
     matrices = [p for n, p in named if _is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
-    muon = torch.optim.Muon(
-        matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    muon = Muon(
+        matrices,
+        lr=cfg.muon_lr,
+        weight_decay=cfg.weight_decay,
+        ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
     )
     return OptimizerSet({"muon": muon, "adamw": _adamw(rest, cfg)})

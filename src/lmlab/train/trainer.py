@@ -110,7 +110,7 @@ class Trainer:
         self.precision = resolve_precision(train.precision, self.device)
         torch.manual_seed(train.seed)
         self.model = LanguageModel(config.model).to(self.device)
-        self.optimizers = build_optimizers(self.model, train)
+        self.optimizers = build_optimizers(self.model, train, self.device)
         self.state = TrainerState()
         self.carried: ModelState | None = None
         if resume_from is not None:
