@@ -51,6 +51,11 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Modules that want the input token ids (e.g. MoE specialisation statistics) declare
+        # ``wants_token_ids = True`` and get them through ``set_token_ids`` before each forward.
+        self._token_id_consumers = [
+            m for m in self.modules() if getattr(m, "wants_token_ids", False)
+        ]
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections (named ``out``) scaled by
@@ -74,6 +79,8 @@ class LanguageModel(nn.Module):
     def forward(
         self, idx: torch.Tensor, state: ModelState | None = None
     ) -> tuple[torch.Tensor, ModelState]:
+        for module in self._token_id_consumers:
+            module.set_token_ids(idx)
         x = self.embed(idx)
         previous = state.layers if state is not None else [None] * len(self.blocks)
         layer_states = []
@@ -107,11 +114,12 @@ class LanguageModel(nn.Module):
 
     def flops_per_token(self, context: int) -> float:
         """Forward FLOPs per token: 2 per weight of every matmul (the head included, the
-        embedding lookup not) plus each mixer's context-dependent extra (attention scores)."""
+        embedding lookup not) plus each module's correction ``extra_flops_per_token(context)``
+        (attention scores; a MoE's experts that do not run, which is negative)."""
         matmul = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         extra = sum(
-            block.mixer.extra_flops_per_token(context)
-            for block in self.blocks
-            if hasattr(block.mixer, "extra_flops_per_token")
+            m.extra_flops_per_token(context)
+            for m in self.modules()
+            if hasattr(m, "extra_flops_per_token")
         )
         return float(matmul + extra)

@@ -22,6 +22,7 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
 from lmlab.layers.features import feature_counters
+from lmlab.layers.moe import write_specialisation
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import (
@@ -318,6 +319,7 @@ class Trainer:
         )
 
     def _write_summary(self) -> dict:
+        write_specialisation(self.run_dir, self.model, self.tokenizer.decode)
         state = self.state
         summary = {
             "run": str(self.run_dir),
