@@ -32,15 +32,35 @@ import numpy as np
 import torch
 
 NANOGPT_CPU_RECIPE = [
-    "--device=cpu", "--compile=False", "--block_size=64", "--batch_size=12", "--n_layer=4",
-    "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+    "--device=cpu",
+    "--compile=False",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
 ]
 LMLAB_SPEEDRUN = [
-    "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "data.seq_len=64",
-    "train.batch_size=32", "train.optimizer=muon", "train.lr=4e-3", "train.muon_lr=0.03",
-    "train.schedule=wsd", "train.decay_fraction=0.4", "train.warmup_steps=30",
-    "train.max_time=0", "train.max_steps=700", "train.eval_interval=100000",
-    "train.checkpoint_interval=100000", "train.eval_batches=4", "train.precision=fp32",
+    "model.d_model=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "data.seq_len=64",
+    "train.batch_size=32",
+    "train.optimizer=muon",
+    "train.lr=4e-3",
+    "train.muon_lr=0.03",
+    "train.schedule=wsd",
+    "train.decay_fraction=0.4",
+    "train.warmup_steps=20",
+    "train.max_time=0",
+    "train.max_steps=250",
+    "train.eval_interval=100000",
+    "train.checkpoint_interval=100000",
+    "train.eval_batches=4",
+    "train.precision=fp32",
 ]
 SHAPE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
 
@@ -102,18 +122,37 @@ def time_to_quality(data: Path, nanogpt: Path | None, out: Path) -> list[str]:
             [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_RECIPE],
             cwd=nanogpt,
         )
-        rows.append(f"| nanoGPT | CPU recipe (2000 iters, 12x64) | {seconds:.1f} | "
-                    f"{nanogpt_val_loss(output):.4f} |")
-    seconds, _ = run_timed(lmlab_command(
-        "train", "--quiet", f"data.path={data}", "data.split=tail", "data.tokenizer=char",
-        f"out_dir={out}", "name=speedrun", *LMLAB_SPEEDRUN,
-    ))
-    _, output = run_timed(lmlab_command(
-        "eval", str(out / "speedrun"), "--seq-len", "64", "--batches", "100000", "--json",
-    ))
+        rows.append(
+            f"| nanoGPT | CPU recipe (2000 iters, 12x64) | {seconds:.1f} | "
+            f"{nanogpt_val_loss(output):.4f} |"
+        )
+    seconds, _ = run_timed(
+        lmlab_command(
+            "train",
+            "--quiet",
+            f"data.path={data}",
+            "data.split=tail",
+            "data.tokenizer=char",
+            f"out_dir={out}",
+            "name=speedrun",
+            *LMLAB_SPEEDRUN,
+        )
+    )
+    _, output = run_timed(
+        lmlab_command(
+            "eval",
+            str(out / "speedrun"),
+            "--seq-len",
+            "64",
+            "--batches",
+            "100000",
+            "--json",
+        )
+    )
     loss = json.loads(output.strip().splitlines()[-1])["loss"]
-    rows.append(f"| lmlab | speedrun ({' '.join(LMLAB_SPEEDRUN[:8])} ...) | {seconds:.1f} | "
-                f"{loss:.4f} |")
+    rows.append(
+        f"| lmlab | speedrun ({' '.join(LMLAB_SPEEDRUN[:8])} ...) | {seconds:.1f} | {loss:.4f} |"
+    )
     return rows
 
 
@@ -124,8 +163,9 @@ def lmlab_throughput(precision: str, steps: int, batch: int) -> dict:
     from lmlab.train.device import autocast
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=65, d_model=SHAPE["n_embd"], n_layers=SHAPE["n_layer"],
-                      n_heads=SHAPE["n_head"])
+    cfg = ModelConfig(
+        vocab_size=65, d_model=SHAPE["n_embd"], n_layers=SHAPE["n_layer"], n_heads=SHAPE["n_head"]
+    )
     model = LanguageModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     context = torch.device("cpu")
@@ -152,11 +192,22 @@ def lmlab_throughput(precision: str, steps: int, batch: int) -> dict:
 
 def nanogpt_throughput(nanogpt: Path, iters: int, batch: int) -> dict:
     """nanoGPT's own loop at its Shakespeare shape (on CPU it always runs float32)."""
-    _, output = run_timed([
-        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
-        "--compile=False", f"--max_iters={iters}", "--eval_interval=100000",
-        "--log_interval=1", f"--batch_size={batch}", "--dropout=0.0", "--eval_iters=1",
-    ], cwd=nanogpt)
+    _, output = run_timed(
+        [
+            sys.executable,
+            "train.py",
+            "config/train_shakespeare_char.py",
+            "--device=cpu",
+            "--compile=False",
+            f"--max_iters={iters}",
+            "--eval_interval=100000",
+            "--log_interval=1",
+            f"--batch_size={batch}",
+            "--dropout=0.0",
+            "--eval_iters=1",
+        ],
+        cwd=nanogpt,
+    )
     step = nanogpt_iter_ms(output) / 1000
     return {"step_ms": 1000 * step, "tokens_per_s": batch * SHAPE["block_size"] / step}
 
@@ -198,17 +249,23 @@ def main() -> None:
             result = lmlab_throughput(precision, args.steps, args.batch)
             flops = result["flops_per_token"]
             rate = result["tokens_per_s"] * flops
-            print(f"| lmlab | {precision} | {result['tokens_per_s']:.0f} | {result['step_ms']:.0f} "
-                  f"| {rate / peaks['fp32']:.1%} | {rate / peaks['bf16']:.1%} |")
+            print(
+                f"| lmlab | {precision} | {result['tokens_per_s']:.0f} | {result['step_ms']:.0f} "
+                f"| {rate / peaks['fp32']:.1%} | {rate / peaks['bf16']:.1%} |"
+            )
         if args.nanogpt:
             result = nanogpt_throughput(args.nanogpt, args.steps + 2, args.batch)
             rate = result["tokens_per_s"] * flops
-            print(f"| nanoGPT | fp32 | {result['tokens_per_s']:.0f} | "
-                      f"{result['step_ms']:.0f} | {rate / peaks['fp32']:.1%} | "
-                      f"{rate / peaks['bf16']:.1%} |")
-        print(f"\nlmlab peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
-              f"training FLOPs/token at this shape {flops / 1e6:.1f}M (lmlab's count, used for "
-              "both systems' MFU)")
+            print(
+                f"| nanoGPT | fp32 | {result['tokens_per_s']:.0f} | "
+                f"{result['step_ms']:.0f} | {rate / peaks['fp32']:.1%} | "
+                f"{rate / peaks['bf16']:.1%} |"
+            )
+        print(
+            f"\nlmlab peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+            f"training FLOPs/token at this shape {flops / 1e6:.1f}M (lmlab's count, used for "
+            "both systems' MFU)"
+        )
 
 
 if __name__ == "__main__":

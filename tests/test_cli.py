@@ -33,14 +33,23 @@ def corpus(tmp_path: Path) -> Path:
     folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(3):
-        lines = [f"Line {j} of work {i}: to be or not to be, that is the question." for j in range(300)]
+        lines = [
+            f"Line {j} of work {i}: to be or not to be, that is the question." for j in range(300)
+        ]
         (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
     return folder
 
 
 def train_args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
-    return ["train", "--quiet", *TINY, f"data.path={corpus}", f"out_dir={tmp_path / 'runs'}",
-            f"name={name}", *extra]
+    return [
+        "train",
+        "--quiet",
+        *TINY,
+        f"data.path={corpus}",
+        f"out_dir={tmp_path / 'runs'}",
+        f"name={name}",
+        *extra,
+    ]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -49,7 +58,9 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def test_train_eval_generate(tmp_path, corpus, capsys):
-    assert main(train_args(tmp_path, corpus, "a", "train.max_steps=12", "train.eval_interval=5")) == 0
+    assert (
+        main(train_args(tmp_path, corpus, "a", "train.max_steps=12", "train.eval_interval=5")) == 0
+    )
     run = tmp_path / "runs" / "a"
     for item in ("config.yaml", "tokenizer", "metrics.jsonl", "summary.json", "checkpoints"):
         assert (run / item).exists(), item
@@ -77,16 +88,27 @@ def test_token_budget_sets_the_number_of_steps(tmp_path, corpus):
 
 
 def test_muon_and_wsd_train(tmp_path, corpus):
-    args = train_args(tmp_path, corpus, "m", "train.max_steps=6", "train.optimizer=muon",
-                      "train.schedule=wsd", "train.grad_accum=2")
+    args = train_args(
+        tmp_path,
+        corpus,
+        "m",
+        "train.max_steps=6",
+        "train.optimizer=muon",
+        "train.schedule=wsd",
+        "train.grad_accum=2",
+    )
     assert main(args) == 0
     values = losses(tmp_path / "runs" / "m")
     assert len(values) == 6 and all(v == v for v in values.values())
 
 
 def test_interrupt_then_resume_continues_exactly(tmp_path, corpus, monkeypatch):
-    common = ["train.max_steps=16", "train.checkpoint_interval=4", "train.deterministic=true",
-              "train.optimizer=muon"]
+    common = [
+        "train.max_steps=16",
+        "train.checkpoint_interval=4",
+        "train.deterministic=true",
+        "train.optimizer=muon",
+    ]
     assert main(train_args(tmp_path, corpus, "whole", *common)) == 0
     original_step = Trainer._step
 
@@ -169,5 +191,8 @@ def test_resume_rejects_incompatible_changes(tmp_path, corpus, capsys):
     before = (run / "config.yaml").read_text()
     expect_error(capsys, ["train", "--resume", str(run), "model.d_model=64"], "cannot change")
     assert (run / "config.yaml").read_text() == before
-    expect_error(capsys, ["train", str(run / "config.yaml"), f"out_dir={tmp_path / 'runs'}",
-                          "name=r"], "already exists")
+    expect_error(
+        capsys,
+        ["train", str(run / "config.yaml"), f"out_dir={tmp_path / 'runs'}", "name=r"],
+        "already exists",
+    )

@@ -64,9 +64,7 @@ def test_parameter_count_ties_embeddings_and_counts_flops():
     untied = tiny_model(tie_embeddings=False)
     assert untied.num_parameters() - tied.num_parameters() == 50 * 32
     assert tied.head.weight is tied.embed.weight
-    linear_weights = sum(
-        m.weight.numel() for m in tied.modules() if isinstance(m, torch.nn.Linear)
-    )
+    linear_weights = sum(m.weight.numel() for m in tied.modules() if isinstance(m, torch.nn.Linear))
     attention_extra = 2 * 4 * 4 * 8 * 64  # layers * 4 * heads * head_dim * context
     assert tied.flops_per_token(64) == 2 * linear_weights + attention_extra
 
@@ -105,7 +103,9 @@ def test_sampling_is_seeded_and_respects_top_k():
     greedy = generate(model, prompt, 8, SamplingSettings(temperature=0))
     assert torch.equal(generate(model, prompt, 8, settings, seed=3), greedy)
     wide = SamplingSettings(temperature=1.5)
-    assert torch.equal(generate(model, prompt, 8, wide, seed=5), generate(model, prompt, 8, wide, seed=5))
+    assert torch.equal(
+        generate(model, prompt, 8, wide, seed=5), generate(model, prompt, 8, wide, seed=5)
+    )
 
 
 def test_top_p_and_min_p_filters():

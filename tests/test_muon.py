@@ -14,7 +14,9 @@ def train_pair(reference_cls, ours_kwargs, steps=4):
     ref_opt = reference_cls(ref, lr=0.02, weight_decay=0.1)
     my_opt = Muon(mine, lr=0.02, weight_decay=0.1, **ours_kwargs)
     for step in range(steps):
-        grads = [torch.randn_like(w, generator=torch.Generator().manual_seed(step)) for w in weights]
+        grads = [
+            torch.randn_like(w, generator=torch.Generator().manual_seed(step)) for w in weights
+        ]
         for params, opt in ((ref, ref_opt), (mine, my_opt)):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()

@@ -36,8 +36,9 @@ def test_budgets_in_steps_tokens_and_time():
 
 
 def test_sequence_length_curriculum():
-    config = build_config(None, ["data.seq_len=256", "train.seq_len_start=64",
-                                 "train.curriculum_steps=100"])
+    config = build_config(
+        None, ["data.seq_len=256", "train.seq_len_start=64", "train.curriculum_steps=100"]
+    )
     lengths = [seq_len_at(config, s) for s in range(0, 120, 10)]
     assert lengths[0] == 64 and lengths[-1] == 256
     assert lengths == sorted(lengths) and all(n % 8 == 0 for n in lengths)
@@ -53,9 +54,16 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
-TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4",
-        "train.max_time=0", "train.eval_batches=2", "train.warmup_steps=2",
-        "train.deterministic=true"]
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "train.batch_size=4",
+    "train.max_time=0",
+    "train.eval_batches=2",
+    "train.warmup_steps=2",
+    "train.deterministic=true",
+]
 
 
 @pytest.fixture
@@ -72,9 +80,18 @@ def rows(run) -> list[dict]:
 def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
     from lmlab.train.trainer import Trainer
 
-    settings = [*TINY, "model.mixer=gla", f"data.path={corpus}", "data.seq_len=32",
-                "train.tbptt=true", "train.seq_len_start=8", "train.curriculum_steps=6",
-                "train.max_steps=12", "train.checkpoint_interval=3", f"out_dir={tmp_path}"]
+    settings = [
+        *TINY,
+        "model.mixer=gla",
+        f"data.path={corpus}",
+        "data.seq_len=32",
+        "train.tbptt=true",
+        "train.seq_len_start=8",
+        "train.curriculum_steps=6",
+        "train.max_steps=12",
+        "train.checkpoint_interval=3",
+        f"out_dir={tmp_path}",
+    ]
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
     whole = [r for r in rows(tmp_path / "whole") if r["kind"] == "train"]
     assert [r["seq_len"] for r in whole][:3] == [8, 8, 16]
@@ -110,8 +127,17 @@ def test_feature_switched_on_but_never_run_is_an_error(tmp_path, corpus, monkeyp
     with pytest.raises(LmlabError, match="never_runs switched on but never ran in step 1"):
         from lmlab.train.launch import new_trainer
 
-        config = build_config(None, [*TINY, f"data.path={corpus}", "data.seq_len=16",
-                                     "train.max_steps=2", f"out_dir={tmp_path}", "name=f"])
+        config = build_config(
+            None,
+            [
+                *TINY,
+                f"data.path={corpus}",
+                "data.seq_len=16",
+                "train.max_steps=2",
+                f"out_dir={tmp_path}",
+                "name=f",
+            ],
+        )
         new_trainer(config, "f", show_progress=False).train()
 
 
@@ -119,8 +145,17 @@ def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch)
     from lmlab.model.lm import LanguageModel
 
     monkeypatch.setattr(LanguageModel, "auxiliary_loss", lambda self: torch.tensor(0.25))
-    config = build_config(None, [*TINY, f"data.path={corpus}", "data.seq_len=16",
-                                 "train.max_steps=2", f"out_dir={tmp_path}", "name=a"])
+    config = build_config(
+        None,
+        [
+            *TINY,
+            f"data.path={corpus}",
+            "data.seq_len=16",
+            "train.max_steps=2",
+            f"out_dir={tmp_path}",
+            "name=a",
+        ],
+    )
     from lmlab.train.launch import new_trainer
 
     new_trainer(config, "a", show_progress=False).train()

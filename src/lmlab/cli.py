@@ -348,9 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)
 
-    info = commands.add_parser(
-        "info", help="parameters and FLOPs of a config without training it"
-    )
+    info = commands.add_parser("info", help="parameters and FLOPs of a config without training it")
     info.add_argument("config", nargs="?", help="preset or YAML file")
     info.add_argument("overrides", nargs="*", help="key=value settings")
     info.set_defaults(func=cmd_info)

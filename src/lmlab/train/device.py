@@ -26,7 +26,9 @@ def pick_device(setting: str) -> torch.device:
     try:
         device = torch.device(setting)
     except RuntimeError:
-        raise LmlabError(f"train.device={setting!r} is not a device; use auto, cpu, cuda or mps") from None
+        raise LmlabError(
+            f"train.device={setting!r} is not a device; use auto, cpu, cuda or mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmlabError("train.device=cuda but no CUDA device is available; use train.device=auto")
     if device.type == "mps" and not torch.backends.mps.is_available():

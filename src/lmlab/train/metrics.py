@@ -73,8 +73,15 @@ class Progress:
         self._last_print = 0.0
         self._open_line = False
 
-    def update(self, step: int, budget, elapsed: float, loss: float, tokens_per_s: float,
-               val_loss: float | None) -> None:
+    def update(
+        self,
+        step: int,
+        budget,
+        elapsed: float,
+        loss: float,
+        tokens_per_s: float,
+        val_loss: float | None,
+    ) -> None:
         if not self.enabled:
             return
         progress = budget.progress(step, elapsed)

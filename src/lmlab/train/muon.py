@@ -54,8 +54,12 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: torch.dtype = torch.float32,
     ) -> None:
         defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-            ns_steps=ns_steps, eps=eps,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            eps=eps,
         )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype

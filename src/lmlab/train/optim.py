@@ -48,7 +48,9 @@ class OptimizerSet:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}")
+            raise ValueError(
+                f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}"
+            )
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state[name])
 

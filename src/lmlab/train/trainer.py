@@ -170,9 +170,13 @@ class Trainer:
         norms = []
         for block in self.model.blocks:
             grads = [p.grad for p in block.parameters() if p.grad is not None]
-            norms.append(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads]
-            )).item() if grads else 0.0)
+            norms.append(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                ).item()
+                if grads
+                else 0.0
+            )
         return norms
 
     def evaluate(self) -> dict[str, float]:
@@ -301,7 +305,11 @@ class Trainer:
         self.features_checked = True
         self.metrics.write(row)
         self.progress.update(
-            state.step, self.budget, state.elapsed, loss_value, row["tokens_per_s"],
+            state.step,
+            self.budget,
+            state.elapsed,
+            loss_value,
+            row["tokens_per_s"],
             self.state.last_eval.get("loss"),
         )
 
