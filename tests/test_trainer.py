@@ -161,3 +161,32 @@ def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch)
     new_trainer(config, "a", show_progress=False).train()
     first = rows(tmp_path / "a")[0]
     assert first["aux_loss"] == 0.25 and first["loss"] > 1.0
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, corpus, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    from lmlab.train.launch import new_trainer
+
+    config = build_config(
+        None,
+        [
+            *TINY,
+            f"data.path={corpus}",
+            "data.seq_len=16",
+            "train.max_steps=2",
+            "train.tensorboard=true",
+            f"out_dir={tmp_path}",
+            "name=tb",
+        ],
+    )
+    with pytest.raises(LmlabError, match="needs the tensorboard package"):
+        new_trainer(config, "tb", show_progress=False)

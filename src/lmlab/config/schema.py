@@ -190,7 +190,6 @@ class TrainConfig:
     seed: int = 0
     eval_interval: int = 200
     eval_batches: int = 20
-    log_interval: int = 10
     checkpoint_interval: int = 500
     keep_checkpoints: int = 3
     deterministic: bool = False

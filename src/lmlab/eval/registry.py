@@ -90,7 +90,6 @@ HASH_IGNORED = {
     "train.device",
     "train.compile",
     "train.tensorboard",
-    "train.log_interval",
     "train.checkpoint_interval",
     "train.keep_checkpoints",
 }

@@ -19,7 +19,6 @@ RESUMABLE_KEYS = (
     "train.max_time",
     "train.eval_interval",
     "train.eval_batches",
-    "train.log_interval",
     "train.checkpoint_interval",
     "train.keep_checkpoints",
     "train.tensorboard",

@@ -9,20 +9,25 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import atomic_write_text
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped so
-    the log reads as one uninterrupted run."""
+    the log reads as one uninterrupted run. With ``tensorboard_dir`` the scalars also go to
+    TensorBoard."""
 
-    def __init__(self, path: Path, keep_through_step: int = 0) -> None:
+    def __init__(
+        self, path: Path, keep_through_step: int = 0, tensorboard_dir: Path | None = None
+    ) -> None:
         self.path = path
+        self.tensorboard = _tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
         if path.exists():
             kept = [
                 line
                 for line in path.read_text(encoding="utf-8").splitlines()
-                if _row_step(line) is not None and _row_step(line) <= keep_through_step
+                if _row_step(line) <= keep_through_step
             ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._file = path.open("a", encoding="utf-8")
@@ -30,16 +35,42 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self.tensorboard is not None:
+            for key, value in _scalars(row):
+                self.tensorboard.add_scalar(f"{row['kind']}/{key}", value, row["step"])
 
     def close(self) -> None:
         self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-def _row_step(line: str) -> int | None:
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmlabError(
+            "train.tensorboard=true needs the tensorboard package: "
+            "pip install 'lmlab[tensorboard]' (or set train.tensorboard=false)"
+        ) from None
+    return SummaryWriter(str(directory))
+
+
+def _scalars(row: dict, prefix: str = ""):
+    """Numeric leaves of a metrics row as (dotted name, value) pairs."""
+    for key, value in row.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield prefix + key, value
+
+
+def _row_step(line: str) -> float:
+    """A row's step; a torn or foreign line counts as infinitely late, so it is dropped."""
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-        return None
+        return math.inf
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -118,7 +118,11 @@ class Trainer:
             self._restore(resume_from)
         self.forward = torch.compile(self.model) if train.compile else self.model
         self.budget = budget_for(config)
-        self.metrics = MetricsLog(run_dir / METRICS_FILE, keep_through_step=self.state.step)
+        self.metrics = MetricsLog(
+            run_dir / METRICS_FILE,
+            keep_through_step=self.state.step,
+            tensorboard_dir=run_dir / "tensorboard" if train.tensorboard else None,
+        )
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
         self.feature_totals = feature_counters(self.model)
@@ -217,14 +221,15 @@ class Trainer:
                     self._evaluate_now()
                 if state.step % train.checkpoint_interval == 0 or last:
                     self.save()
+            if not state.last_eval or state.last_eval.get("step") != state.step:
+                self._evaluate_now()  # a resumed run whose budget was already spent
+                self.save()
         except KeyboardInterrupt:
-            self.progress.close()
             self.save()
             raise
-        self.progress.close()
-        if not state.last_eval or state.last_eval.get("step") != state.step:
-            self._evaluate_now()
-            self.save()
+        finally:
+            self.progress.close()
+            self.metrics.close()
         return self._write_summary()
 
     def _step(self) -> None:
