@@ -116,3 +116,15 @@ def test_top_p_and_min_p_filters():
     assert kept.tolist() == [[True, True, False, False]]
     kept = filter_logits(logits, SamplingSettings(temperature=1.0, top_p=0.5)).isfinite()
     assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_swiglu_hidden_width_and_gate():
+    from lmlab.layers.mlp import SwiGLU
+
+    cfg = ModelConfig(vocab_size=10, d_model=96)
+    assert cfg.resolved_mlp_hidden == 256  # 8/3 * 96 = 256, already a multiple of 64
+    mlp = SwiGLU(cfg, 0, None)
+    x = torch.randn(2, 3, 96)
+    gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+    expected = mlp.out(torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(mlp(x), expected)

@@ -14,12 +14,14 @@ from mixer_checks import (
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers import moh_attention
 from lmlab.layers.features import feature_counters
 from lmlab.model.lm import LanguageModel
 
 
 def test_gates_select_top_k_routed_heads_and_keep_shared_heads():
     mixer = make_mixer("moh", d_model=32, n_heads=8, n_shared=2, top_k=3)
+    assert isinstance(mixer, moh_attention.MixtureOfHeadsAttention)
     x = random_input(2, 9, 32)
     with torch.no_grad():
         gates = mixer.router(x)
