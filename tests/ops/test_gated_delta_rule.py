@@ -240,7 +240,7 @@ def test_defaults_and_dtypes() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"mode": "parallel"}, "unknown mode"),
+        ({"mode": "parallel"}, "mode must be one of"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"k": torch.zeros(B, 5, H, K + 1)}, "q and k"),
         ({"v": torch.zeros(B, 4, H, V)}, "v must be"),

@@ -48,6 +48,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lmlab.ops.checks import check_core_args
+
 # Sub-block length for strong decays, and the largest exponent a factor may carry per dtype.
 _SUB = 8
 _EXP_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
@@ -76,7 +78,9 @@ def dplr_delta_rule(
     float64) or ``None`` unless ``output_final_state``. A T=1 call (the decode step) runs the
     recurrent step in either mode.
     """
-    _check_args(q, k, v, a, b, log_decay, initial_state, mode, chunk_size)
+    check_core_args(
+        q, k, v, initial_state, mode, chunk_size, like_q={"a": a, "b": b, "log_decay": log_decay}
+    )
     out_dtype = v.dtype
     inputs = (q, k, v, a, b, log_decay)
     dtype = torch.float64 if torch.float64 in {x.dtype for x in inputs} else torch.float32
@@ -94,42 +98,6 @@ def dplr_delta_rule(
         else:
             o, state = _chunked(q, k, v, a, b, g, state, chunk_size)
     return o.transpose(1, 2).to(out_dtype), state if output_final_state else None
-
-
-def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    mode: str,
-    chunk_size: int,
-) -> None:
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, time, heads, key_dim], got shape {tuple(q.shape)}")
-    for name, x in (("k", k), ("a", a), ("b", b), ("log_decay", log_decay)):
-        if x.shape != q.shape:
-            raise ValueError(
-                f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}"
-            )
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must be [batch, time, heads, value_dim] matching q {tuple(q.shape)}, "
-            f"got {tuple(v.shape)}"
-        )
-    batch, _, heads, key_dim = q.shape
-    expected = (batch, heads, key_dim, v.shape[-1])
-    if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(
-            f"initial_state must be [batch, heads, key_dim, value_dim] = {expected}, "
-            f"got {tuple(initial_state.shape)}"
-        )
 
 
 def _recurrent(

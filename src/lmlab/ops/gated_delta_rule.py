@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmlab.ops.checks import check_core_args
+
 __all__ = ["gated_delta_rule"]
 
-_MODES = ("chunk", "recurrent")
 _SUBCHUNK = 16
 _CLAMP = 40.0
 
@@ -53,7 +54,9 @@ def gated_delta_rule(
     final state (``[B, H, K, V]`` in the accumulation dtype: float32, or float64 for float64
     inputs) when ``output_final_state`` is set, else ``None``.
     """
-    _check_args(q, k, v, beta, log_decay, initial_state, mode, chunk_size)
+    check_core_args(
+        q, k, v, initial_state, mode, chunk_size, log_decay=log_decay, per_head={"beta": beta}
+    )
     cdt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     g = None
@@ -67,44 +70,6 @@ def gated_delta_rule(
             q.to(cdt) * scale, k.to(cdt), v.to(cdt), beta.to(cdt).unsqueeze(-1), g, s0, chunk_size
         )
     return o.to(v.dtype), state if output_final_state else None
-
-
-def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    log_decay: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    mode: str,
-    chunk_size: int,
-) -> None:
-    """Reject bad shapes and options early, with messages naming the expected layout."""
-    if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {_MODES}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if q.dim() != 4 or q.shape != k.shape:
-        raise ValueError(
-            f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
-    b, t, h, dk = q.shape
-    if t == 0:
-        raise ValueError("the sequence is empty (T = 0); call with at least one time step")
-    if v.dim() != 4 or v.shape[:3] != (b, t, h):
-        raise ValueError(f"v must be [B, T, H, V] = [{b}, {t}, {h}, V], got {tuple(v.shape)}")
-    if beta.shape != (b, t, h):
-        raise ValueError(f"beta must be [B, T, H] = {[b, t, h]}, got {tuple(beta.shape)}")
-    if log_decay is not None and log_decay.shape not in ((b, t, h), (b, t, h, dk)):
-        raise ValueError(
-            f"log_decay must be [B, T, H] = {[b, t, h]} or [B, T, H, K] = {[b, t, h, dk]}, "
-            f"got {tuple(log_decay.shape)}"
-        )
-    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(
-            f"initial_state must be [B, H, K, V] = {[b, h, dk, v.shape[-1]]}, "
-            f"got {tuple(initial_state.shape)}"
-        )
 
 
 def _recurrent(

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
-_MODES = ("chunk", "recurrent")
+from lmlab.ops.checks import check_core_args
 
 
 def gated_linear_attention(
@@ -69,7 +69,7 @@ def gated_linear_attention(
         ``(o, state)``: ``o`` is ``[B, T, H, V]``; ``state`` is ``[B, H, K, V]`` in float32
         (float64 for float64 inputs) when ``output_final_state`` is set, else ``None``.
     """
-    _check_args(q, k, v, log_decay, initial_state, mode, chunk_size)
+    check_core_args(q, k, v, initial_state, mode, chunk_size, log_decay=log_decay)
     out_dtype = v.dtype
     dtype = torch.float64 if torch.float64 in {q.dtype, k.dtype, v.dtype} else torch.float32
     if scale is None:
@@ -408,42 +408,3 @@ def _mm_square(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if h == 2:
         out.addcmul_(a[..., :, 1:], x[..., None, 1, :])
     return out
-
-
-def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    mode: str,
-    chunk_size: int,
-) -> None:
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(
-            f"q and k must both be [batch, time, heads, key_dim], got {tuple(q.shape)} "
-            f"and {tuple(k.shape)}"
-        )
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must be [batch, time, heads, value_dim] matching q's {(B, T, H)}, "
-            f"got {tuple(v.shape)}"
-        )
-    if T < 1:
-        raise ValueError("gated_linear_attention needs at least one time step, got T=0")
-    if log_decay is not None and log_decay.shape not in {(B, T, H), (B, T, H, K)}:
-        raise ValueError(
-            f"log_decay must be [batch, time, heads] = {(B, T, H)} or "
-            f"[batch, time, heads, key_dim] = {(B, T, H, K)}, got {tuple(log_decay.shape)}"
-        )
-    V = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(
-            f"initial_state must be [batch, heads, key_dim, value_dim] = {(B, H, K, V)}, "
-            f"got {tuple(initial_state.shape)}"
-        )
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
