@@ -1,4 +1,5 @@
-"""Generic checks that every token mixer must pass; each mixer's test file calls them.
+"""Generic checks that every token mixer must pass; ``layers/test_mixer_contract.py`` runs them
+over every registered mixer.
 
 They exercise the one contract every mixer shares: ``forward(x, state=None) -> (y, state)``.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,9 +18,20 @@ from lmlab.layers.registry import build_token_mixer
 
 
 def make_mixer(
-    name: str, d_model: int = 32, n_heads: int = 2, seed: int = 0, **options
+    name: str,
+    d_model: int = 32,
+    n_heads: int = 2,
+    seed: int = 0,
+    layer_idx: int = 0,
+    model: dict[str, Any] | None = None,
+    perturb: bool = False,
+    **options,
 ) -> torch.nn.Module:
-    """A float64 mixer with deterministic random weights (non-trivial gates and decays)."""
+    """A float64 mixer with deterministic random weights (non-trivial gates and decays).
+
+    ``model`` sets further ``ModelConfig`` fields (``position``, ``n_kv_heads``); ``perturb``
+    applies the mixer's entry in ``PERTURBATIONS``, for mixers whose initialisation hides
+    data-dependent paths that the checks must exercise."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=16,
@@ -25,9 +39,41 @@ def make_mixer(
         n_heads=n_heads,
         mixer=name,
         mixer_options={name: options} if options else {},
+        **(model or {}),
     )
-    mixer = build_token_mixer(name, cfg, layer_idx=0).double()
+    mixer = build_token_mixer(name, cfg, layer_idx=layer_idx).double()
+    if perturb and name in PERTURBATIONS:
+        with torch.no_grad():
+            PERTURBATIONS[name](mixer, seed)
     return mixer
+
+
+def _randomise_cope(mixer: torch.nn.Module, seed: int) -> None:
+    """CoPE embeddings start at zero, which would hide every position effect."""
+    if mixer.cope is not None:
+        torch.nn.init.normal_(mixer.cope.embedding, std=0.5)
+
+
+def _perturb_rwkv7(mixer: torch.nn.Module, seed: int) -> None:
+    """The official zero-initialised LoRA inputs are perturbed, so that decay, learning rate and
+    gate depend on the data as they do after training."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    for lora in (mixer.decay, mixer.learning_rate, mixer.gate):
+        lora.down.weight.normal_(std=0.3, generator=generator)
+    mixer.mix.uniform_(0, 1, generator=generator)
+
+
+def _amplify_bdh(mixer: torch.nn.Module, seed: int) -> None:
+    """Visibly non-zero neurons and gates: the initial scale leaves most ReLUs near zero."""
+    for p in mixer.parameters():
+        p.mul_(10) if p.dim() > 1 else p.add_(torch.randn_like(p))
+
+
+PERTURBATIONS: dict[str, Callable[[torch.nn.Module, int], None]] = {
+    "attention": _randomise_cope,
+    "rwkv7": _perturb_rwkv7,
+    "bdh": _amplify_bdh,
+}
 
 
 def random_input(batch: int, time: int, d_model: int, seed: int = 1) -> torch.Tensor:

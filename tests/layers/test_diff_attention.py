@@ -6,10 +6,6 @@ import pytest
 import torch
 from mixer_checks import (
     assert_close,
-    check_bfloat16,
-    check_decode_matches_full,
-    check_learns,
-    check_segments_match_whole,
     make_mixer,
     random_input,
 )
@@ -48,26 +44,8 @@ def test_matches_naive_explicit_softmax():
     assert_close(y, expected, 1e-10, "diff attention vs naive")
 
 
-@pytest.mark.parametrize("position,kv_heads", [("rope", 0), ("none", 2)])
-def test_decode_and_segments_equal_full(position, kv_heads):
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=kv_heads, position=position)
-    mixer = build_token_mixer("diff_attention", cfg, layer_idx=2).double()
-    check_decode_matches_full(mixer, time=14, prefix=5)
-    check_segments_match_whole(mixer, time=30, cut=11)
-
-
 def test_unsupported_settings_are_rejected():
     with pytest.raises(LmlabError, match="position"):
         build_token_mixer("diff_attention", ModelConfig(d_model=32, position="alibi"), 0)
     with pytest.raises(LmlabError, match="divisible by 4"):
         build_token_mixer("diff_attention", ModelConfig(d_model=24, n_heads=4), 0)
-
-
-def test_bfloat16():
-    check_bfloat16(make_mixer("diff_attention", d_model=32, n_heads=2))
-
-
-def test_learns():
-    final, unigram = check_learns("diff_attention", steps=120)
-    assert final < 0.8 * unigram

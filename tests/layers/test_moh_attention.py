@@ -4,10 +4,6 @@ import pytest
 import torch
 from mixer_checks import (
     assert_close,
-    check_bfloat16,
-    check_decode_matches_full,
-    check_learns,
-    check_segments_match_whole,
     make_mixer,
     random_input,
 )
@@ -47,13 +43,6 @@ def test_output_is_gated_sum_of_attention_heads():
     assert (y - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("options", [{}, {"n_shared": 0, "top_k": 2, "window": 5}])
-def test_decode_and_segments_equal_full(options):
-    mixer = make_mixer("moh", d_model=32, n_heads=4, **options)
-    check_decode_matches_full(mixer, time=13, prefix=4)
-    check_segments_match_whole(mixer, time=25, cut=9)
-
-
 def test_statistics_aux_loss_and_integrity_counter():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=8, mixer="moh")
@@ -75,12 +64,3 @@ def test_statistics_aux_loss_and_integrity_counter():
 def test_bad_options_are_rejected():
     with pytest.raises(LmlabError, match="top_k"):
         make_mixer("moh", d_model=32, n_heads=4, n_shared=1, top_k=4)
-
-
-def test_bfloat16():
-    check_bfloat16(make_mixer("moh", d_model=32, n_heads=4))
-
-
-def test_learns():
-    final, unigram = check_learns("moh", steps=120, n_shared=1, top_k=1)
-    assert final < 0.8 * unigram

@@ -1,4 +1,5 @@
-"""RWKV-7 time mixing: the generic mixer contract plus the official step-by-step formulation."""
+"""RWKV-7 time mixing: the official step-by-step formulation (the generic contract is in
+``test_mixer_contract.py``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,6 @@ import torch
 import torch.nn.functional as F
 from mixer_checks import (
     assert_close,
-    check_bfloat16,
-    check_decode_matches_full,
-    check_learns,
-    check_modes_agree,
-    check_segments_match_whole,
-    clone_with,
     make_mixer,
     random_input,
 )
@@ -22,16 +17,9 @@ from mixer_checks import (
 from lmlab.errors import LmlabError
 
 
-def rwkv7(seed: int = 0, **options) -> torch.nn.Module:
-    """A float64 mixer whose official zero-initialised LoRA inputs are perturbed, so that decay,
-    learning rate and gate depend on the data as they do after training."""
-    mixer = make_mixer("rwkv7", seed=seed, **options)
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for lora in (mixer.decay, mixer.learning_rate, mixer.gate):
-            lora.down.weight.normal_(std=0.3, generator=generator)
-        mixer.mix.uniform_(0, 1, generator=generator)
-    return mixer
+def rwkv7(**options) -> torch.nn.Module:
+    """A float64 mixer whose zero-initialised LoRA inputs are perturbed (``mixer_checks``)."""
+    return make_mixer("rwkv7", perturb=True, **options)
 
 
 def official_step(
@@ -77,21 +65,6 @@ def test_matches_official_recurrence():
     assert_close(y, torch.stack(steps, 1), 1e-10, "mixer vs official RNN step")
 
 
-@pytest.mark.parametrize(("time", "chunk_size"), [(1, 16), (7, 16), (63, 16), (65, 32), (200, 64)])
-def test_chunk_matches_recurrent(time, chunk_size):
-    chunk = rwkv7(chunk_size=chunk_size)
-    check_modes_agree(chunk, clone_with(chunk, mode="recurrent"), time=time)
-
-
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-def test_decode_matches_full(mode):
-    check_decode_matches_full(rwkv7(mode=mode, chunk_size=4))
-
-
-def test_segments_match_whole():
-    check_segments_match_whole(rwkv7(chunk_size=8))
-
-
 def test_state_carries_previous_token():
     mixer = rwkv7()
     x = random_input(2, 5, 32)
@@ -115,12 +88,3 @@ def test_official_init():
 def test_bad_rank_is_rejected():
     with pytest.raises(LmlabError, match="decay_rank"):
         make_mixer("rwkv7", decay_rank=-1)
-
-
-def test_bfloat16():
-    check_bfloat16(rwkv7())
-
-
-def test_learns():
-    final, unigram = check_learns("rwkv7", steps=80)
-    assert final < 0.8 * unigram, f"final loss {final:.3f} vs unigram entropy {unigram:.3f}"
