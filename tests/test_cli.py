@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.cli import main
+from lmlab.cli import build_parser, main, parse_args
 from lmlab.train.trainer import Trainer
 
 TINY = [
@@ -196,3 +196,60 @@ def test_resume_rejects_incompatible_changes(tmp_path, corpus, capsys):
         ["train", str(run / "config.yaml"), f"out_dir={tmp_path / 'runs'}", "name=r"],
         "already exists",
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "configs", "overrides"),
+    [
+        (["train", "--quiet", "a.yaml", "train.lr=1e-3"], ["a.yaml"], ["train.lr=1e-3"]),
+        (
+            ["train", "train.lr=1e-3", "--quiet", "a.yaml", "--preset", "p", "model.d_model=64"],
+            ["a.yaml"],
+            ["train.lr=1e-3", "model.d_model=64"],
+        ),
+        (["info", "model.d_model=64", "gpt-tiny", "train.lr=1"], ["gpt-tiny"], None),
+        (
+            ["compare", "a", "--budget", "tokens=1k", "b", "--seeds", "2", "model.d_model=64"],
+            ["a", "b"],
+            ["model.d_model=64"],
+        ),
+        (
+            ["probe", "gpt-tiny", "--task", "mqar", "model.mixer=gla", "--seed", "1", "x.y=2"],
+            ["gpt-tiny"],
+            ["model.mixer=gla", "x.y=2"],
+        ),
+    ],
+)
+def test_configs_and_overrides_may_follow_options(argv, configs, overrides):
+    args = parse_args(build_parser(), argv)
+    assert args.configs == configs
+    assert args.overrides == (overrides or ["model.d_model=64", "train.lr=1"])
+
+
+def test_a_yaml_file_whose_name_holds_equals_is_a_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("d_model=16.yaml").write_text("model: {d_model: 16}\n")
+    args = parse_args(build_parser(), ["info", "d_model=16.yaml", "model.n_layers=1"])
+    assert (args.configs, args.overrides) == (["d_model=16.yaml"], ["model.n_layers=1"])
+
+
+def test_unknown_options_and_stray_arguments_are_still_rejected(capsys):
+    for argv in (["probe", "gpt-tiny", "--task", "mqar", "--bogus", "1"], ["eval", "run", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(build_parser(), argv)
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_overrides_after_options_reach_each_command(tmp_path, capsys):
+    """On gpt-tiny (d_model 192, 4 heads) d_model=100 alone and n_heads=3 alone are valid and
+    together not, so each error proves that the override after an option was read."""
+    pair = ["model.d_model=100", "--quiet", "model.n_heads=3"]
+    expect_error(capsys, ["train", *pair, f"out_dir={tmp_path / 'runs'}"], "not divisible")
+    expect_error(capsys, ["info", "model.d_model=100", "model.n_heads=3"], "not divisible")
+    probe = ["probe", "gpt-tiny", "model.d_model=100", "--task", "mqar", "model.n_heads=3"]
+    expect_error(capsys, probe, "not divisible")
+    compare = ["compare", "gpt-tiny", "--variant", "train.lr=1e-2", "--budget", "tokens=4k", *pair]
+    expect_error(capsys, compare, "not divisible")
+    expect_error(capsys, ["probe", "--task", "mqar"], "give a config")
+    expect_error(capsys, ["info", "gpt-tiny", "other"], "unexpected argument 'other'")

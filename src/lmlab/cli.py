@@ -6,37 +6,76 @@ Every user mistake surfaces as ``error: <one line>`` and exit code 2 (see ``Lmla
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from lmlab.errors import LmlabError
 
 DEFAULT_PRESET = "gpt-tiny"
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def add_configs_and_overrides(parser: argparse.ArgumentParser, configs: str) -> None:
+    """Give a command the positional ``items``: configs and ``key=value`` overrides, which
+    ``parse_args`` lets appear before, between or after the command's options and splits into
+    ``args.configs`` and ``args.overrides``."""
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|KEY=VALUE",
+        help=f"{configs}, and key=value overrides (e.g. model.d_model=64); before, between or "
+        "after the options",
+    )
+
+
+def is_override(item: str) -> bool:
+    """``key=value`` with a dotted key, unless it names an existing file (YAML names may hold
+    '=')."""
+    return OVERRIDE.match(item) is not None and not Path(item).exists()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line. argparse fills a command's positionals from one run of
+    arguments and rejects those written after an option; they are gathered into ``items``
+    here instead, so ``lmlab probe gpt-tiny --task mqar model.d_model=64`` works."""
+    args, extras = parser.parse_known_args(argv)
+    takes_items = hasattr(args, "items")
+    if extras and (not takes_items or any(extra.startswith("-") for extra in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if takes_items:
+        items = args.items + extras
+        args.configs = [item for item in items if not is_override(item)]
+        args.overrides = [item for item in items if is_override(item)]
+    return args
+
+
+def one_config(configs: list[str], default: str | None = DEFAULT_PRESET) -> str:
+    """The single config of a command (``default`` when none is given)."""
+    if len(configs) > 1:
+        raise LmlabError(
+            f"unexpected argument {configs[1]!r}; give one config (a preset or YAML path) "
+            "and key=value overrides"
+        )
+    if configs:
+        return configs[0]
+    if default is None:
+        raise LmlabError("give a config: a preset or a YAML file")
+    return default
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
     from lmlab.train.launch import new_trainer, resume_trainer
 
-    overrides = list(args.overrides)
-    source = args.preset or args.config
-    positional_config = [o for o in overrides if "=" not in o]
-    if positional_config:
-        if source or len(positional_config) > 1:
-            raise LmlabError(
-                f"unexpected argument {positional_config[-1]!r}; give one config "
-                "(--preset NAME or a YAML path) and key=value overrides"
-            )
-        source = positional_config[0]
-        overrides.remove(source)
-
+    sources = [source for source in (args.preset, args.config) if source] + args.configs
     if args.resume:
-        if source:
-            raise LmlabError("--resume takes its config from the run; drop --preset/--config")
-        trainer = resume_trainer(args.resume, overrides, show_progress=not args.quiet)
+        if sources:
+            raise LmlabError("--resume takes its config from the run; drop the config")
+        trainer = resume_trainer(args.resume, args.overrides, show_progress=not args.quiet)
     else:
-        source = source or DEFAULT_PRESET
-        config = build_config(source, overrides)
+        source = one_config(sources)
+        config = build_config(source, args.overrides)
         trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
@@ -137,12 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
     from lmlab.model.lm import LanguageModel
 
-    overrides = list(args.overrides)
-    source = args.config
-    if source and "=" in source:
-        overrides.insert(0, source)
-        source = None
-    config = build_config(source or DEFAULT_PRESET, overrides)
+    config = build_config(one_config(args.configs), args.overrides)
     if config.model.vocab_size == 0:
         config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
     model = LanguageModel(config.model)
@@ -157,17 +191,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from lmlab.eval.compare import plan_compare, run_compare, summary_lines
 
-    second = _compare_options(argparse.ArgumentParser(prog="lmlab compare"))
-    second.add_argument("arms_and_overrides", nargs="*")
-    args = second.parse_intermixed_args(args.items, namespace=args)
-    args.items = args.arms_and_overrides
     if not args.budget:
         raise LmlabError("give --budget, e.g. --budget tokens=2M (or flops=1e15, time=10m)")
     plan = plan_compare(
-        [item for item in args.items if "=" not in item],
+        args.configs,
         budget=args.budget,
         variants=args.variant,
-        overrides=[item for item in args.items if "=" in item],
+        overrides=args.overrides,
         seeds=args.seeds,
         baseline=args.baseline,
         rule=args.rule,
@@ -183,49 +213,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 130
     print("\n".join(summary_lines(results)))
     return 1 if results["failed"] else 0
-
-
-def _compare_options(compare: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``lmlab compare``, shared by its sub-parser and the second pass that
-    reads the options written after the arms."""
-    compare.add_argument(
-        "--budget",
-        help="per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
-    )
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (3)")
-    compare.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="add an arm: the first config plus this override (repeatable)",
-    )
-    compare.add_argument("--baseline", help="arm the others are judged against (the first)")
-    compare.add_argument(
-        "--rule",
-        help="YAML promotion rule: metric, min_effect, confidence, interval, probe_tolerance "
-        "(default val_bits_per_byte, 0.01, 0.95, t, 0.02)",
-    )
-    compare.add_argument("--out", help="compare folder (default: OUT_DIR/compare-<arm>-vs-<arm>)")
-    compare.add_argument(
-        "--parallel",
-        type=int,
-        default=0,
-        metavar="K",
-        help="train K runs at once, each an 'lmlab train' process sharing the cores "
-        "(0: one after another in this process)",
-    )
-    compare.add_argument(
-        "--target-loss",
-        type=float,
-        metavar="BPB",
-        help="validation bits per byte for 'time to target' (the baseline's median final)",
-    )
-    compare.add_argument(
-        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
-    )
-    compare.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
-    return compare
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -252,9 +239,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sweep_table,
     )
 
+    source = one_config(args.configs, default=None)
     if args.task == "loss_by_position":
-        report = run_loss_by_position(args.config, buckets=args.buckets)
-        print(f"{args.config} @ step {report['step']}: mean loss per position bucket")
+        report = run_loss_by_position(source, buckets=args.buckets)
+        print(f"{source} @ step {report['step']}: mean loss per position bucket")
         for length, curve in report["loss"].items():
             print(f"  length {length}: " + " ".join(f"{v:.3f}" for v in curve))
         return 0
@@ -263,7 +251,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"unknown probe task {args.task!r}; use {', '.join(TASKS)} or loss_by_position"
         )
     lrs = parse_list(args.lrs, float, "--lrs")
-    config = build_config(args.config, args.overrides)
+    config = build_config(source, args.overrides)
     lengths = parse_list(args.lengths, int, "--lengths") if args.lengths else []
     task = ProbeTask(
         args.task,
@@ -310,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a YAML config file")
     train.add_argument("--resume", metavar="RUN", help="continue a run folder exactly")
     train.add_argument("--quiet", action="store_true", help="no progress line")
-    train.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.lr=1e-3")
+    add_configs_and_overrides(train, "a preset or YAML file (or use --preset/--config)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(
@@ -349,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=cmd_presets)
 
     info = commands.add_parser("info", help="parameters and FLOPs of a config without training it")
-    info.add_argument("config", nargs="?", help="preset or YAML file")
-    info.add_argument("overrides", nargs="*", help="key=value settings")
+    add_configs_and_overrides(info, f"a preset or YAML file ({DEFAULT_PRESET})")
     info.set_defaults(func=cmd_info)
 
     compare = commands.add_parser(
@@ -368,14 +355,44 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _compare_options(compare)
     compare.add_argument(
-        "items",
-        nargs=argparse.REMAINDER,
-        metavar="ARM ... [KEY=VALUE ...]",
-        help="arms (presets or YAML files), then key=value overrides applied to every arm; "
-        "options may come before, between or after them",
+        "--budget",
+        help="per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
     )
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (3)")
+    compare.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add an arm: the first config plus this override (repeatable)",
+    )
+    compare.add_argument("--baseline", help="arm the others are judged against (the first)")
+    compare.add_argument(
+        "--rule",
+        help="YAML promotion rule: metric, min_effect, confidence, interval, probe_tolerance "
+        "(default val_bits_per_byte, 0.01, 0.95, t, 0.02)",
+    )
+    compare.add_argument("--out", help="compare folder (default: OUT_DIR/compare-<arm>-vs-<arm>)")
+    compare.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train K runs at once, each an 'lmlab train' process sharing the cores "
+        "(0: one after another in this process)",
+    )
+    compare.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="BPB",
+        help="validation bits per byte for 'time to target' (the baseline's median final)",
+    )
+    compare.add_argument(
+        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
+    )
+    compare.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
+    add_configs_and_overrides(compare, "arms (presets or YAML files); overrides apply to every arm")
     compare.set_defaults(func=cmd_compare)
 
     runs = commands.add_parser(
@@ -414,8 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab probe runs/gpt-tiny-20260101-120000 --task loss_by_position",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    probe.add_argument("config", help="preset or YAML file (a run folder for loss_by_position)")
-    probe.add_argument("overrides", nargs="*", help="key=value settings, e.g. model.mixer=gla")
+    add_configs_and_overrides(probe, "a preset or YAML file (a run folder for loss_by_position)")
     probe.add_argument(
         "--task",
         default="mqar",
@@ -439,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except LmlabError as exc:
