@@ -69,6 +69,18 @@ def _amplify_bdh(mixer: torch.nn.Module, seed: int) -> None:
         p.mul_(10) if p.dim() > 1 else p.add_(torch.randn_like(p))
 
 
+ATTENTION_VARIANTS = [
+    ("rope", 0, 5),
+    ("none", 2, 3),
+    ("alibi", 0, 0),
+    ("alibi", 1, 4),
+    ("cope", 0, 0),
+    ("cope", 2, 6),
+]
+"""(position, n_kv_heads, window) of the attention mixer: every position kind, MHA, GQA and MQA,
+with and without a sliding window."""
+
+
 PERTURBATIONS: dict[str, Callable[[torch.nn.Module, int], None]] = {
     "attention": _randomise_cope,
     "rwkv7": _perturb_rwkv7,

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from mixer_checks import (
+    ATTENTION_VARIANTS,
     assert_close,
     check_decode_matches_full,
     make_mixer,
@@ -58,17 +59,7 @@ def naive_attention(mixer: Attention, x: torch.Tensor) -> torch.Tensor:
     return mixer.out(out.reshape(batch, time, heads * dim))
 
 
-VARIANTS = [
-    ("rope", 0, 5),
-    ("none", 2, 3),
-    ("alibi", 0, 0),
-    ("alibi", 1, 4),
-    ("cope", 0, 0),
-    ("cope", 2, 6),
-]
-
-
-@pytest.mark.parametrize("position,kv_heads,window", VARIANTS)
+@pytest.mark.parametrize("position,kv_heads,window", ATTENTION_VARIANTS)
 def test_matches_naive_reference(position, kv_heads, window):
     mixer = make_attention(position, kv_heads, window=window)
     x = random_input(2, 11, 32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import mixer_checks
 import pytest
 from mixer_checks import (
     check_bfloat16,
@@ -63,14 +64,7 @@ class Contract:
 MAMBA2_SMALL: Settings = {"head_dim": 16, "d_state": 8}
 ATTENTION_VARIANTS = tuple(
     {"n_heads": 4, "model": {"position": position, "n_kv_heads": kv_heads}, "window": window}
-    for position, kv_heads, window in [
-        ("rope", 0, 5),
-        ("none", 2, 3),
-        ("alibi", 0, 0),
-        ("alibi", 1, 4),
-        ("cope", 0, 0),
-        ("cope", 2, 6),
-    ]
+    for position, kv_heads, window in mixer_checks.ATTENTION_VARIANTS
 )
 CONTRACTS: dict[str, Contract] = {
     "gla": Contract(segments=({"chunk_size": 16},), bfloat16=({"chunk_size": 16},)),
