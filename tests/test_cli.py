@@ -28,18 +28,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(3):
-        lines = [
-            f"Line {j} of work {i}: to be or not to be, that is the question." for j in range(300)
-        ]
-        (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return folder
-
-
 def train_args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
     return [
         "train",

@@ -33,17 +33,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(3):
-        line = f"of work {i}: to be or not to be, that is the question."
-        lines = [f"Line {j} {line}" for j in range(300)]
-        (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(autouse=True)
 def private_registry(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "registry.sqlite"

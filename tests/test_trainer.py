@@ -73,6 +73,15 @@ def corpus(tmp_path):
     return path
 
 
+def two_step_trainer(tmp_path, corpus, name: str, *extra: str):
+    """A new trainer of the tiny model for two steps on the test corpus, run folder ``name``."""
+    from lmlab.train.launch import new_trainer
+
+    settings = [*TINY, f"data.path={corpus}", "data.seq_len=16", "train.max_steps=2", *extra]
+    config = build_config(None, [*settings, f"out_dir={tmp_path}", f"name={name}"])
+    return new_trainer(config, name, show_progress=False)
+
+
 def rows(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -125,40 +134,14 @@ def test_feature_switched_on_but_never_run_is_an_error(tmp_path, corpus, monkeyp
 
     monkeypatch.setattr(LanguageModel, "__init__", with_idle_feature)
     with pytest.raises(LmlabError, match="never_runs switched on but never ran in step 1"):
-        from lmlab.train.launch import new_trainer
-
-        config = build_config(
-            None,
-            [
-                *TINY,
-                f"data.path={corpus}",
-                "data.seq_len=16",
-                "train.max_steps=2",
-                f"out_dir={tmp_path}",
-                "name=f",
-            ],
-        )
-        new_trainer(config, "f", show_progress=False).train()
+        two_step_trainer(tmp_path, corpus, "f").train()
 
 
 def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch):
     from lmlab.model.lm import LanguageModel
 
     monkeypatch.setattr(LanguageModel, "auxiliary_loss", lambda self: torch.tensor(0.25))
-    config = build_config(
-        None,
-        [
-            *TINY,
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "train.max_steps=2",
-            f"out_dir={tmp_path}",
-            "name=a",
-        ],
-    )
-    from lmlab.train.launch import new_trainer
-
-    new_trainer(config, "a", show_progress=False).train()
+    two_step_trainer(tmp_path, corpus, "a").train()
     first = rows(tmp_path / "a")[0]
     assert first["aux_loss"] == 0.25 and first["loss"] > 1.0
 
@@ -174,19 +157,5 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, corpus, monk
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    from lmlab.train.launch import new_trainer
-
-    config = build_config(
-        None,
-        [
-            *TINY,
-            f"data.path={corpus}",
-            "data.seq_len=16",
-            "train.max_steps=2",
-            "train.tensorboard=true",
-            f"out_dir={tmp_path}",
-            "name=tb",
-        ],
-    )
     with pytest.raises(LmlabError, match="needs the tensorboard package"):
-        new_trainer(config, "tb", show_progress=False)
+        two_step_trainer(tmp_path, corpus, "tb", "train.tensorboard=true")
