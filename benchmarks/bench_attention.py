@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Iterator
 
 import torch
+from timing import print_table, time_ms
 
 from lmlab.config.schema import ModelConfig
 from lmlab.layers.attention import sparse_decode_gap
 from lmlab.layers.registry import build_token_mixer
+from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 
 
@@ -37,25 +39,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def cache_table(d_model: int, heads: int) -> None:
-    print("| mixer | kv heads | bytes/token (fp32) | measured |\n|---|---|---|---|")
     tokens = 32
     x = torch.randn(1, tokens, d_model)
-    rows = [("attention", kv) for kv in sorted({heads, max(heads // 4, 1), 1}, reverse=True)]
-    for name, kv in [*rows, ("mla", 0)]:
+    kinds = [("attention", kv) for kv in sorted({heads, max(heads // 4, 1), 1}, reverse=True)]
+    rows = []
+    for name, kv in [*kinds, ("mla", 0)]:
         cfg = ModelConfig(d_model=d_model, n_heads=heads, n_kv_heads=kv)
         mixer = build_token_mixer(name, cfg, 0)
         with torch.no_grad():
             _, state = mixer(x)
         measured = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-        label = kv or "latent"
-        print(f"| {name} | {label} | {mixer.cache_bytes_per_token()} | {measured // tokens} |")
+        rows.append([name, kv or "latent", mixer.cache_bytes_per_token(), measured // tokens])
+    print_table(["mixer", "kv heads", "bytes/token (fp32)", "measured"], rows)
 
 
 def window_table(d_model: int, heads: int, window: int, contexts: list[int], steps: int) -> None:
-    print(
-        "\n| context | full: state bytes | full: ms/token | window: state bytes "
-        "| window: ms/token |\n|---|---|---|---|---|"
-    )
     models = {}
     for label, options in (("full", {}), ("window", {"window": window})):
         torch.manual_seed(0)
@@ -67,18 +65,39 @@ def window_table(d_model: int, heads: int, window: int, contexts: list[int], ste
             mixer_options={"attention": options},
         )
         models[label] = LanguageModel(cfg).eval()
+    print()
+    header = ["context", "full: state bytes", "full: ms/token", "window: state bytes"]
+    print_table([*header, "window: ms/token"], window_rows(models, contexts, steps))
+
+
+def window_rows(
+    models: dict[str, LanguageModel], contexts: list[int], steps: int
+) -> Iterator[list[object]]:
+    """One row per context, produced as measured: state bytes and ms/token of each model."""
     for context in contexts:
-        cells = []
+        cells: list[object] = [context]
         tokens = torch.randint(0, 256, (1, context + steps))
         for model in models.values():
-            with torch.no_grad():
-                _, state = model(tokens[:, :context])
-                start = time.perf_counter()
-                for t in range(context, context + steps):
-                    _, state = model(tokens[:, t : t + 1], state)
-                elapsed = (time.perf_counter() - start) / steps
-            cells += [f"{state.nbytes()}", f"{1000 * elapsed:.2f}"]
-        print(f"| {context} | " + " | ".join(cells) + " |")
+            ms, state = decode_ms(model, tokens, context, steps)
+            cells += [state.nbytes(), f"{ms:.2f}"]
+        yield cells
+
+
+def decode_ms(
+    model: LanguageModel, tokens: torch.Tensor, context: int, steps: int
+) -> tuple[float, ModelState]:
+    """Prefill ``context`` tokens, then feed ``steps`` more one at a time: (ms per token, the
+    final state)."""
+    with torch.no_grad():
+        _, state = model(tokens[:, :context])
+        upcoming = iter(tokens[:, context:].split(1, dim=1))
+
+        def decode_step() -> None:
+            nonlocal state
+            _, state = model(next(upcoming), state)
+
+        ms = time_ms(decode_step, steps, warmup=0, stat="mean")
+    return ms, state
 
 
 def sparse_table(train_steps: int, top_ks: list[int], context: int) -> None:
@@ -101,14 +120,20 @@ def sparse_table(train_steps: int, top_ks: list[int], context: int) -> None:
         optimizer.step()
     model.eval()
     tokens = torch.stack([ids[s : s + context] for s in (1000, 50_000)])
-    print("\n| top-k | max abs logit diff | loss exact | loss sparse | loss gap |")
-    print("|---|---|---|---|---|")
+    rows = []
     for k in top_ks:
         gap = sparse_decode_gap(model, tokens, prefix=context // 4, top_k=k)
-        print(
-            f"| {k} | {gap['max_abs_logit_diff']:.4f} | {gap['loss_exact']:.4f} "
-            f"| {gap['loss_sparse']:.4f} | {gap['loss_gap']:+.4f} |"
+        rows.append(
+            [
+                k,
+                f"{gap['max_abs_logit_diff']:.4f}",
+                f"{gap['loss_exact']:.4f}",
+                f"{gap['loss_sparse']:.4f}",
+                f"{gap['loss_gap']:+.4f}",
+            ]
         )
+    print()
+    print_table(["top-k", "max abs logit diff", "loss exact", "loss sparse", "loss gap"], rows)
 
 
 def main() -> None:

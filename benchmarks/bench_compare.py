@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import print_table
 
 from lmlab.config.load import build_config
 from lmlab.eval.compare import plan_compare, run_compare
@@ -70,9 +71,8 @@ def overhead(args: argparse.Namespace, scratch: Path) -> None:
         ("compare wall time", wall),
     ]
     print(f"\ngpt-tiny vs +d_model=96: {args.seeds} seeds, {args.budget}, {len(runs)} runs")
-    print("| part | seconds | share of wall |\n|---|---:|---:|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.2f} | {100 * seconds / wall:.1f}% |")
+    cells = [[name, f"{seconds:.2f}", f"{100 * seconds / wall:.1f}%"] for name, seconds in rows]
+    print_table(["part", "seconds", "share of wall"], cells, align="lrr")
     print(
         f"\nbeyond training steps: {100 * (wall - train) / wall:.1f}% of wall time; "
         f"beyond the runs (machinery): {100 * (wall - per_run) / wall:.1f}% (target < 5%)"
@@ -121,7 +121,7 @@ def calibrate(args: argparse.Namespace, scratch: Path) -> None:
     )
     print(f"same seed twice: |difference| = {abs(again - narrow[0]):.2e} bits/byte\n")
     print(f"{args.repeats} simulated comparisons of {n} seeds per arm each")
-    print("| scenario | rule | PROMOTE | REGRESSION | NO EVIDENCE |\n|---|---|---:|---:|---:|")
+    rows = []
     for label, pairs in (
         ("A/A: narrow vs narrow at disjoint seeds (real runs)", disjoint),
         ("A/A: Gaussian noise with the measured sd", gaussian),
@@ -129,10 +129,10 @@ def calibrate(args: argparse.Namespace, scratch: Path) -> None:
     ):
         for rule_name, rule in (("default", Rule()), ("min_effect 0", Rule(min_effect=0.0))):
             found = rates(pairs, rule)
-            print(
-                f"| {label} | {rule_name} | {100 * found[PROMOTE]:.1f}% "
-                f"| {100 * found[REGRESSION]:.1f}% | {100 * found[NO_EVIDENCE]:.1f}% |"
-            )
+            shares = [f"{100 * found[d]:.1f}%" for d in (PROMOTE, REGRESSION, NO_EVIDENCE)]
+            rows.append([label, rule_name, *shares])
+    header = ["scenario", "rule", "PROMOTE", "REGRESSION", "NO EVIDENCE"]
+    print_table(header, rows, align="llrrr")
 
 
 def main() -> None:

@@ -15,12 +15,11 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
+from timing import print_table, time_ms
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
@@ -80,17 +79,6 @@ def model_config(args: argparse.Namespace, mixer: str, n_layers: int) -> ModelCo
     )
 
 
-def seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_tokens_per_second(args: argparse.Namespace, mixer: str, precision: str) -> float:
     torch.manual_seed(0)
     model = LanguageModel(model_config(args, mixer, args.n_layers))
@@ -107,11 +95,7 @@ def train_tokens_per_second(args: argparse.Namespace, mixer: str, precision: str
         loss.backward()
         optimizer.step()
 
-    step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return args.batch * args.seq_len * args.steps / (time.perf_counter() - start)
+    return args.batch * args.seq_len / (time_ms(step, args.steps, stat="mean") / 1000)
 
 
 def layer_seconds(args: argparse.Namespace, mixer: str, length: int) -> float:
@@ -124,7 +108,7 @@ def layer_seconds(args: argparse.Namespace, mixer: str, length: int) -> float:
         y, _ = layer(x)
         y.square().mean().backward()
 
-    return seconds(run, args.repeats)
+    return time_ms(run, args.repeats) / 1000
 
 
 def decode_costs(
@@ -148,23 +132,19 @@ def decode_costs(
             logits, state = model(prompt, state)
             slow = time.perf_counter() - start > args.budget
             token = logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(args.decode_steps):
+
+            def decode_step() -> None:
+                nonlocal logits, state, token
                 logits, state = model(token, state)
                 token = logits[:, -1:].argmax(-1)
-            elapsed = time.perf_counter() - start
-            results.append((1000 * elapsed / args.decode_steps, state.nbytes()))
+
+            ms = time_ms(decode_step, args.decode_steps, warmup=0, stat="mean")
+            results.append((ms, state.nbytes()))
     return results
 
 
 def progress(mixer: str) -> None:
     print(f"  measured {mixer}", file=sys.stderr, flush=True)
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def crossover(lengths: list[int], mine: list[float | None], base: list[float | None]) -> str:
@@ -190,7 +170,7 @@ def section_train(args: argparse.Namespace, mixers: list[str]) -> None:
         f"\n### (a) Training tokens/s: {args.n_layers} layers, d_model {args.d_model}, "
         f"{args.n_heads} heads, batch {args.batch} x {args.seq_len}, forward+backward+AdamW\n"
     )
-    print(table(["mixer", "params", *[f"{p} tok/s" for p in precisions]], rows))
+    print_table(["mixer", "params", *[f"{p} tok/s" for p in precisions]], rows)
 
 
 def section_scaling(args: argparse.Namespace, mixers: list[str]) -> None:
@@ -215,7 +195,7 @@ def section_scaling(args: argparse.Namespace, mixers: list[str]) -> None:
         f"d_model {args.d_model}, {args.n_heads} heads); crossover = shortest T from which the "
         f"mixer beats {BASELINE} at every longer T; '-' = skipped (over --budget)\n"
     )
-    print(table(["mixer", *[f"T={n}" for n in lengths], "crossover T"], rows))
+    print_table(["mixer", *[f"T={n}" for n in lengths], "crossover T"], rows)
 
 
 def section_decode(args: argparse.Namespace, mixers: list[str]) -> None:
@@ -230,17 +210,13 @@ def section_decode(args: argparse.Namespace, mixers: list[str]) -> None:
         f"\n### (c) Decode ms/token (float32, batch 1, {args.n_layers} layers, d_model "
         f"{args.d_model}; mean of {args.decode_steps} steps after prefilling the context)\n"
     )
-    print(
-        table(
-            header, [[m, *["-" if c is None else f"{c[0]:.2f}" for c in costs[m]]] for m in names]
-        )
+    print_table(
+        header, [[m, *["-" if c is None else f"{c[0]:.2f}" for c in costs[m]]] for m in names]
     )
     print("\n### (c) Decode state (KiB, all layers; attention's cache grows by doubling)\n")
-    print(
-        table(
-            header,
-            [[m, *["-" if c is None else f"{c[1] / 1024:,.0f}" for c in costs[m]]] for m in names],
-        )
+    print_table(
+        header,
+        [[m, *["-" if c is None else f"{c[1] / 1024:,.0f}" for c in costs[m]]] for m in names],
     )
 
 

@@ -22,11 +22,10 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import print_table, time_ms
 
 from lmlab.config.schema import DataConfig, ModelConfig
 from lmlab.data.dataset import TokenData, prepare_data, random_batch
@@ -87,17 +86,6 @@ def model_config(args: argparse.Namespace, channel: str, d_model: int, **moe) ->
     )
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def layer_cost(args: argparse.Namespace, channel: str) -> tuple[int, float, float]:
     """(parameters, training FLOPs per token, tokens/s of forward + backward) of one layer."""
     torch.manual_seed(0)
@@ -115,7 +103,7 @@ def layer_cost(args: argparse.Namespace, channel: str) -> tuple[int, float, floa
         else 2 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
     )
     tokens = args.batch * args.seq_len
-    return params, 3 * forward, tokens / median_seconds(run, args.repeats)
+    return params, 3 * forward, tokens / (time_ms(run, args.repeats) / 1000)
 
 
 def model_cost(args: argparse.Namespace, channel: str) -> tuple[int, float, float]:
@@ -135,14 +123,8 @@ def model_cost(args: argparse.Namespace, channel: str) -> tuple[int, float, floa
         model.pop_statistics()
 
     flops = 3 * model.flops_per_token(args.seq_len)
-    seconds = median_seconds(step, args.repeats)
+    seconds = time_ms(step, args.repeats) / 1000
     return model.num_parameters(), flops, args.batch * args.seq_len / seconds
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def section_cost(args: argparse.Namespace) -> None:
@@ -173,7 +155,7 @@ def section_cost(args: argparse.Namespace) -> None:
         f"backward of one channel mixer, model = {args.n_layers}-layer LM with AdamW\n"
     )
     header = ["scope", "mixer", "params", "vs dense", "train FLOPs/token", "vs dense"]
-    print(table([*header, "tokens/s", "vs dense"], rows))
+    print_table([*header, "tokens/s", "vs dense"], rows)
 
 
 def balancing_recipes(args: argparse.Namespace) -> dict[str, dict]:
@@ -241,7 +223,7 @@ def section_balance(args: argparse.Namespace) -> None:
         f"CV per step, last {args.tail}",
         f"CV of the last {args.tail} steps' summed load",
     ]
-    print(table([*header, "final train loss"], rows))
+    print_table([*header, "final train loss"], rows)
 
 
 def main() -> None:

@@ -12,25 +12,18 @@ The recurrent form is measured up to ``--max-recurrent-t`` and extrapolated line
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from timing import causal_attention_step, extrapolated_ms, print_table, time_ms
 
 from lmlab.ops.dplr_delta_rule import dplr_delta_rule
 
 
 def best_ms(fn: Callable[[], None], reps: int) -> float:
-    """Best wall time of ``reps`` calls after one warm-up call (none when ``reps`` is 1)."""
-    if reps > 1:
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    """Best of ``reps`` calls after one warm-up call (none when ``reps`` is 1)."""
+    return time_ms(fn, reps, warmup=int(reps > 1), stat="best")
 
 
 def dplr_step(mode: str, time_len: int, args: argparse.Namespace) -> Callable[[], None]:
@@ -52,18 +45,6 @@ def dplr_step(mode: str, time_len: int, args: argparse.Namespace) -> Callable[[]
     def step() -> None:
         o, _ = dplr_delta_rule(*leaves, mode=mode, chunk_size=args.chunk_size)
         o.backward(grad)
-
-    return step
-
-
-def sdpa_step(time_len: int, args: argparse.Namespace) -> Callable[[], None]:
-    """Forward+backward of causal softmax attention on the same shapes."""
-    shape = (args.batch, args.heads, time_len, args.dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
-
-    def step() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
     return step
 
@@ -90,25 +71,33 @@ def main() -> None:
         f"log decay in {decay}, threads={torch.get_num_threads()}; "
         f"forward+backward, best of {args.reps}\n"
     )
-    print("| T | recurrent ms | chunk ms | speed-up | SDPA ms | chunk / SDPA |")
-    print("|---:|---:|---:|---:|---:|---:|")
     dplr_step("recurrent", 8, args)()  # warm-up: the recurrent rows are single calls
-    measured: tuple[int, float] | None = None
-    for time_len in args.lengths:
-        if measured is None or time_len <= args.max_recurrent_t:
-            recurrent = best_ms(dplr_step("recurrent", time_len, args), 1)
-            measured, rec_text = (time_len, recurrent), f"{recurrent:.1f}"
-        else:
-            recurrent = measured[1] * time_len / measured[0]
-            rec_text = f"~{recurrent:.0f}"
+    header = ["T", "recurrent ms", "chunk ms", "speed-up", "SDPA ms", "chunk / SDPA"]
+    print_table(header, rows(args), align="rrrrrr")
+    measured = [t for t in args.lengths if t <= args.max_recurrent_t] or args.lengths[:1]
+    if measured[-1] < max(args.lengths):
+        print(f"\n~ extrapolated linearly from T={measured[-1]} (the recurrent form is linear).")
+
+
+def rows(args: argparse.Namespace) -> Iterator[list[object]]:
+    """One row per length, produced as measured."""
+
+    def recurrent_ms(time_len: int) -> float:
+        return best_ms(dplr_step("recurrent", time_len, args), 1)
+
+    lengths = extrapolated_ms(args.lengths, args.max_recurrent_t, recurrent_ms)
+    for time_len, recurrent, mark in lengths:
+        rec_text = f"~{recurrent:.0f}" if mark else f"{recurrent:.1f}"
         chunk = best_ms(dplr_step("chunk", time_len, args), args.reps)
-        sdpa = best_ms(sdpa_step(time_len, args), args.reps)
-        print(
-            f"| {time_len} | {rec_text} | {chunk:.1f} | {recurrent / chunk:.1f}x "
-            f"| {sdpa:.1f} | {chunk / sdpa:.2f} |"
-        )
-    if measured is not None and measured[0] < max(args.lengths):
-        print(f"\n~ extrapolated linearly from T={measured[0]} (the recurrent form is linear).")
+        sdpa = best_ms(causal_attention_step(args.batch, args.heads, time_len, args.dim), args.reps)
+        yield [
+            time_len,
+            rec_text,
+            f"{chunk:.1f}",
+            f"{recurrent / chunk:.1f}x",
+            f"{sdpa:.1f}",
+            f"{chunk / sdpa:.2f}",
+        ]
 
 
 if __name__ == "__main__":

@@ -8,25 +8,13 @@ The recurrent form is measured up to ``--max-recurrent-t`` and extrapolated line
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from timing import causal_attention_step, extrapolated_ms, print_table, time_ms
 
 from lmlab.ops.gated_delta_rule import gated_delta_rule
-
-
-def _time_ms(fn: Callable[[], None], reps: int, warmup: bool = True) -> float:
-    """Best-of-``reps`` wall time, after a warm-up call unless the call is long anyway."""
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def _rule_step(decay: str, mode: str, t: int, args: argparse.Namespace) -> Callable[[], None]:
@@ -43,18 +31,6 @@ def _rule_step(decay: str, mode: str, t: int, args: argparse.Namespace) -> Calla
     def step() -> None:
         o, _ = gated_delta_rule(q, k, v, beta, log_decay, mode=mode, chunk_size=args.chunk_size)
         o.backward(grad)
-
-    return step
-
-
-def _sdpa_step(t: int, args: argparse.Namespace) -> Callable[[], None]:
-    """Forward+backward of causal softmax attention on the same shapes."""
-    b, h, d = args.batch, args.heads, args.dim
-    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
-    grad = torch.randn(b, h, t, d)
-
-    def step() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
     return step
 
@@ -80,25 +56,35 @@ def main() -> None:
         f"B={args.batch} H={args.heads} K=V={args.dim} chunk_size={args.chunk_size} "
         f"threads={torch.get_num_threads()}; forward+backward, best of {args.reps}\n"
     )
-    sdpa = {t: _time_ms(_sdpa_step(t, args), args.reps) for t in args.lengths}
+    shape = args.batch, args.heads
+    sdpa = {
+        t: time_ms(causal_attention_step(*shape, t, args.dim), args.reps, stat="best")
+        for t in args.lengths
+    }
     for decay in decays:
         print(f"decay: {decay}\n")
-        print("| T | recurrent ms | chunk ms | speed-up | SDPA ms |")
-        print("|---:|---:|---:|---:|---:|")
-        last_measured: tuple[int, float] | None = None
-        for t in args.lengths:
-            if t <= args.max_recurrent_t or last_measured is None:
-                rec = _time_ms(_rule_step(decay, "recurrent", t, args), 1, warmup=False)
-                last_measured, rec_text = (t, rec), f"{rec:.1f}"
-            else:
-                rec = last_measured[1] * t / last_measured[0]
-                rec_text = f"~{rec:.0f}"
-            chunk = _time_ms(_rule_step(decay, "chunk", t, args), args.reps)
-            print(f"| {t} | {rec_text} | {chunk:.1f} | {rec / chunk:.1f}x | {sdpa[t]:.1f} |")
+        header = ["T", "recurrent ms", "chunk ms", "speed-up", "SDPA ms"]
+        print_table(header, _decay_rows(decay, args, sdpa), align="rrrrr")
+        measured = [t for t in args.lengths if t <= args.max_recurrent_t] or args.lengths[:1]
         print(
-            f"\n~ extrapolated linearly from T={last_measured[0]} "
+            f"\n~ extrapolated linearly from T={measured[-1]} "
             "(the recurrent form is linear in T).\n"
         )
+
+
+def _decay_rows(
+    decay: str, args: argparse.Namespace, sdpa: dict[int, float]
+) -> Iterator[list[object]]:
+    """One row per length, produced as measured."""
+
+    def recurrent_ms(t: int) -> float:
+        # one call without warm-up: the recurrent form is slow enough to amortise it
+        return time_ms(_rule_step(decay, "recurrent", t, args), 1, warmup=0, stat="best")
+
+    for t, rec, mark in extrapolated_ms(args.lengths, args.max_recurrent_t, recurrent_ms):
+        rec_text = f"~{rec:.0f}" if mark else f"{rec:.1f}"
+        chunk = time_ms(_rule_step(decay, "chunk", t, args), args.reps, stat="best")
+        yield [t, rec_text, f"{chunk:.1f}", f"{rec / chunk:.1f}x", f"{sdpa[t]:.1f}"]
 
 
 if __name__ == "__main__":

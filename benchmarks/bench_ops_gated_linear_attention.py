@@ -11,11 +11,11 @@ extrapolated linearly beyond (its cost is exactly linear in T); such rows are ma
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from timing import extrapolated_ms, print_table, time_ms
 
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 
@@ -42,16 +42,6 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     return parser.parse_args()
-
-
-def best_time_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def make_step(args: argparse.Namespace, T: int, decay: str, mode: str) -> Callable[[], None]:
@@ -94,25 +84,27 @@ def main() -> None:
     )
     for decay in args.decays:
         print(f"### log_decay: {decay}\n")
-        print("| T | recurrent ms | chunk ms | speed-up | SDPA ms |")
-        print("|---:|---:|---:|---:|---:|")
-        measured: tuple[int, float] | None = None
-        for T in args.lengths:
-            if args.recurrent_max_t >= T:
-                recurrent = best_time_ms(make_step(args, T, decay, "recurrent"), 1)
-                measured, mark = (T, recurrent), ""
-            elif measured is not None:
-                recurrent, mark = measured[1] * T / measured[0], "~"
-            else:
-                recurrent, mark = float("nan"), ""
-            chunk = best_time_ms(make_step(args, T, decay, "chunk"), args.repeats)
-            sdpa = best_time_ms(make_step(args, T, decay, "sdpa"), args.repeats)
-            print(
-                f"| {T} | {mark}{recurrent:.1f} | {chunk:.1f} | {mark}{recurrent / chunk:.1f}x "
-                f"| {sdpa:.1f} |",
-                flush=True,
-            )
+        header = ["T", "recurrent ms", "chunk ms", "speed-up", "SDPA ms"]
+        print_table(header, decay_rows(args, decay), align="rrrrr")
         print()
+
+
+def decay_rows(args: argparse.Namespace, decay: str) -> Iterator[list[object]]:
+    """One row per length, produced as measured."""
+
+    def recurrent_ms(T: int) -> float:
+        return time_ms(make_step(args, T, decay, "recurrent"), 1, stat="best")
+
+    for T, recurrent, mark in extrapolated_ms(args.lengths, args.recurrent_max_t, recurrent_ms):
+        chunk = time_ms(make_step(args, T, decay, "chunk"), args.repeats, stat="best")
+        sdpa = time_ms(make_step(args, T, decay, "sdpa"), args.repeats, stat="best")
+        yield [
+            T,
+            f"{mark}{recurrent:.1f}",
+            f"{chunk:.1f}",
+            f"{mark}{recurrent / chunk:.1f}x",
+            f"{sdpa:.1f}",
+        ]
 
 
 if __name__ == "__main__":

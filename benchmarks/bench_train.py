@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import print_table, time_ms
 
 NANOGPT_CPU_RECIPE = [
     "--device=cpu",
@@ -69,13 +70,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8) -> float
     """Best observed FLOP/s of a square matmul."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / (time_ms(lambda: a @ b, repeats, stat="best") / 1000)
 
 
 def run_timed(command: list[str], cwd: Path | None = None) -> tuple[float, str]:
@@ -115,17 +110,16 @@ def lmlab_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmlab.cli", *args]
 
 
-def time_to_quality(data: Path, nanogpt: Path | None, out: Path) -> list[str]:
-    rows = ["| system | recipe | whole-process s | val loss (nats/char) |", "|---|---|---|---|"]
+def time_to_quality(data: Path, nanogpt: Path | None, out: Path) -> list[list[str]]:
+    """Rows of (system, recipe, whole-process seconds, validation loss)."""
+    rows = []
     if nanogpt:
         seconds, output = run_timed(
             [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_RECIPE],
             cwd=nanogpt,
         )
-        rows.append(
-            f"| nanoGPT | CPU recipe (2000 iters, 12x64) | {seconds:.1f} | "
-            f"{nanogpt_val_loss(output):.4f} |"
-        )
+        loss = nanogpt_val_loss(output)
+        rows.append(["nanoGPT", "CPU recipe (2000 iters, 12x64)", f"{seconds:.1f}", f"{loss:.4f}"])
     seconds, _ = run_timed(
         lmlab_command(
             "train",
@@ -150,9 +144,8 @@ def time_to_quality(data: Path, nanogpt: Path | None, out: Path) -> list[str]:
         )
     )
     loss = json.loads(output.strip().splitlines()[-1])["loss"]
-    rows.append(
-        f"| lmlab | speedrun ({' '.join(LMLAB_SPEEDRUN[:8])} ...) | {seconds:.1f} | {loss:.4f} |"
-    )
+    recipe = f"speedrun ({' '.join(LMLAB_SPEEDRUN[:8])} ...)"
+    rows.append(["lmlab", recipe, f"{seconds:.1f}", f"{loss:.4f}"])
     return rows
 
 
@@ -170,17 +163,16 @@ def lmlab_throughput(precision: str, steps: int, batch: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     context = torch.device("cpu")
     x = torch.randint(0, 65, (batch, SHAPE["block_size"]))
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
+
+    def train_step() -> None:
         with autocast(context, precision):
             logits, _ = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    step = float(np.median(times[2:]))
+
+    step = time_ms(train_step, steps, warmup=2) / 1000
     tokens = batch * SHAPE["block_size"]
     return {
         "step_ms": 1000 * step,
@@ -228,39 +220,42 @@ def main() -> None:
         prepare_nanogpt_data(text, args.nanogpt)
 
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, 1024, 2)}
-    print("| matmul peak | TFLOP/s |\n|---|---|")
-    for name, value in peaks.items():
-        print(f"| {name} | {value / 1e12:.3f} |")
+    print_table(["matmul peak", "TFLOP/s"], [[n, f"{v / 1e12:.3f}"] for n, v in peaks.items()])
     print()
 
     if "quality" not in args.skip:
         with tempfile.TemporaryDirectory() as out:
-            print("\n".join(time_to_quality(args.data, args.nanogpt, Path(out))))
+            rows = time_to_quality(args.data, args.nanogpt, Path(out))
+        print_table(["system", "recipe", "whole-process s", "val loss (nats/char)"], rows)
         print()
 
     if "throughput" not in args.skip:
-        print("| system | precision | tokens/s | ms/step | MFU vs fp32 peak | MFU vs bf16 peak |")
-        print("|---|---|---|---|---|---|")
         from lmlab.train.device import cpu_has_fast_bf16
 
         flops = None
         precisions = ("fp32", "bf16") if cpu_has_fast_bf16() or args.force_bf16 else ("fp32",)
+        measured = []
         for precision in precisions:
             result = lmlab_throughput(precision, args.steps, args.batch)
             flops = result["flops_per_token"]
-            rate = result["tokens_per_s"] * flops
-            print(
-                f"| lmlab | {precision} | {result['tokens_per_s']:.0f} | {result['step_ms']:.0f} "
-                f"| {rate / peaks['fp32']:.1%} | {rate / peaks['bf16']:.1%} |"
-            )
+            measured.append(("lmlab", precision, result))
         if args.nanogpt:
-            result = nanogpt_throughput(args.nanogpt, args.steps + 2, args.batch)
-            rate = result["tokens_per_s"] * flops
-            print(
-                f"| nanoGPT | fp32 | {result['tokens_per_s']:.0f} | "
-                f"{result['step_ms']:.0f} | {rate / peaks['fp32']:.1%} | "
-                f"{rate / peaks['bf16']:.1%} |"
+            measured.append(
+                ("nanoGPT", "fp32", nanogpt_throughput(args.nanogpt, args.steps + 2, args.batch))
             )
+        rows = [
+            [
+                system,
+                precision,
+                f"{result['tokens_per_s']:.0f}",
+                f"{result['step_ms']:.0f}",
+                f"{result['tokens_per_s'] * flops / peaks['fp32']:.1%}",
+                f"{result['tokens_per_s'] * flops / peaks['bf16']:.1%}",
+            ]
+            for system, precision, result in measured
+        ]
+        header = ["system", "precision", "tokens/s", "ms/step", "MFU vs fp32 peak"]
+        print_table([*header, "MFU vs bf16 peak"], rows)
         print(
             f"\nlmlab peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
             f"training FLOPs/token at this shape {flops / 1e6:.1f}M (lmlab's count, used for "
