@@ -15,6 +15,7 @@ from typing import Any
 
 import mixer_checks
 import pytest
+import torch
 from mixer_checks import (
     check_bfloat16,
     check_decode_matches_full,
@@ -221,6 +222,33 @@ def simple_cases(field: str) -> list[Any]:
 def test_every_contract_names_a_registered_mixer() -> None:
     """A renamed or removed mixer must not leave a silently unused entry behind."""
     assert set(CONTRACTS) <= set(token_mixer_names())
+
+
+def test_a_new_mixer_is_covered_without_an_entry(monkeypatch) -> None:
+    """The point of the contract: registering a mixer is enough to have it checked."""
+
+    class Toy(torch.nn.Module):
+        @dataclasses.dataclass
+        class Options:
+            chunk_size: int = 64
+            mode: str = "chunk"
+
+    monkeypatch.setitem(TOKEN_MIXERS, "toy", Toy)
+    every_check = [
+        mode_cases(),
+        decode_cases(),
+        segment_cases(),
+        simple_cases("bfloat16"),
+        simple_cases("learns"),
+    ]
+    toy = [[case.values for case in cases if case.values[0] == "toy"] for cases in every_check]
+    modes, decode, segments, bfloat16, learns = toy
+    assert modes == [("toy", {"chunk_size": size}, time) for time, size in LENGTHS]
+    assert decode == [
+        ("toy", {"chunk_size": 4, "mode": mode}, 13, 5) for mode in ("chunk", "recurrent")
+    ]
+    assert segments == [("toy", {"chunk_size": 8}, 40, 17)]
+    assert (bfloat16, learns) == ([("toy", {})], [("toy", 120, {})])
 
 
 @pytest.mark.parametrize(("name", "settings", "time"), mode_cases())
