@@ -35,6 +35,7 @@ TIMES = (1, 7, 63, 65, 200)
 LENGTHS = ((1, 16), (7, 16), (63, 16), (65, 64), (200, 16))
 """(time, chunk_size) for chunked mixers: partial, exact and multiple chunks."""
 SHORTER_LAST_CHUNKS = ((1, 16), (7, 16), (63, 16), (65, 32), (200, 64))
+"""(time, chunk_size) with larger chunks at the longer lengths (RWKV-7, BDH)."""
 
 
 @dataclasses.dataclass(frozen=True)
