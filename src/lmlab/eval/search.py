@@ -168,12 +168,14 @@ def plan_search(
         raise LmlabError(f"space file {path}: params must map setting keys to ranges or choices")
     params = [_param(str(key), spec, f"space file {path}") for key, spec in params_spec.items()]
     parsed_budget = parse_budget(budget)
-    for param in params:  # every key exists and takes values of its type
-        first = param.choices[0] if param.kind == "categorical" else param.low
-        try:
-            build_config(base, [*overrides, _override(param.key, first)])
-        except LmlabError as exc:
-            raise LmlabError(f"space file {path}: params.{param.key}: {exc}") from None
+    for param in params:  # every key exists; every choice and both ends of a range build
+        ends = param.choices if param.kind == "categorical" else (param.low, param.high)
+        for value in ends:
+            setting = _override(param.key, value)
+            try:
+                build_arm(f"params.{setting}", base, [*overrides, setting], parsed_budget, {})
+            except LmlabError as exc:
+                raise LmlabError(f"space file {path}: {str(exc).removeprefix('arm ')}") from None
     folder = (
         Path(out) if out else Path(build_config(base, overrides).out_dir) / f"search-{path.stem}"
     )
@@ -239,25 +241,51 @@ def _open_study(plan: SearchPlan):
 
 
 def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) -> float:
-    """Train one trial, reporting every evaluation; raises ``TrialPruned`` when pruned."""
+    """Train one trial, reporting every evaluation; raises ``TrialPruned`` when pruned. Any
+    other failure (a config that does not build, a diverged loss) fails only this trial: its
+    first line is kept with the trial and the traceback in ``logs/trial<k>.log``."""
     import optuna
 
-    from lmlab.train.launch import new_trainer
-
     values = {param.key: param.suggest(trial) for param in plan.params}
-    config = _trial_config(plan, values, trial.number)
-    run_dir = Path(config.out_dir) / config.name
-    trial.set_user_attr("run", str(run_dir))
     print(f"trial {trial.number}: {_describe(values)}", file=sys.stderr)
-    budget_tokens = config.train.max_tokens
 
     def report(result: dict) -> None:
         trial.report(result[EVAL_METRIC], result["tokens"])
         trial.set_user_attr("tokens", result["tokens"])
-        final = budget_tokens and result["tokens"] >= budget_tokens
+        final = result["tokens"] >= plan.budget.amount and plan.budget.kind == "tokens"
         if not final and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at {result['tokens']} tokens")
 
+    try:
+        return _train_trial(
+            plan,
+            _trial_config(plan, values, trial.number),
+            trial,
+            report,
+            show_progress,
+            registry_location,
+        )
+    except optuna.TrialPruned:
+        raise
+    except Exception as exc:
+        trial.set_user_attr("error", _first_line(exc))
+        log = plan.out / "logs" / f"trial{trial.number}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+
+
+def _train_trial(
+    plan: SearchPlan, config: Config, trial, report, show_progress: bool, registry_location
+) -> float:
+    """Train a trial's run folder with ``report`` on the evaluation hook; record it in the run
+    registry however it ends. Torch's process-wide settings are restored for the next trial."""
+    import optuna
+
+    from lmlab.train.launch import new_trainer
+
+    run_dir = Path(config.out_dir) / config.name
+    trial.set_user_attr("run", str(run_dir))
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     status, summary = "failed", None
     try:
@@ -269,25 +297,19 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
     except optuna.TrialPruned:
         status = "pruned"
         raise
-    except Exception as exc:
-        trial.set_user_attr("error", _first_line(exc))
-        log = plan.out / "logs" / f"trial{trial.number}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(traceback.format_exc(), encoding="utf-8")
-        raise
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-        row = registry.run_row(
-            run_dir,
-            status=status,
-            config=config,
-            summary=summary,
-            arm=f"trial{trial.number}",
-            preset=plan.base,
-            compare=str(plan.out.resolve()),
-        )
         if run_dir.exists():
+            row = registry.run_row(
+                run_dir,
+                status=status,
+                config=config,
+                summary=summary,
+                arm=f"trial{trial.number}",
+                preset=plan.base,
+                compare=str(plan.out.resolve()),
+            )
             registry.record_runs([row], registry_location)
 
 
