@@ -15,6 +15,7 @@ from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
 from lmlab.eval import registry
 from lmlab.eval.search import STUDY_FILE, STUDY_NAME, _objective, _open_study, plan_search
+from lmlab.train.trainer import Trainer
 
 TINY = [
     "model.n_layers=1",
@@ -131,8 +132,23 @@ def test_an_interrupted_trial_is_tried_again(space):
     assert main(search_args(space, 1)) == 0
     results = json.loads((out / "results.json").read_text())
     first, retry = results["trials"]
-    assert first["state"] == "fail" and "interrupted" in first["error"]
+    assert first["state"] == "fail" and first["error"] == "interrupted"
     assert retry["state"] == "complete" and retry["params"]["train.lr"] == lr
+
+
+def test_a_trial_stopped_by_ctrl_c_is_tried_again(space, monkeypatch):
+    out = space.parent / "search"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train", interrupted)
+        assert main(search_args(space, 1)) == 130
+    assert main(search_args(space, 1)) == 0
+    first, retry = json.loads((out / "results.json").read_text())["trials"]
+    assert first["state"] == "fail" and first["error"] == "interrupted"
+    assert retry["state"] == "complete" and retry["params"] == first["params"]
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from lmlab.errors import LmlabError
 from lmlab.eval import registry
 from lmlab.eval.compare import CompareBudget, build_arm, parse_budget
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
-from lmlab.train.run import SUMMARY_FILE
+from lmlab.train.run import SUMMARY_FILE, open_run
 
 STUDY_FILE = "study.sqlite3"
 STUDY_NAME = "lmlab-search"
@@ -52,7 +52,9 @@ FINAL_METRIC = "val_bits_per_byte"
 include the tokenizer."""
 REDUCTION_FACTOR = 3
 INTERRUPTED = "interrupted"
-"""User attribute of a trial cut short by an interruption: not counted, its params re-queued."""
+"""User attribute of a trial cut short by an interruption (Ctrl-C, or its process killed): not
+counted, and its parameters are queued again as a trial whose ``RETRY_OF`` names it."""
+RETRY_OF = "retry_of"
 
 
 @dataclass(frozen=True)
@@ -232,11 +234,16 @@ def _open_study(plan: SearchPlan):
             f"{plan.out} holds a search of another space or budget; use another --out or "
             "delete that folder"
         )
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(stale._trial_id, "error", "interrupted; tried again")
-        storage.set_trial_user_attr(stale._trial_id, INTERRUPTED, True)
-        storage.set_trial_state_values(stale._trial_id, TrialState.FAIL)
-        study.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for trial in trials:
+        killed = trial.state == TrialState.RUNNING  # its process died (kill -9, power cut)
+        if killed:
+            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if killed or (trial.user_attrs.get(INTERRUPTED) and trial.number not in retried):
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
     return study
 
 
@@ -266,6 +273,10 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
             registry_location,
         )
     except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:  # optuna fails the trial; the next search tries it again
+        trial.set_user_attr(INTERRUPTED, True)
+        trial.set_user_attr("error", "interrupted")
         raise
     except Exception as exc:
         trial.set_user_attr("error", _first_line(exc))
@@ -354,7 +365,7 @@ def run_search(
     results["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(plan.out / RESULTS_FILE, results)
     if results["best"]:
-        best = build_config(base=_saved_config(Path(results["best"]["run"])))
+        best = open_run(results["best"]["run"])[1]
         best.name, best.out_dir = "", "runs"
         atomic_write_text(plan.out / BEST_FILE, dump_config(best))
     atomic_write_text(plan.out / "report.md", render_search_markdown(results))
@@ -370,13 +381,6 @@ def run_search(
         location=registry_location,
     )
     return results
-
-
-def _saved_config(run_dir: Path) -> dict:
-    from lmlab.config.load import config_to_dict
-    from lmlab.train.run import open_run
-
-    return config_to_dict(open_run(run_dir)[1])
 
 
 def _results(plan: SearchPlan, study) -> dict:
