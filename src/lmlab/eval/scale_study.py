@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lmlab.config.load import read_source
-from lmlab.config.schema import ModelConfig
+from lmlab.config.schema import Config, ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.eval import registry
 from lmlab.eval.compare import (
@@ -257,11 +257,15 @@ def _run_records(plan: ScalePlan, outcomes: list[Outcome]) -> list[dict]:
 
 
 def _point_rows(plan: ScalePlan, records: list[dict], vocab: int) -> list[dict]:
-    """One row per cell: N, D (mean tokens trained), L (mean final bits per byte over seeds)."""
+    """One row per cell: N, D, L (mean final bits per byte over seeds). D is the mean of the
+    tokens trained for a grid point (the fit's data) and the planned tokens for the held-out
+    run, which is predicted before it trains; ``D_trained`` says what it then trained."""
     rows = []
     for point in plan.points:
         done = [r for r in records if r["arm"] == point.arm.name and r["status"] == "finished"]
         losses = [r[METRIC] for r in done]
+        trained = float(np.mean([r["tokens"] for r in done])) if done else None
+        planned = float(_planned_tokens(point.arm.config))
         rows.append(
             {
                 "arm": point.arm.name,
@@ -269,13 +273,20 @@ def _point_rows(plan: ScalePlan, records: list[dict], vocab: int) -> list[dict]:
                 "token_budget": point.tokens_text,
                 "holdout": point.holdout,
                 "N": non_embedding_parameters(point.arm.config.model, vocab),
-                "D": float(np.mean([r["tokens"] for r in done])) if done else point.arm.tokens,
+                "D": planned if point.holdout or trained is None else trained,
+                "D_trained": trained,
                 "L": float(np.mean(losses)) if losses else None,
                 "L_sd": float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
                 "seeds_finished": len(done),
             }
         )
     return rows
+
+
+def _planned_tokens(config: Config) -> int:
+    """Tokens a run of ``config`` will train: its budget rounded up to whole steps."""
+    per_step = config.train.batch_size * config.train.grad_accum * config.data.seq_len
+    return math.ceil(config.train.max_tokens / per_step) * per_step
 
 
 def _fit(rows: list[dict]) -> ScalingFit:
@@ -302,6 +313,7 @@ def _results(plan: ScalePlan, records: list[dict], rows: list[dict], fit: Scalin
             "token_budget": holdout["token_budget"],
             "N": holdout["N"],
             "D": holdout["D"],
+            "D_trained": holdout["D_trained"],
             "predicted": holdout["fitted"],
             "actual": holdout["L"],
             "relative_error": (

@@ -255,23 +255,9 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
 
     values = {param.key: param.suggest(trial) for param in plan.params}
     print(f"trial {trial.number}: {_describe(values)}", file=sys.stderr)
-
-    def report(result: dict) -> None:
-        trial.report(result[EVAL_METRIC], result["tokens"])
-        trial.set_user_attr("tokens", result["tokens"])
-        final = result["tokens"] >= plan.budget.amount and plan.budget.kind == "tokens"
-        if not final and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at {result['tokens']} tokens")
-
     try:
-        return _train_trial(
-            plan,
-            _trial_config(plan, values, trial.number),
-            trial,
-            report,
-            show_progress,
-            registry_location,
-        )
+        config = _trial_config(plan, values, trial.number)
+        return _train_trial(plan, config, trial, show_progress, registry_location)
     except optuna.TrialPruned:
         raise
     except KeyboardInterrupt:  # optuna fails the trial; the next search tries it again
@@ -287,13 +273,21 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
 
 
 def _train_trial(
-    plan: SearchPlan, config: Config, trial, report, show_progress: bool, registry_location
+    plan: SearchPlan, config: Config, trial, show_progress: bool, registry_location
 ) -> float:
-    """Train a trial's run folder with ``report`` on the evaluation hook; record it in the run
-    registry however it ends. Torch's process-wide settings are restored for the next trial."""
+    """Train a trial's run folder, reporting each evaluation to the pruner (never the final one
+    of a token budget); record the run in the registry however it ends. Torch's process-wide
+    settings are restored for the next trial."""
     import optuna
 
     from lmlab.train.launch import new_trainer
+
+    def report(result: dict) -> None:
+        trial.report(result[EVAL_METRIC], result["tokens"])
+        trial.set_user_attr("tokens", result["tokens"])
+        final = 0 < config.train.max_tokens <= result["tokens"]
+        if not final and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at {result['tokens']} tokens")
 
     run_dir = Path(config.out_dir) / config.name
     trial.set_user_attr("run", str(run_dir))
