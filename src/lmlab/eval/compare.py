@@ -266,16 +266,23 @@ def plan_compare(
         Path(out) if out else Path(arms[0].config.out_dir) / ("compare-" + "-vs-".join(names))[:120]
     )
     plan = ComparePlan(folder, arms, chosen, seeds, parsed_budget, parsed_rule, target, parallel)
-    for arm in arms:
-        for seed in range(seeds):
-            config = copy.deepcopy(arm.config)
-            config.train.seed = seed
-            config.out_dir = str(folder / "runs" / arm.name)
-            config.name = f"seed{seed}"
-            if parallel:
-                config.train.threads = _threads_per_process(parallel)
-            plan.runs.append(RunSpec(arm, seed, config))
+    plan.runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder, parallel)]
     return plan
+
+
+def seed_runs(arm: Arm, seeds: int, folder: Path, parallel: int = 0) -> list[RunSpec]:
+    """The runs of one arm: seed index i sets ``train.seed = i``, in ``folder/runs/<arm>/seed<i>``
+    (with a share of the cores when ``parallel`` processes train at once)."""
+    specs = []
+    for seed in range(seeds):
+        config = copy.deepcopy(arm.config)
+        config.train.seed = seed
+        config.out_dir = str(folder / "runs" / arm.name)
+        config.name = f"seed{seed}"
+        if parallel:
+            config.train.threads = _threads_per_process(parallel)
+        specs.append(RunSpec(arm, seed, config))
+    return specs
 
 
 # ------------------------------------------------------------------------ running

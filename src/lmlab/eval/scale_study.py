@@ -11,7 +11,6 @@ an honest out-of-sample test rather than a fit after the fact.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import sys
@@ -35,6 +34,7 @@ from lmlab.eval.compare import (
     build_arm,
     collect_run,
     parse_budget,
+    seed_runs,
     train_runs,
 )
 from lmlab.eval.scaling import PARAMETERS, ScalingFit, fit_scaling_law, relative_error
@@ -184,13 +184,7 @@ def plan_scale(
         None,
         0,
     )
-    for point in points:
-        for seed in range(seeds):
-            config = copy.deepcopy(point.arm.config)
-            config.train.seed = seed
-            config.out_dir = str(folder / "runs" / point.arm.name)
-            config.name = f"seed{seed}"
-            runs.runs.append(RunSpec(point.arm, seed, config))
+    runs.runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder)]
     return ScalePlan(folder, source, list(overrides), keys, budgets, seeds, points, runs)
 
 
@@ -219,7 +213,6 @@ def non_embedding_parameters(model: ModelConfig, vocab: int = 0) -> int:
 
     if not model.vocab_size:
         model = replace(model, vocab_size=vocab)
-
     try:
         with torch.device("meta"):
             built = LanguageModel(model)
@@ -247,10 +240,7 @@ def _run_records(plan: ScalePlan, outcomes: list[Outcome]) -> list[dict]:
                     {key: collected[key] for key in (METRIC, "val_loss", "tokens", "train_seconds")}
                 )
                 record["parameters"] = collected["parameters"]
-                record["non_embedding_parameters"] = non_embedding_parameters(
-                    open_run(spec.run_dir)[1].model
-                )
-            except (OSError, KeyError, ValueError, LmlabError) as exc:
+            except (OSError, KeyError, ValueError) as exc:
                 record.update(status="failed", error=f"unreadable results: {exc}")
         records.append(record)
     return records
