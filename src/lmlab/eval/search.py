@@ -215,7 +215,7 @@ def _open_study(plan: SearchPlan):
     import optuna
     from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is printed here
     plan.out.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(plan.out / STUDY_FILE).resolve()}")
     study = optuna.create_study(
@@ -257,8 +257,9 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
     print(f"trial {trial.number}: {_describe(values)}", file=sys.stderr)
     try:
         config = _trial_config(plan, values, trial.number)
-        return _train_trial(plan, config, trial, show_progress, registry_location)
-    except optuna.TrialPruned:
+        value = _train_trial(plan, config, trial, show_progress, registry_location)
+    except optuna.TrialPruned as exc:
+        print(f"trial {trial.number} {exc}", file=sys.stderr)
         raise
     except KeyboardInterrupt:  # optuna fails the trial; the next search tries it again
         trial.set_user_attr(INTERRUPTED, True)
@@ -269,7 +270,10 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
         log = plan.out / "logs" / f"trial{trial.number}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc(), encoding="utf-8")
+        print(f"trial {trial.number} failed: {_first_line(exc)} (see {log})", file=sys.stderr)
         raise
+    print(f"trial {trial.number} finished: {value:.4f} bits/byte", file=sys.stderr)
+    return value
 
 
 def _train_trial(
