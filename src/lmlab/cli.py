@@ -215,6 +215,71 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if results["failed"] else 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from lmlab.eval.scale_study import plan_scale, run_scale, summary_lines
+
+    source = one_config(([args.preset] if args.preset else []) + args.configs)
+    plan = plan_scale(
+        source,
+        args.overrides,
+        sizes=args.sizes,
+        tokens=args.tokens,
+        holdout=args.holdout,
+        seeds=args.seeds,
+        out=args.out,
+    )
+    print(f"scale folder {plan.out} ({len(plan.runs.runs)} runs)", file=sys.stderr)
+    try:
+        results = run_scale(plan, show_progress=not args.quiet, registry_location=args.registry)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(results)))
+    return 1 if results["failed"] else 0
+
+
+def _scale_options(scale: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``lmlab scale``."""
+    scale.add_argument("--preset", help="a preset shipped with lmlab (or give a YAML path)")
+    scale.add_argument(
+        "--sizes",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="model sizes, e.g. d_model=32,48,64 (model.* keys; repeat the flag to grow "
+        "several keys together, e.g. --sizes n_layers=2,3,4)",
+    )
+    scale.add_argument("--tokens", help="training-token budgets, e.g. 200k,400k")
+    scale.add_argument(
+        "--holdout",
+        metavar="'KEY=V tokens=N'",
+        help="a larger run to predict before it trains, e.g. 'd_model=96 tokens=800k'",
+    )
+    scale.add_argument("--seeds", type=int, default=1, help="seeds per grid point (1)")
+    scale.add_argument("--out", help="study folder (default: OUT_DIR/scale-<config>)")
+    scale.add_argument(
+        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
+    )
+    scale.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
+    return scale
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from lmlab.eval.search import plan_search, run_search, summary_lines
+
+    plan = plan_search(
+        args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
+    )
+    print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
+    try:
+        results = run_search(plan, show_progress=not args.quiet, registry_location=args.registry)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(results)))
+    return 0 if results["best"] else 1
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     import json
 
@@ -394,6 +459,58 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
     add_configs_and_overrides(compare, "arms (presets or YAML files); overrides apply to every arm")
     compare.set_defaults(func=cmd_compare)
+
+    scale = commands.add_parser(
+        "scale",
+        help="train a size x tokens grid, fit a scaling law, predict a held-out larger run",
+        description="Train every model size at every token budget (seeds: --seeds), fit\n"
+        "L(N, D) = E + A/N^alpha + B/D^beta to the final validation bits per byte (N:\n"
+        "non-embedding parameters, D: training tokens), predict the --holdout run before it\n"
+        "trains, then train it and report the relative error. Writes SCALE/report.md (runs,\n"
+        "fit, plot) and results.json; rerun the same command to continue (finished runs are\n"
+        "reused). See docs/scale.md.",
+        epilog="Examples:\n"
+        "  lmlab scale gpt-tiny --sizes d_model=32,48,64 --tokens 200k,400k,800k \\\n"
+        "      --holdout 'd_model=96 tokens=800k' model.n_layers=2\n"
+        "  lmlab scale my.yaml --sizes d_model=64,128,256 --sizes n_layers=2,4,8 --tokens 1M,4M",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _scale_options(scale)
+    add_configs_and_overrides(
+        scale, f"a preset or YAML file ({DEFAULT_PRESET}); overrides apply to every run"
+    )
+    scale.set_defaults(func=cmd_scale)
+
+    search = commands.add_parser(
+        "search",
+        help="search a config space with Optuna (TPE, successive-halving pruning)",
+        description="Sample configs from SPACE.yaml with a seeded TPE sampler, train each at\n"
+        "--budget, report validation bits per byte at every evaluation and stop trials that\n"
+        "successive halving prunes. Writes SEARCH/best.yaml (a config for lmlab train),\n"
+        "report.md and results.json; the Optuna study lives in SEARCH/study.sqlite3, so the\n"
+        "same command continues an interrupted search. See docs/search.md.",
+        epilog="Example SPACE.yaml:\n"
+        "  base: gpt-tiny\n"
+        "  overrides: [model.n_layers=2]\n"
+        "  params:\n"
+        "    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "    model.d_model: {low: 32, high: 96, step: 16}\n"
+        "    model.mixer: [attention, gla]\n\n"
+        "  lmlab search space.yaml --trials 20 --budget tokens=400k",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument("space", help="YAML file: base config, fixed overrides, parameter ranges")
+    search.add_argument("--trials", type=int, default=20, help="trials in total (20)")
+    search.add_argument(
+        "--budget", required=True, help="per trial: tokens=N, flops=N or time=N (as compare)"
+    )
+    search.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
+    search.add_argument("--out", help="search folder (default: OUT_DIR/search-<space>)")
+    search.add_argument(
+        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
+    )
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+    search.set_defaults(func=cmd_search)
 
     runs = commands.add_parser(
         "runs",

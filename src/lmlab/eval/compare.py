@@ -151,7 +151,7 @@ def _vocab_size(config: Config, cache: dict[str, int]) -> int:
     return cache[key]
 
 
-def _build_arm(
+def build_arm(
     name: str, source: str, overrides: list[str], budget: CompareBudget, cache: dict[str, int]
 ) -> Arm:
     """Validate an arm's config, build its model (on the meta device: no memory, no time) and
@@ -256,7 +256,7 @@ def plan_compare(
         unique = name
         while unique in taken:
             unique, suffix = f"{name}-{suffix}", suffix + 1
-        arms.append(_build_arm(unique, source, [*overrides, *extra], parsed_budget, cache))
+        arms.append(build_arm(unique, source, [*overrides, *extra], parsed_budget, cache))
     _check_tokenizers(arms, parsed_rule)
     names = [arm.name for arm in arms]
     chosen = baseline or names[0]
@@ -266,16 +266,23 @@ def plan_compare(
         Path(out) if out else Path(arms[0].config.out_dir) / ("compare-" + "-vs-".join(names))[:120]
     )
     plan = ComparePlan(folder, arms, chosen, seeds, parsed_budget, parsed_rule, target, parallel)
-    for arm in arms:
-        for seed in range(seeds):
-            config = copy.deepcopy(arm.config)
-            config.train.seed = seed
-            config.out_dir = str(folder / "runs" / arm.name)
-            config.name = f"seed{seed}"
-            if parallel:
-                config.train.threads = _threads_per_process(parallel)
-            plan.runs.append(RunSpec(arm, seed, config))
+    plan.runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder, parallel)]
     return plan
+
+
+def seed_runs(arm: Arm, seeds: int, folder: Path, parallel: int = 0) -> list[RunSpec]:
+    """The runs of one arm: seed index i sets ``train.seed = i``, in ``folder/runs/<arm>/seed<i>``
+    (with a share of the cores when ``parallel`` processes train at once)."""
+    specs = []
+    for seed in range(seeds):
+        config = copy.deepcopy(arm.config)
+        config.train.seed = seed
+        config.out_dir = str(folder / "runs" / arm.name)
+        config.name = f"seed{seed}"
+        if parallel:
+            config.train.threads = _threads_per_process(parallel)
+        specs.append(RunSpec(arm, seed, config))
+    return specs
 
 
 # ------------------------------------------------------------------------ running
@@ -683,6 +690,16 @@ def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
     }
 
 
+def train_runs(
+    plan: ComparePlan, show_progress: bool = True, registry_location: str | Path | None = None
+) -> list[Outcome]:
+    """Train (or reuse, or resume) every run of ``plan`` in its folder, recording each in the
+    run registry; shared by ``compare``, ``scale`` and any command that trains a set of runs."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    _check_plan_file(plan)
+    return _execute(plan, show_progress, registry_location)
+
+
 def run_compare(
     plan: ComparePlan,
     show_progress: bool = True,
@@ -692,10 +709,8 @@ def run_compare(
     the plots in the compare folder and record the comparison in the run registry."""
     from lmlab.eval.report import write_report
 
-    plan.out.mkdir(parents=True, exist_ok=True)
-    _check_plan_file(plan)
     started = time.perf_counter()
-    outcomes = _execute(plan, show_progress, registry_location)
+    outcomes = train_runs(plan, show_progress, registry_location)
     results = analyse(plan, outcomes)
     results["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(plan.out / RESULTS_FILE, results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,9 @@ class Trainer:
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
         self.feature_totals = feature_counters(self.model)
         self.features_checked = False
+        self.eval_listeners: list[Callable[[dict], None]] = []
+        """Called with each evaluation's result (step, tokens, loss, bits_per_byte, ...) after
+        it is logged; an exception raised there stops training (e.g. a search pruning a trial)."""
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         load_weights(self.model, checkpoint.model, self.run_dir)
@@ -330,6 +334,8 @@ class Trainer:
             f"step {self.state.step}: val loss {result['loss']:.4f}, "
             f"{result['bits_per_byte']:.4f} bits/byte"
         )
+        for listener in self.eval_listeners:
+            listener(result)
 
     def _write_summary(self) -> dict:
         write_specialisation(self.run_dir, self.model, self.tokenizer.decode)
