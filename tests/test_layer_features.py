@@ -79,6 +79,7 @@ def test_pattern_as_a_list_and_overrides_from_the_command_line(tmp_path):
         ({2: "gla"}, "model.layer_overrides.2 must map settings to values"),
         ({2: {"n_heads": 3}}, "layer 2 (model.layer_overrides): model.d_model=32 is not divisible"),
         ({2: {"mlp_hidden": "wide"}}, "model.layer_overrides.2.mlp_hidden='wide' must be of type"),
+        ({2: {"mixer_options": {"gla": 1}}}, "mixer_options.gla must map settings to values"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, fragment):

@@ -146,7 +146,7 @@ class ModelConfig:
     (the rest skip it through the residual); 0 disables it."""
     mod_every: int = 2
     """Mixture-of-Depths on every ``mod_every``-th layer (layers ``mod_every - 1``,
-    ``2 * mod_every - 1``, ...: with 2, the odd layers, as in the paper)."""
+    ``2 * mod_every - 1``, ...: with 2, every other layer, as in the paper)."""
     mod_aux_loss_coef: float = 0.01
     """Weight of the router's binary cross-entropy toward its own top-k choice, which teaches it
     the causal threshold (logit > 0) used in eval mode and generation."""
@@ -195,6 +195,10 @@ class ModelConfig:
                     if name == "mixer_options":
                         merged = layers[index].setdefault(name, {})
                         for mixer, settings in value.items():
+                            _require(
+                                isinstance(settings, dict),
+                                f"{where}.{mixer} must map settings to values, not {settings!r}",
+                            )
                             merged[mixer] = {**merged.get(mixer, {}), **settings}
                     else:
                         layers[index][name] = value
