@@ -11,7 +11,7 @@ import torch
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
-from lmlab.layers.features import FeatureCounter
+from lmlab.layers.features import FeatureCounter, feature_modules
 from lmlab.train.device import resolve_precision
 from lmlab.train.schedule import lr_multiplier
 from lmlab.train.trainer import budget_for, seq_len_at
@@ -131,6 +131,7 @@ def test_feature_switched_on_but_never_run_is_an_error(tmp_path, corpus, monkeyp
     def with_idle_feature(self, cfg):
         original_init(self, cfg)
         self.idle = SilentFeature()
+        self._feature_modules = feature_modules(self)  # the model collects them at construction
 
     monkeypatch.setattr(LanguageModel, "__init__", with_idle_feature)
     with pytest.raises(LmlabError, match="never_runs switched on but never ran in step 1"):

@@ -79,10 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
+    mixers = config.model.layer_mixers()
     print(
         f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}, "
-        f"{trainer.precision}, layers {''.join(config.model.pattern) or config.model.mixer}",
+        f"{trainer.precision}, layers {mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
         file=sys.stderr,
     )
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, coerce_value
 from lmlab.errors import LmlabError
 
 
@@ -61,27 +61,6 @@ def _suggest(key: str, valid: list[str], prefix: str) -> str:
     return f"unknown config key {prefix}{key}; valid keys: {', '.join(prefix + v for v in valid)}"
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """Check a YAML value against a field's type, converting the harmless cases (int -> float)."""
-    origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    expected = origin or kind
-    if expected in (int, float) and isinstance(value, bool):
-        expected = None
-    if expected is None or not isinstance(value, expected):
-        name = getattr(kind, "__name__", str(kind))
-        raise LmlabError(f"{key}={value!r} must be of type {name}")
-    return value
-
-
 def _merge(target: Any, settings: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(target))
     fields = {f.name: f for f in dataclasses.fields(target)}
@@ -94,9 +73,18 @@ def _merge(target: Any, settings: dict, prefix: str = "") -> None:
                 raise LmlabError(f"{prefix}{key} is a section; set its keys, e.g. {prefix}{key}.x=")
             _merge(current, value, f"{prefix}{key}.")
         elif isinstance(current, dict) and isinstance(value, dict):
-            current.update(value)
+            _merge_dict(current, value)
         else:
-            setattr(target, key, _coerce(value, hints[key], prefix + key))
+            setattr(target, key, coerce_value(value, hints[key], prefix + key))
+
+
+def _merge_dict(target: dict, settings: dict) -> None:
+    """Nested update, so ``model.mixer_options.gla.a=1`` then ``...gla.b=2`` keeps both."""
+    for key, value in settings.items():
+        if isinstance(target.get(key), dict) and isinstance(value, dict):
+            _merge_dict(target[key], value)
+        else:
+            target[key] = value
 
 
 def parse_override(text: str) -> dict:

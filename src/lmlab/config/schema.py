@@ -6,7 +6,12 @@ Every field has a default so a preset only states what differs. Validation lives
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmlab.errors import LmlabError
 
@@ -27,9 +32,78 @@ DEFAULT_LETTERS = {
 }
 
 
+PER_LAYER_FIELDS = (
+    "mixer",
+    "channel_mixer",
+    "mlp_hidden",
+    "mixer_options",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "position",
+    "rope_theta",
+    "bitlinear",
+    "mod_capacity",
+    "mod_aux_loss_coef",
+)
+"""ModelConfig fields that ``model.layer_overrides`` may change for single layers (those that
+exist: ``bitlinear`` is listed by name for the quantisation work)."""
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise LmlabError(message)
+
+
+def coerce_value(value: Any, kind: Any, key: str) -> Any:
+    """Check a YAML value against a field's type, converting the harmless cases (int -> float);
+    a union type (``str | list[str]``) takes the first member that fits."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        for member in typing.get_args(kind):
+            try:
+                return coerce_value(value, member, key)
+            except LmlabError:
+                continue
+        raise LmlabError(f"{key}={value!r} must be of type {kind}")
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    expected = origin or kind
+    if expected in (int, float) and isinstance(value, bool):
+        expected = None
+    if expected is None or not isinstance(value, expected):
+        name = getattr(kind, "__name__", str(kind))
+        raise LmlabError(f"{key}={value!r} must be of type {name}")
+    return value
+
+
+def _layer_indices(key: object, n_layers: int) -> list[int]:
+    """Layer indices named by a ``layer_overrides`` key: an int, or a string such as ``"3"`` or
+    ``"0,5"``; negative indices count from the last layer."""
+    parts = [key] if isinstance(key, int) and not isinstance(key, bool) else str(key).split(",")
+    indices = []
+    for part in parts:
+        try:
+            index = int(part)
+        except ValueError:
+            raise LmlabError(
+                f"model.layer_overrides key {key!r} is not a layer index; use an int or a comma "
+                "list such as '0,5'"
+            ) from None
+        _require(
+            -n_layers <= index < n_layers,
+            f"model.layer_overrides index {index} is out of range for model.n_layers={n_layers}; "
+            f"use 0..{n_layers - 1} (or -{n_layers}..-1 from the end)",
+        )
+        indices.append(index % n_layers)
+    return indices
 
 
 @dataclass
@@ -47,8 +121,9 @@ class ModelConfig:
     """0 means d_model // n_heads."""
     mixer: str = "attention"
     """Token mixer of every layer, unless ``pattern`` is set."""
-    pattern: str = ""
-    """One letter per layer (e.g. ``MMMMMA``), each mapped to a mixer by ``letters``."""
+    pattern: str | list[str] = ""
+    """One letter per layer (e.g. ``MMMMMA``), each mapped to a mixer by ``letters``; or a list
+    of mixer names, one per layer (e.g. ``[mamba2, mamba2, attention]``)."""
     letters: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LETTERS))
     mixer_options: dict[str, dict] = field(default_factory=dict)
     """Per-mixer settings keyed by mixer name, e.g. ``{gla: {expand_k: 0.5}}``."""
@@ -61,11 +136,30 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    layer_overrides: dict[str, dict] = field(default_factory=dict)
+    """Per-layer settings keyed by layer index (``3``, ``"0,5"``, ``-1`` for the last layer), each
+    a mapping of :data:`PER_LAYER_FIELDS` (e.g. ``{3: {mixer: attention, mlp_hidden: 512}}``).
+    ``mixer_options`` merge into the global ones per setting; a ``mixer`` here beats
+    ``pattern``; ``mod_capacity`` here beats ``mod_every``."""
+    mod_capacity: float = 0.0
+    """Mixture-of-Depths: the fraction of each sequence's tokens that a routed block processes
+    (the rest skip it through the residual); 0 disables it."""
+    mod_every: int = 2
+    """Mixture-of-Depths on every ``mod_every``-th layer (layers ``mod_every - 1``,
+    ``2 * mod_every - 1``, ...: with 2, every other layer, as in the paper)."""
+    mod_aux_loss_coef: float = 0.01
+    """Weight of the router's binary cross-entropy toward its own top-k choice, which teaches it
+    the causal threshold (logit > 0) used in eval mode and generation."""
 
     def layer_mixers(self) -> list[str]:
-        """The token-mixer name of each layer, resolved from ``mixer`` or ``pattern``."""
+        """The token-mixer name of each layer, from ``mixer``, ``pattern`` and the overrides."""
+        return [layer.mixer for layer in self.layer_configs()]
+
+    def _pattern_mixers(self) -> list[str]:
         if not self.pattern:
             return [self.mixer] * self.n_layers
+        if isinstance(self.pattern, list):
+            return [str(name) for name in self.pattern]
         unknown = sorted(set(self.pattern) - set(self.letters))
         _require(
             not unknown,
@@ -73,6 +167,72 @@ class ModelConfig:
             f"known letters: {', '.join(sorted(self.letters))}",
         )
         return [self.letters[c] for c in self.pattern]
+
+    def _overrides_per_layer(self) -> list[dict[str, Any]]:
+        """The checked override fields of each layer (later keys win per field; mixer options
+        merge per setting)."""
+        hints = typing.get_type_hints(ModelConfig)
+        known = {f.name for f in dataclasses.fields(self)}
+        allowed = [name for name in PER_LAYER_FIELDS if name in known]
+        layers: list[dict[str, Any]] = [{} for _ in range(self.n_layers)]
+        for key, fields in self.layer_overrides.items():
+            _require(
+                isinstance(fields, dict),
+                f"model.layer_overrides.{key} must map settings to values, e.g. "
+                f"{{mixer: attention}}, not {fields!r}",
+            )
+            for index in _layer_indices(key, self.n_layers):
+                for name, value in fields.items():
+                    where = f"model.layer_overrides.{key}.{name}"
+                    if name not in allowed:
+                        close = difflib.get_close_matches(str(name), allowed, n=1)
+                        hint = f"did you mean {close[0]}? " if close else ""
+                        what = "cannot differ per layer" if name in known else "is unknown"
+                        raise LmlabError(
+                            f"{where} {what}; {hint}per-layer settings: {', '.join(allowed)}"
+                        )
+                    value = coerce_value(value, hints[name], where)
+                    if name == "mixer_options":
+                        merged = layers[index].setdefault(name, {})
+                        for mixer, settings in value.items():
+                            _require(
+                                isinstance(settings, dict),
+                                f"{where}.{mixer} must map settings to values, not {settings!r}",
+                            )
+                            merged[mixer] = {**merged.get(mixer, {}), **settings}
+                    else:
+                        layers[index][name] = value
+        return layers
+
+    def layer_configs(self) -> list[ModelConfig]:
+        """One resolved config per layer: ``mixer`` is that layer's token mixer, ``mod_capacity``
+        its Mixture-of-Depths capacity (0: a plain block), overrides applied."""
+        configs = []
+        for index, (mixer, fields) in enumerate(
+            zip(self._pattern_mixers(), self._overrides_per_layer(), strict=True)
+        ):
+            routed = (index + 1) % self.mod_every == 0 if self.mod_every > 0 else False
+            settings: dict[str, Any] = {
+                "mixer": mixer,
+                "mod_capacity": self.mod_capacity if routed else 0.0,
+                **fields,
+                "pattern": "",
+                "layer_overrides": {},
+            }
+            options = fields.get("mixer_options", {})
+            settings["mixer_options"] = {
+                name: {**self.mixer_options.get(name, {}), **options.get(name, {})}
+                for name in {**self.mixer_options, **options}
+            }
+            layer = dataclasses.replace(self, **settings)
+            try:
+                layer._validate_layer()
+            except LmlabError as exc:
+                if not fields:
+                    raise
+                raise LmlabError(f"layer {index} (model.layer_overrides): {exc}") from None
+            configs.append(layer)
+        return configs
 
     @property
     def resolved_head_dim(self) -> int:
@@ -86,9 +246,8 @@ class ModelConfig:
     def resolved_mlp_hidden(self) -> int:
         return self.mlp_hidden or -(-int(8 * self.d_model / 3) // 64) * 64
 
-    def validate(self) -> None:
-        _require(self.d_model > 0, "model.d_model must be positive")
-        _require(self.n_layers > 0, "model.n_layers must be positive")
+    def _validate_layer(self) -> None:
+        """The checks of settings that a layer override may change."""
         _require(self.n_heads > 0, "model.n_heads must be positive")
         _require(
             self.head_dim > 0 or self.d_model % self.n_heads == 0,
@@ -101,16 +260,34 @@ class ModelConfig:
             f"{self.resolved_kv_heads}",
         )
         _require(
-            not self.pattern or len(self.pattern) == self.n_layers,
-            f"model.pattern has {len(self.pattern)} letters but model.n_layers={self.n_layers}; "
-            "give one letter per layer",
-        )
-        _require(
             self.position in ("rope", "alibi", "cope", "none"),
             f"model.position={self.position!r} is unknown; use rope, alibi, cope or none",
         )
+        _require(
+            0 <= self.mod_capacity <= 1,
+            f"model.mod_capacity={self.mod_capacity} must be in [0, 1] (0 disables "
+            "Mixture-of-Depths)",
+        )
+        _require(self.mod_aux_loss_coef >= 0, "model.mod_aux_loss_coef must not be negative")
+
+    def validate(self) -> None:
+        _require(self.d_model > 0, "model.d_model must be positive")
+        _require(self.n_layers > 0, "model.n_layers must be positive")
+        _require(
+            not self.pattern or len(self.pattern) == self.n_layers,
+            f"model.pattern has {len(self.pattern)} "
+            f"{'names' if isinstance(self.pattern, list) else 'letters'} but model.n_layers="
+            f"{self.n_layers}; give one per layer",
+        )
         _require(self.init_std > 0, "model.init_std must be positive")
-        self.layer_mixers()
+        _require(self.mod_every >= 1, "model.mod_every must be at least 1")
+        _require(
+            not self.mod_capacity or self.mod_every <= self.n_layers,
+            f"model.mod_capacity is set but model.mod_every={self.mod_every} selects none of the "
+            f"{self.n_layers} layers; lower model.mod_every",
+        )
+        self._validate_layer()
+        self.layer_configs()
 
 
 @dataclass
@@ -186,6 +363,9 @@ class TrainConfig:
     """``auto`` (bf16 autocast where bf16 matmuls are fast: CUDA, CPUs with AMX/AVX512-BF16),
     ``bf16`` or ``fp32``."""
     compile: bool = False
+    activation_checkpointing: bool = False
+    """Recompute each block's activations during backward instead of storing them: less peak
+    memory for about one extra forward per step (``benchmarks/bench_checkpointing.py``)."""
     device: str = "auto"
     seed: int = 0
     eval_interval: int = 200

@@ -72,9 +72,9 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.layers.features import FeatureCounter
+from lmlab.layers.features import FeatureCounter, recording
 from lmlab.layers.mlp import SwiGLU
-from lmlab.layers.registry import register_channel_mixer
+from lmlab.layers.registry import prefer_adamw, register_channel_mixer
 
 ROUTERS = ("topk", "switch", "top_p", "expert_choice")
 SWITCH_CAPACITY = 1.25
@@ -145,7 +145,7 @@ class MoE(FeatureCounter, nn.Module):
             1, round(cfg.resolved_mlp_hidden / (self.active_experts + options.shared_experts))
         )
         self.expert_hidden = hidden
-        self.router = nn.Linear(cfg.d_model, options.n_experts, bias=False)
+        self.router = prefer_adamw(nn.Linear(cfg.d_model, options.n_experts, bias=False))
         expert_cfg = dataclasses.replace(cfg, mlp_hidden=hidden)
         self.experts = nn.ModuleList(
             SwiGLU(expert_cfg, layer_idx, None) for _ in range(options.n_experts)
@@ -236,7 +236,8 @@ class MoE(FeatureCounter, nn.Module):
         routing: Routing,
         token_ids: torch.Tensor | None,
     ) -> None:
-        """Training only: the balancing losses, this step's statistics, the integrity count."""
+        """Training only: the balancing losses, this step's statistics, the integrity count
+        (recorded once when activation checkpointing recomputes the forward)."""
         options = self.options
         chosen = torch.bincount(routing.experts, minlength=self.n_experts)
         balance = self.n_experts * (chosen / chosen.sum() * probs.mean(0)).sum()
@@ -246,7 +247,10 @@ class MoE(FeatureCounter, nn.Module):
             for coef, loss in ((options.aux_loss_coef, balance), (options.z_loss_coef, z_loss))
             if coef > 0
         ]
-        self.aux_loss = sum(losses[1:], losses[0]) if losses else None
+        aux_loss = sum(losses[1:], losses[0]) if losses else None
+        if not recording():
+            return
+        self.aux_loss = aux_loss
         with torch.no_grad():
             n_tokens = probs.shape[0]
             served = routing.served()[0]

@@ -26,7 +26,7 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.attention import Attention, KVState
-from lmlab.layers.features import FeatureCounter
+from lmlab.layers.features import FeatureCounter, recording
 from lmlab.layers.registry import register_token_mixer
 
 
@@ -34,6 +34,8 @@ class HeadRouter(FeatureCounter, nn.Module):
     """Per-token head gates ``[B, T, H]`` (shared heads first), with load statistics."""
 
     feature = "mixture_of_heads"
+    optimizer_hint = "adamw"
+    """Its rows are per-head logits: AdamW, not Muon (see ``lmlab.train.optim``)."""
 
     def __init__(self, d_model: int, n_heads: int, n_shared: int, top_k: int, coef: float) -> None:
         super().__init__()
@@ -59,14 +61,17 @@ class HeadRouter(FeatureCounter, nn.Module):
             mix = self.mix(x).float().softmax(-1)
             shared = self.shared(x).float().softmax(-1) * self.n_shared
             gates = torch.cat([mix[..., :1] * shared, mix[..., 1:] * gates], -1)
-        self.aux_loss = None
+        aux_loss = None
         if self.training:
             self.count_call()
             fraction = chosen.flatten(0, -2).mean(0) / self.top_k
             balance = self.n_routed * (fraction * probs.flatten(0, -2).mean(0)).sum()
-            self.aux_loss = self.coef * balance
-            self.load = self.load + chosen.detach().flatten(0, -2).sum(0).cpu()
-            self.tokens += chosen.shape[:-1].numel()
+            aux_loss = self.coef * balance
+            if recording():
+                self.load = self.load + chosen.detach().flatten(0, -2).sum(0).cpu()
+                self.tokens += chosen.shape[:-1].numel()
+        if recording():  # not in a recomputed forward (activation checkpointing)
+            self.aux_loss = aux_loss
         return gates.to(x.dtype)
 
     def pop_statistics(self) -> dict:

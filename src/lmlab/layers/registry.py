@@ -81,6 +81,14 @@ def build_channel_mixer(name: str, cfg: ModelConfig, layer_idx: int) -> nn.Modul
     return cls(cfg, layer_idx, mixer_options(cls, name, cfg.mixer_options.get(name, {})))
 
 
+def prefer_adamw(module: nn.Module) -> nn.Module:
+    """Mark ``module`` (e.g. a router whose rows are per-class logits) so the Muon recipe
+    optimises all its parameters with AdamW; returns it, for ``self.router = prefer_adamw(...)``.
+    A class can declare ``optimizer_hint = "adamw"`` instead."""
+    module.optimizer_hint = "adamw"
+    return module
+
+
 def token_mixer_names() -> list[str]:
     _import_builtin_layers()
     return sorted(TOKEN_MIXERS)

@@ -1,8 +1,9 @@
 """The decoder-only language model: embedding, a stack of pre-norm blocks, norm, head.
 
 Each block is ``x + token_mixer(norm(x))`` then ``x + channel_mixer(norm(x))``; which token mixer a
-layer uses comes from the config's mixer or layer pattern through the registry, so adding a mixer
-never touches this file.
+layer uses comes from the config's mixer, layer pattern or layer overrides through the registry,
+so adding a mixer never touches this file. A block with a Mixture-of-Depths capacity applies
+that update to the tokens its router picks only (``layers/mod.py``).
 """
 
 from __future__ import annotations
@@ -11,27 +12,106 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.features import feature_counters, feature_modules, replaying
+from lmlab.layers.mod import DepthRouter, Take
 from lmlab.layers.registry import build_channel_mixer, build_token_mixer
 from lmlab.model.cache import ModelState
 
 
-class Block(nn.Module):
-    """One pre-norm residual block (RMSNorm)."""
+def token_id_consumers(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules declaring ``wants_token_ids`` (a routed block claims those
+    inside it, to hand them the routed tokens' ids)."""
+    found = []
+    for child in module.children():
+        if getattr(child, "wants_token_ids", False):
+            found.append(child)
+        else:
+            found.extend(token_id_consumers(child))
+    return found
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, mixer: str) -> None:
+
+def module_flops(module: nn.Module, context: int) -> float:
+    """Forward FLOPs per token of ``module``: 2 per weight of each ``nn.Linear`` in it plus each
+    submodule's correction ``extra_flops_per_token(context)`` (attention scores; a MoE's
+    experts that do not run, which is negative)."""
+    matmul = sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    extra = sum(
+        m.extra_flops_per_token(context)
+        for m in module.modules()
+        if hasattr(m, "extra_flops_per_token")
+    )
+    return float(matmul + extra)
+
+
+class Block(nn.Module):
+    """One pre-norm residual block (RMSNorm), optionally routed (Mixture-of-Depths) and
+    optionally recomputed in backward (activation checkpointing)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.mixer_name = mixer
+        self.mixer_name = cfg.mixer
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = build_token_mixer(mixer, cfg, layer_idx)
+        self.mixer = build_token_mixer(cfg.mixer, cfg, layer_idx)
         self.channel_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.channel = build_channel_mixer(cfg.channel_mixer, cfg, layer_idx)
+        self.router = (
+            DepthRouter(cfg.d_model, cfg.mod_capacity, cfg.mod_aux_loss_coef)
+            if cfg.mod_capacity > 0
+            else None
+        )
+        self.checkpointing = False
+        self._inner_consumers = token_id_consumers(self) if self.router is not None else []
+        self.wants_token_ids = bool(self._inner_consumers)
+        self._token_ids: torch.Tensor | None = None
+
+    def set_token_ids(self, idx: torch.Tensor) -> None:
+        """Token ids of the next forward; the routed ones go to the consumers inside."""
+        self._token_ids = idx
 
     def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
-        y, state = self.mixer(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.channel(self.channel_norm(x)), state
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return self._forward(x, state)
+        calls = 0
+
+        def run(x: torch.Tensor, state: object) -> tuple[torch.Tensor, object]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return self._forward(x, state)
+            with replaying():  # the backward's recomputation: record statistics only once
+                return self._forward(x, state)
+
+        return checkpoint(run, x, state, use_reentrant=False)
+
+    def _forward(self, x: torch.Tensor, state: object) -> tuple[torch.Tensor, object]:
+        if self.router is not None:
+            return self.router(x, self._update, state)
+        update, state = self._update(x, state)
+        return x + update, state
+
+    def _update(
+        self, h: torch.Tensor, state: object, take: Take | None = None
+    ) -> tuple[torch.Tensor, object]:
+        """The block's residual update ``mixer + channel`` of the tokens ``h``."""
+        if take is not None and self._token_ids is not None:
+            ids = take(self._token_ids)
+            for module in self._inner_consumers:
+                module.set_token_ids(ids)
+        y, state = self.mixer(self.mixer_norm(h), state)
+        return y + self.channel(self.channel_norm(h + y)), state
+
+    def flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per token (see :func:`module_flops`); a routed block runs its mixers on
+        ``capacity`` of the tokens, over a context shrunk by the same fraction."""
+        if self.router is None:
+            return module_flops(self, context)
+        capacity = self.router.capacity
+        router = module_flops(self.router, context)
+        routed_context = max(1, math.ceil(capacity * context))
+        return router + capacity * (module_flops(self, routed_context) - router)
 
 
 class LanguageModel(nn.Module):
@@ -43,19 +123,29 @@ class LanguageModel(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) first")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            Block(cfg, i, name) for i, name in enumerate(cfg.layer_mixers())
-        )
+        self.blocks = nn.ModuleList(Block(layer, i) for i, layer in enumerate(cfg.layer_configs()))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        # Modules that want the input token ids (e.g. MoE specialisation statistics) declare
-        # ``wants_token_ids = True`` and get them through ``set_token_ids`` before each forward.
-        self._token_id_consumers = [
-            m for m in self.modules() if getattr(m, "wants_token_ids", False)
+        # The modules behind the per-step hooks, found once. Modules that want the input token
+        # ids (e.g. MoE specialisation statistics) declare ``wants_token_ids = True`` and get
+        # them through ``set_token_ids`` before each forward.
+        self._token_id_consumers = token_id_consumers(self)
+        self._aux_loss_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]
+        self._statistics_modules = [
+            (name, m)
+            for name, m in self.named_modules()
+            if m is not self and hasattr(m, "pop_statistics")
         ]
+        self._feature_modules = feature_modules(self)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of keeping them (training
+        only): less memory for about one more forward of compute."""
+        for block in self.blocks:
+            block.checkpointing = enabled
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections (named ``out``) scaled by
@@ -93,17 +183,17 @@ class LanguageModel(nn.Module):
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) that modules stored as
         ``aux_loss`` during the last forward; None when no module has one."""
-        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        losses = [m.aux_loss for m in self._aux_loss_modules if m.aux_loss is not None]
         return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
     def pop_statistics(self) -> dict[str, dict]:
         """Per-module statistics gathered since the last call (router loads, tokens dropped...),
         from every module with a ``pop_statistics()`` method, keyed by module path."""
-        return {
-            name: module.pop_statistics()
-            for name, module in self.named_modules()
-            if module is not self and hasattr(module, "pop_statistics")
-        }
+        return {name: module.pop_statistics() for name, module in self._statistics_modules}
+
+    def feature_counters(self) -> dict[str, int]:
+        """Integrity counters: calls per optional feature so far (``layers/features.py``)."""
+        return feature_counters(self._feature_modules)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Unique parameters (tied weights counted once); optionally without the embedding."""
@@ -115,11 +205,7 @@ class LanguageModel(nn.Module):
     def flops_per_token(self, context: int) -> float:
         """Forward FLOPs per token: 2 per weight of every matmul (the head included, the
         embedding lookup not) plus each module's correction ``extra_flops_per_token(context)``
-        (attention scores; a MoE's experts that do not run, which is negative)."""
-        matmul = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        extra = sum(
-            m.extra_flops_per_token(context)
-            for m in self.modules()
-            if hasattr(m, "extra_flops_per_token")
-        )
-        return float(matmul + extra)
+        (attention scores; a MoE's experts that do not run, which is negative); routed blocks
+        count their share of the tokens (:meth:`Block.flops_per_token`)."""
+        blocks = sum(block.flops_per_token(context) for block in self.blocks)
+        return blocks + module_flops(self.head, context)

@@ -1,8 +1,16 @@
-"""Optimisers: AdamW everywhere, or Muon for hidden 2-D weights with AdamW for the rest.
+"""Optimisers: AdamW everywhere, or Muon for hidden matrices with AdamW for the rest.
 
 Muon orthogonalises the update of a weight matrix; it suits the matrices inside blocks but not
 embeddings, the output head (rows are per-token vectors), norms, biases or scalar gates, which
-stay with AdamW as Keller Jordan's recipe prescribes.
+stay with AdamW as Keller Jordan's recipe prescribes. Routers are classifiers too: each row of
+a MoE router, mixture-of-heads router or Mixture-of-Depths router is one class's logit.
+
+The rule (:func:`split_parameters`): Muon takes the ``weight`` of every ``nn.Linear`` (or
+subclass, e.g. a BitLinear's latent weight) except the output head and any module under one
+that declares ``optimizer_hint = "adamw"`` (``lmlab.layers.registry.prefer_adamw``); every other
+parameter goes to AdamW. Raw ``nn.Parameter`` tensors (convolution kernels, decay rates,
+per-channel biases, position tables) are not matrices that map a hidden vector to another, so
+going by module type, not by ``ndim == 2``, keeps them out of Muon.
 """
 
 from __future__ import annotations
@@ -55,8 +63,28 @@ class OptimizerSet:
             optimizer.load_state_dict(state[name])
 
 
-def _is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
-    return param.ndim == 2 and not name.startswith(("embed.", "head."))
+def split_parameters(
+    model: nn.Module,
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """``(muon, adamw)`` named parameters by the rule above; each parameter in exactly one."""
+    head = getattr(model, "head", None)
+    hidden: set[int] = set()
+
+    def visit(module: nn.Module, adamw: bool) -> None:
+        adamw = adamw or module is head or getattr(module, "optimizer_hint", "") == "adamw"
+        if isinstance(module, nn.Linear) and not adamw:
+            hidden.add(id(module.weight))
+        for child in module.children():
+            visit(child, adamw)
+
+    visit(model, False)
+    if head is not None:
+        hidden -= {id(p) for p in head.parameters()}  # a head tied to a hidden matrix
+    named = list(model.named_parameters())
+    return (
+        [(n, p) for n, p in named if id(p) in hidden],
+        [(n, p) for n, p in named if id(p) not in hidden],
+    )
 
 
 def _adamw(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -81,11 +109,10 @@ def build_optimizers(
     named = list(model.named_parameters())
     if cfg.optimizer == "adamw":
         return OptimizerSet({"adamw": _adamw(named, cfg)})
-    matrices = [p for n, p in named if _is_hidden_matrix(n, p)]
-    rest = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
+    matrices, rest = split_parameters(model)
     fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
     muon = Muon(
-        matrices,
+        [p for _, p in matrices],
         lr=cfg.muon_lr,
         weight_decay=cfg.weight_decay,
         ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,

@@ -22,7 +22,6 @@ from lmlab.data.dataset import TokenData, random_batch, sequential_batch, stream
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
-from lmlab.layers.features import feature_counters
 from lmlab.layers.moe import write_specialisation
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
@@ -112,6 +111,7 @@ class Trainer:
         self.precision = resolve_precision(train.precision, self.device)
         torch.manual_seed(train.seed)
         self.model = LanguageModel(config.model).to(self.device)
+        self.model.set_activation_checkpointing(train.activation_checkpointing)
         self.optimizers = build_optimizers(self.model, train, self.device)
         self.state = TrainerState()
         self.carried: ModelState | None = None
@@ -126,7 +126,7 @@ class Trainer:
         )
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
-        self.feature_totals = feature_counters(self.model)
+        self.feature_totals = self.model.feature_counters()
         self.features_checked = False
         self.eval_listeners: list[Callable[[dict], None]] = []
         """Called with each evaluation's result (step, tokens, loss, bits_per_byte, ...) after
@@ -302,7 +302,7 @@ class Trainer:
         statistics = self.model.pop_statistics()
         if statistics:
             row["statistics"] = statistics
-        totals = feature_counters(self.model)
+        totals = self.model.feature_counters()
         row["feature_calls"] = {k: v - self.feature_totals.get(k, 0) for k, v in totals.items()}
         self.feature_totals = totals
         idle = sorted(name for name, calls in row["feature_calls"].items() if calls == 0)
