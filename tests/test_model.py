@@ -59,6 +59,17 @@ def test_kv_cache_grows_by_doubling_without_losing_entries():
     torch.testing.assert_close(state["k"][:, :13], k)
 
 
+def test_kv_cache_with_gradients_holds_exactly_its_entries():
+    """Carried across training segments (truncated BPTT), the cache must grow by what is
+    appended, not double on every call."""
+    state = None
+    for _ in range(12):
+        step = torch.randn(1, 4, 2, 4, requires_grad=True)
+        state = append_kv(state, step, step)
+    assert state["length"] == 48
+    assert state["k"].shape[1] == 48
+
+
 def test_parameter_count_ties_embeddings_and_counts_flops():
     tied = tiny_model()
     untied = tiny_model(tie_embeddings=False)

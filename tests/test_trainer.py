@@ -160,3 +160,14 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, corpus, monk
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(LmlabError, match="needs the tensorboard package"):
         two_step_trainer(tmp_path, corpus, "tb", "train.tensorboard=true")
+
+
+def test_tbptt_refuses_an_attention_cache_without_a_window(tmp_path, corpus, capsys):
+    settings = [*TINY, f"data.path={corpus}", "train.tbptt=true", f"out_dir={tmp_path}"]
+    assert main(["train", "--quiet", *settings, "name=unbounded"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: train.tbptt carries the attention cache of blocks.0.mixer")
+    assert "window" in message
+    assert not (tmp_path / "unbounded").exists()
+    windowed = [*settings, "model.mixer_options.attention.window=16", "name=windowed"]
+    assert main(["train", "--quiet", *windowed]) == 0

@@ -41,7 +41,10 @@ def append_kv(state: KVState | None, k: torch.Tensor, v: torch.Tensor) -> KVStat
     length, new = state["length"], k.shape[1]
     buf_k, buf_v = state["k"], state["v"]
     if torch.is_grad_enabled() or length + new > buf_k.shape[1]:
-        capacity = max(length + new, 2 * buf_k.shape[1])
+        # Without gradients the buffer doubles so decode appends in place (amortised O(1)); with
+        # gradients every call needs a fresh tensor anyway, so it takes exactly what it needs.
+        grow = 0 if torch.is_grad_enabled() else 2 * buf_k.shape[1]
+        capacity = max(length + new, grow)
         grown_k = k.new_empty(k.shape[0], capacity, *k.shape[2:])
         grown_v = v.new_empty(v.shape[0], capacity, *v.shape[2:])
         grown_k[:, :length] = buf_k[:, :length]
@@ -128,6 +131,7 @@ class Attention(FeatureCounter, nn.Module):
         self.window = options.window
         self.decode_top_k = options.decode_top_k
         self.feature = "sliding_window" if self.window else ""
+        self.cache_grows_with_context = not self.window
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, q_width + 2 * kv_width, bias=False)

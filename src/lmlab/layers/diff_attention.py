@@ -38,6 +38,9 @@ def lambda_init(layer_idx: int) -> float:
 class DiffAttention(nn.Module):
     """Differential attention with ``n_heads`` heads of value width ``head_dim``."""
 
+    cache_grows_with_context = True
+    """Its decode cache keeps every past token (see the trainer's truncated-BPTT check)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
         super().__init__()
         if cfg.position not in ("rope", "none"):

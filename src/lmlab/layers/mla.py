@@ -37,6 +37,9 @@ from lmlab.layers.registry import register_token_mixer
 class MultiHeadLatentAttention(nn.Module):
     """MLA; the state is ``{"latent", "k_rope", "length"}`` (a cache growing by doubling)."""
 
+    cache_grows_with_context = True
+    """Its decode cache keeps every past token (see the trainer's truncated-BPTT check)."""
+
     @dataclass
     class Options:
         kv_lora_rank: int = 0

@@ -3,6 +3,7 @@ shared by ``lmlab train`` and every command that trains (compare, probes, sweeps
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 from lmlab.config.load import build_config, config_to_dict
@@ -52,9 +53,13 @@ def new_trainer(config: Config, label: str, show_progress: bool = True) -> Train
         )
     config.validate()
     run_dir = new_run_dir(config, label)
-    tokenizer.save(run_dir / TOKENIZER_DIR)
-    save_run_config(run_dir, config)
-    return Trainer(config, run_dir, data, tokenizer, None, show_progress=show_progress)
+    try:
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+        save_run_config(run_dir, config)
+        return Trainer(config, run_dir, data, tokenizer, None, show_progress=show_progress)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run that cannot start leaves nothing
+        raise
 
 
 def resume_trainer(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmlab.config.schema import Config
 from lmlab.data.dataset import TokenData, random_batch, sequential_batch, stream_length
@@ -74,6 +75,21 @@ def seq_len_at(config: Config, step: int) -> int:
     return max(1, min(final, int(length) // 8 * 8 or int(length)))
 
 
+def refuse_growing_caches(model: nn.Module) -> None:
+    """Truncated BPTT carries every layer's state across the whole stream; an attention cache
+    without a window would then hold (and attend over) every token seen since the stream
+    started, so its memory and time per step would grow without bound."""
+    growing = [
+        name for name, m in model.named_modules() if getattr(m, "cache_grows_with_context", False)
+    ]
+    if growing:
+        raise LmlabError(
+            f"train.tbptt carries the attention cache of {', '.join(growing)} across every "
+            "segment, so it would grow with the whole stream; give attention a window (e.g. "
+            "model.mixer_options.attention.window=256) or set train.tbptt=false"
+        )
+
+
 @dataclass
 class TrainerState:
     """What the loop needs besides weights and optimiser state to continue exactly."""
@@ -112,6 +128,8 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.model = LanguageModel(config.model).to(self.device)
         self.model.set_activation_checkpointing(train.activation_checkpointing)
+        if train.tbptt:
+            refuse_growing_caches(self.model)
         self.optimizers = build_optimizers(self.model, train, self.device)
         self.state = TrainerState()
         self.carried: ModelState | None = None
