@@ -61,6 +61,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    bitlinear: bool = False
+    """Ternary BitLinear (BitNet b1.58) for every linear layer inside the blocks; the embedding
+    and head stay full precision. See docs/bitlinear.md."""
 
     def layer_mixers(self) -> list[str]:
         """The token-mixer name of each layer, resolved from ``mixer`` or ``pattern``."""

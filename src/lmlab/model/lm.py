@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.bitlinear import convert_to_bitlinear
 from lmlab.layers.registry import build_channel_mixer, build_token_mixer
 from lmlab.model.cache import ModelState
 
@@ -27,6 +28,8 @@ class Block(nn.Module):
         self.mixer = build_token_mixer(mixer, cfg, layer_idx)
         self.channel_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.channel = build_channel_mixer(cfg.channel_mixer, cfg, layer_idx)
+        if cfg.bitlinear:
+            convert_to_bitlinear(self)
 
     def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
         y, state = self.mixer(self.mixer_norm(x), state)
