@@ -3,6 +3,7 @@ integrity counters, and the ternary export of a trained run through the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -130,6 +131,12 @@ def runs(tmp_path_factory) -> Path:
         argv = train_args(root, corpus, name, "train.max_steps=3", "model.tie_embeddings=false")
         assert main([*argv, *extra]) == 0
     return root
+
+
+def test_trainer_reports_bitlinear_calls(runs):
+    rows = [json.loads(line) for line in (runs / "runs" / "bit" / "metrics.jsonl").open()]
+    calls = [r["feature_calls"].get("bitlinear") for r in rows if r["kind"] == "train"]
+    assert len(calls) == 3 and all(c and c > 0 for c in calls), calls
 
 
 def test_export_then_load_gives_the_same_logits(runs, capsys):
