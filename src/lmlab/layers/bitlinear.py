@@ -80,8 +80,10 @@ class BitLinear(FeatureCounter, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.count_call()
-        weight = straight_through(self.weight, self.quantized_weight())
-        return F.linear(straight_through(x, quantize_activations(x)), weight, self.bias)
+        with torch.no_grad():  # the quantisers are outside the graph: no saved tensors
+            weight, x_q = self.quantized_weight(), quantize_activations(x)
+        weight = straight_through(self.weight, weight)
+        return F.linear(straight_through(x, x_q), weight, self.bias)
 
 
 def convert_to_bitlinear(module: nn.Module) -> int:
