@@ -164,9 +164,12 @@ def unigram_entropy(tokens: torch.Tensor, vocab: int) -> float:
     return float(-(probs * probs.log()).sum())
 
 
-def check_learns(name: str, steps: int = 120, **options) -> tuple[float, float]:
+def check_learns(
+    name: str, steps: int = 120, model_fields: dict | None = None, **options
+) -> tuple[float, float]:
     """Train a tiny 2-layer model with this mixer on embedded Shakespeare (char tokens) and
-    return (final training loss, unigram entropy) in nats; the caller asserts the gap."""
+    return (final training loss, unigram entropy) in nats; the caller asserts the gap.
+    ``model_fields`` sets other ``ModelConfig`` fields (e.g. ``{"bitlinear": True}``)."""
     from lmlab.data.corpus import load_embedded_corpus
     from lmlab.model.lm import LanguageModel
 
@@ -182,6 +185,7 @@ def check_learns(name: str, steps: int = 120, **options) -> tuple[float, float]:
         n_heads=2,
         mixer=name,
         mixer_options={name: options} if options else {},
+        **(model_fields or {}),
     )
     model = LanguageModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -164,6 +164,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmlab.train.export import export_run
+
+    result = export_run(args.run, args.out, args.format)
+    print(
+        f"{result['out']}: step {result['step']}, {result['ternary_layers']} ternary layers, "
+        f"{result['bytes'] / 1024:.1f} KiB (fp32 checkpoint model: "
+        f"{result['checkpoint_bytes'] / 1024:.1f} KiB, "
+        f"{result['checkpoint_bytes'] / result['bytes']:.1f}x larger)"
+    )
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmlab.config.load import preset_names, read_source
 
@@ -347,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab train my.yaml model.d_model=256 train.lr=3e-3\n"
         "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
         "  lmlab eval runs/gpt-tiny-20260101-120000\n"
-        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"',
+        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -398,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained BitLinear run as packed ternary weights (safetensors)",
+        description="Write a run's newest valid checkpoint as one safetensors file: every\n"
+        "BitLinear weight packed (2 bits per weight) with its scale, every other tensor as is,\n"
+        "the config and tokenizer in the metadata. Needs a run trained with\n"
+        "model.bitlinear=true. See docs/bitlinear.md.",
+        epilog="Example:\n"
+        "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", default="ternary", help="export format: ternary (ternary)")
+    export.add_argument("--out", required=True, help="file to write (replaced atomically)")
+    export.set_defaults(func=cmd_export)
 
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)

@@ -136,6 +136,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    bitlinear: bool = False
+    """Ternary BitLinear (BitNet b1.58) for every linear layer inside the blocks; the embedding
+    and head stay full precision. See docs/bitlinear.md."""
     layer_overrides: dict[str, dict] = field(default_factory=dict)
     """Per-layer settings keyed by layer index (``3``, ``"0,5"``, ``-1`` for the last layer), each
     a mapping of :data:`PER_LAYER_FIELDS` (e.g. ``{3: {mixer: attention, mlp_hidden: 512}}``).

@@ -195,6 +195,18 @@ _CLASSES: dict[str, type[Tokenizer]] = {
 }
 
 
+def tokenizer_state(tokenizer: Tokenizer) -> tuple[str, str]:
+    """``(kind, state)``: two strings that rebuild the tokenizer (for files that carry it)."""
+    return tokenizer.kind, tokenizer._state()
+
+
+def tokenizer_from_state(kind: str, state: str) -> Tokenizer:
+    """The tokenizer that ``tokenizer_state`` described; ValueError if it cannot be rebuilt."""
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    return _CLASSES[kind]._from_state(state)
+
+
 def _train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.bitlinear import convert_to_bitlinear
 from lmlab.layers.features import feature_counters, feature_modules, replaying
 from lmlab.layers.mod import DepthRouter, Take
 from lmlab.layers.registry import build_channel_mixer, build_token_mixer
@@ -57,6 +58,8 @@ class Block(nn.Module):
         self.mixer = build_token_mixer(cfg.mixer, cfg, layer_idx)
         self.channel_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.channel = build_channel_mixer(cfg.channel_mixer, cfg, layer_idx)
+        if cfg.bitlinear:
+            convert_to_bitlinear(self)
         self.router = (
             DepthRouter(cfg.d_model, cfg.mod_capacity, cfg.mod_aux_loss_coef)
             if cfg.mod_capacity > 0

@@ -14,7 +14,7 @@ from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import atomic_write_text, load_latest_checkpoint
+from lmlab.train.checkpoint import Checkpoint, atomic_write_text, load_latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -65,6 +65,14 @@ def load_trained_model(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[Config, LanguageModel, Tokenizer, int]:
     """Config, model with the newest valid checkpoint's weights, tokenizer, and its step."""
+    config, model, tokenizer, checkpoint = load_run_checkpoint(path, device)
+    return config, model, tokenizer, checkpoint.step
+
+
+def load_run_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Config, LanguageModel, Tokenizer, Checkpoint]:
+    """As ``load_trained_model``, with the checkpoint itself (its folder, step and tensors)."""
     run_dir, config = open_run(path)
     tokenizer = run_tokenizer(run_dir)
     checkpoint = load_latest_checkpoint(run_dir)
@@ -73,7 +81,7 @@ def load_trained_model(
     model = LanguageModel(config.model)
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
-    return config, model, tokenizer, checkpoint.step
+    return config, model, tokenizer, checkpoint
 
 
 def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
