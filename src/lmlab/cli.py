@@ -125,11 +125,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from lmlab.config.load import preset_names, read_source
+    from lmlab.config.load import preset_description, preset_names
 
-    for name in preset_names():
-        description = read_source(name).get("name", "")
-        print(f"{name}{'  ' + description if description else ''}")
+    names = preset_names()
+    width = max(len(name) for name in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}".rstrip())
     return 0
 
 
@@ -142,7 +143,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if source and "=" in source:
         overrides.insert(0, source)
         source = None
-    config = build_config(source or DEFAULT_PRESET, overrides)
+    if args.preset and source:
+        raise LmlabError(f"give one config: --preset {args.preset} or {source}, not both")
+    config = build_config(args.preset or source or DEFAULT_PRESET, overrides)
     if config.model.vocab_size == 0:
         config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
     model = LanguageModel(config.model)
@@ -345,11 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
 
-    presets = commands.add_parser("presets", help="list the shipped presets")
+    presets = commands.add_parser(
+        "presets", help="list the shipped presets (docs/presets/<name>.md has their figures)"
+    )
     presets.set_defaults(func=cmd_presets)
 
     info = commands.add_parser("info", help="parameters and FLOPs of a config without training it")
     info.add_argument("config", nargs="?", help="preset or YAML file")
+    info.add_argument("--preset", help="a preset shipped with lmlab (see: lmlab presets)")
     info.add_argument("overrides", nargs="*", help="key=value settings")
     info.set_defaults(func=cmd_info)
 

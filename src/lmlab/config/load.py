@@ -6,6 +6,7 @@ closest valid key instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -23,6 +24,19 @@ def preset_names() -> list[str]:
     """Names of the YAML presets shipped in the package."""
     folder = resources.files("lmlab.config") / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The first sentence of a preset's leading comment (what ``lmlab presets`` shows)."""
+    text = (resources.files("lmlab.config") / "presets" / f"{name}.yaml").read_text("utf-8")
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    comment = " ".join(lines)
+    end = comment.find(". ")
+    return comment if end < 0 else comment[: end + 1]
 
 
 def _read_yaml(text: str, where: str) -> dict:
@@ -82,6 +96,16 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     return value
 
 
+def _merge_dicts(target: dict, settings: dict) -> None:
+    """Merge key by key at every depth, so overriding one mixer setting of a preset (e.g.
+    ``model.mixer_options.moe.top_p=0.6``) keeps that mixer's other settings."""
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_dicts(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 def _merge(target: Any, settings: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(target))
     fields = {f.name: f for f in dataclasses.fields(target)}
@@ -94,7 +118,7 @@ def _merge(target: Any, settings: dict, prefix: str = "") -> None:
                 raise LmlabError(f"{prefix}{key} is a section; set its keys, e.g. {prefix}{key}.x=")
             _merge(current, value, f"{prefix}{key}.")
         elif isinstance(current, dict) and isinstance(value, dict):
-            current.update(value)
+            _merge_dicts(current, value)
         else:
             setattr(target, key, _coerce(value, hints[key], prefix + key))
 
