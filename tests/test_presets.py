@@ -16,7 +16,7 @@ SHIPPED = ["bdh", "gpt-tiny", "moh", "nexus", "sigma"]
 
 FEATURES = {
     "moh": {"mixture_of_heads", "sliding_window", "moe"},
-    "sigma": {"moe"},
+    "sigma": {"bitlinear", "moe"},
 }
 """Integrity counters each preset must show running (at least; more may appear)."""
 

@@ -13,6 +13,7 @@ from mixer_checks import (
     make_mixer,
     random_input,
 )
+from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
@@ -85,6 +86,22 @@ def test_differential_matches_naive_two_map_attention():
         o = o / o.square().mean(-1, keepdim=True).add(1e-5).sqrt() * gain * 0.8
         expected = mixer.out(o.reshape(2, 9, heads * dim))
     assert_close(y, expected, 1e-10, "differential MLA vs naive two-map attention")
+
+
+class RoundedLinear(nn.Linear):
+    """A projection that is not a plain linear map (as BitLinear is not): inputs rounded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.round())
+
+
+@pytest.mark.parametrize("differential", [False, True])
+def test_decode_equals_full_when_the_up_projection_is_not_linear(differential):
+    mixer = make_mixer("mla", d_model=32, n_heads=4, differential=differential)
+    rounded = RoundedLinear(mixer.kv_up.in_features, mixer.kv_up.out_features, bias=False)
+    rounded.weight = mixer.kv_up.weight
+    mixer.kv_up = rounded.double()
+    check_decode_matches_full(mixer, time=12, prefix=4)
 
 
 def test_cache_holds_only_latent_and_rope_key_and_is_smaller_than_gqa():

@@ -13,7 +13,9 @@ RoPE cannot go through the up-projection (it depends on the position), hence the
 key. Training and prefill expand the latent into per-head keys and values and use the fused
 kernel; with a cache the up-projections are absorbed into the query and the output
 (``q W_UK`` scores latents directly, ``W_UV`` applied after the weighted sum), so decode never
-materialises per-head keys.
+materialises per-head keys. Absorbing assumes ``kv_up`` is a plain linear map of the latent;
+when it is not (a ternary ``BitLinear``, which also quantises its input), decode expands the
+cached latents instead, exact and slower.
 
 ``differential=True`` (differential MLA, as in seed 000's SIGMA): each head's query and key
 (nope and rope parts alike) split into two halves that give two softmax maps over the same
@@ -134,8 +136,8 @@ class MultiHeadLatentAttention(nn.Module):
         length = cache["length"]
         state = {"latent": cache["k"], "k_rope": cache["v"], "length": length}
         latents, rope_keys = cache["k"][:, :length], cache["v"][:, :length]
-        if offset == 0:
-            maps = self._expanded(q_nope, q_rope, latents, rope_keys)
+        if offset == 0 or type(self.kv_up) is not nn.Linear:
+            maps = self._expanded(q_nope, q_rope, latents, rope_keys, offset)
         else:
             maps = self._absorbed(q_nope, q_rope, latents, rope_keys, offset)
         y = self.differential(*maps) if self.maps == 2 else maps[0]
@@ -147,9 +149,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope: torch.Tensor,
         latents: torch.Tensor,
         rope_keys: torch.Tensor,
+        offset: int,
     ) -> list[torch.Tensor]:
-        """Training/prefill: per-head keys and values from the latents, then the fused kernel
-        (one call per map; its scale is 1/sqrt of the map's query width)."""
+        """Per-head keys and values from the latents, then the fused kernel (one call per map;
+        its scale is 1/sqrt of the map's query width)."""
         batch, _, heads, dim = q_nope.shape
         k_nope, v = self.kv_up(latents).view(batch, -1, heads, 2 * dim).split([dim, dim], -1)
         k_rope = rope_keys[:, :, None].expand(-1, -1, heads, -1)
@@ -158,7 +161,7 @@ class MultiHeadLatentAttention(nn.Module):
                 torch.cat([q_nope[..., nope], q_rope[..., rope]], -1),
                 torch.cat([k_nope[..., nope], k_rope[..., rope]], -1),
                 v,
-                offset=0,
+                offset,
             )
             for nope, rope in self._map_slices()
         ]
