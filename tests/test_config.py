@@ -37,6 +37,13 @@ def test_override_parsing_types():
     }
 
 
+def test_overriding_one_mixer_setting_keeps_the_others(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  mixer_options:\n    moe: {router: top_p, top_p: 0.4}\n")
+    config = build_config(str(path), ["model.mixer_options.moe.top_p=0.6"])
+    assert config.model.mixer_options["moe"] == {"router": "top_p", "top_p": 0.6}
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [

@@ -178,11 +178,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from lmlab.config.load import preset_names, read_source
+    from lmlab.config.load import preset_description, preset_names
 
-    for name in preset_names():
-        description = read_source(name).get("name", "")
-        print(f"{name}{'  ' + description if description else ''}")
+    names = preset_names()
+    width = max(len(name) for name in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}".rstrip())
     return 0
 
 
@@ -190,7 +191,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
     from lmlab.model.lm import LanguageModel
 
-    config = build_config(one_config(args.configs), args.overrides)
+    config = build_config(
+        one_config(([args.preset] if args.preset else []) + args.configs), args.overrides
+    )
     if config.model.vocab_size == 0:
         config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
     model = LanguageModel(config.model)
@@ -429,10 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="file to write (replaced atomically)")
     export.set_defaults(func=cmd_export)
 
-    presets = commands.add_parser("presets", help="list the shipped presets")
+    presets = commands.add_parser(
+        "presets", help="list the shipped presets (docs/presets/<name>.md has their figures)"
+    )
     presets.set_defaults(func=cmd_presets)
 
     info = commands.add_parser("info", help="parameters and FLOPs of a config without training it")
+    info.add_argument("--preset", help="a preset shipped with lmlab (see: lmlab presets)")
     add_configs_and_overrides(info, f"a preset or YAML file ({DEFAULT_PRESET})")
     info.set_defaults(func=cmd_info)
 

@@ -12,7 +12,7 @@ from mixer_checks import (
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.layers.diff_attention import lambda_init
+from lmlab.layers.differential import lambda_init
 from lmlab.layers.registry import build_token_mixer
 
 
@@ -36,10 +36,11 @@ def test_matches_naive_explicit_softmax():
         for j in range(2):
             logits = torch.einsum("bthd,bshd->bhts", q[:, :, :, j], k[:, :, :, j]) / math.sqrt(half)
             maps.append(logits.masked_fill(~causal, float("-inf")).softmax(-1))
-        lq1, lk1, lq2, lk2 = mixer.lambdas
+        lq1, lk1, lq2, lk2 = mixer.differential.lambdas
         lam = torch.exp(lq1 @ lk1) - torch.exp(lq2 @ lk2) + 0.2
         o = torch.einsum("bhts,bshd->bthd", maps[0] - lam * maps[1], v)
-        o = o / o.square().mean(-1, keepdim=True).add(1e-5).sqrt() * mixer.norm.weight * 0.8
+        gain = mixer.differential.norm.weight
+        o = o / o.square().mean(-1, keepdim=True).add(1e-5).sqrt() * gain * 0.8
         expected = mixer.out(o.reshape(2, 10, heads * dim))
     assert_close(y, expected, 1e-10, "diff attention vs naive")
 

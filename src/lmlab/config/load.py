@@ -25,6 +25,19 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """The first sentence of a preset's leading comment (what ``lmlab presets`` shows)."""
+    text = (resources.files("lmlab.config") / "presets" / f"{name}.yaml").read_text("utf-8")
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    comment = " ".join(lines)
+    end = comment.find(". ")
+    return comment if end < 0 else comment[: end + 1]
+
+
 def _read_yaml(text: str, where: str) -> dict:
     try:
         data = yaml.safe_load(text)

@@ -128,6 +128,8 @@ class ModelConfig:
     mixer_options: dict[str, dict] = field(default_factory=dict)
     """Per-mixer settings keyed by mixer name, e.g. ``{gla: {expand_k: 0.5}}``."""
     channel_mixer: str = "swiglu"
+    """``swiglu``, ``moe`` (options under ``mixer_options.moe``) or ``none`` (BDH: the token
+    mixer holds the MLP)."""
     mlp_hidden: int = 0
     """Hidden width of the channel mixer; 0 means 8/3 * d_model rounded up to a multiple of 64."""
     position: str = "rope"

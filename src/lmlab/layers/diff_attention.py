@@ -5,10 +5,9 @@ two softmax maps, cancelling attention noise common to both:
 
     A_j = softmax(Q_j K_j^T / sqrt(d)),  j = 1, 2  (causal)
     o_h = RMSNorm((A_1 - lambda A_2) V) * (1 - lambda_init)      V of width head_dim
-    lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,  lambda_init = 0.8 - 0.6 exp(-0.3 (l-1))
 
-with ``l`` the 1-based layer number and one learned lambda per layer (vectors ``lq*, lk*`` of
-width ``d``, init N(0, 0.1)) as in the official code. Since ``(A_1 - lambda A_2) V = A_1 V -
+with the learned, depth-initialised lambda of :mod:`lmlab.layers.differential` (vectors of
+width ``d``). Since ``(A_1 - lambda A_2) V = A_1 V -
 lambda A_2 V``, each map runs through the fused causal kernel and the KV cache is the usual one
 (both key halves stacked). Deviation: with GQA each query half uses the matching key half of
 its group's key/value head (the official code maps both halves of some heads to one key head).
@@ -17,21 +16,15 @@ Positions: RoPE (on both halves) or none.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.attention import KVState, append_kv, causal_attention
+from lmlab.layers.differential import DifferentialReadout
 from lmlab.layers.position import Rotary
 from lmlab.layers.registry import register_token_mixer
-
-
-def lambda_init(layer_idx: int) -> float:
-    """The paper's depth schedule, ``layer_idx`` 0-based (the paper's ``l - 1``)."""
-    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
 @register_token_mixer("diff_attention")
@@ -56,23 +49,16 @@ class DiffAttention(nn.Module):
                 f"{self.head_dim}; change model.d_model, model.n_heads or model.head_dim"
             )
         self.half = self.head_dim // 2
-        self.lambda_init = lambda_init(layer_idx)
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, q_width + 2 * kv_width, bias=False)
         self.out = nn.Linear(q_width, cfg.d_model, bias=False)
-        self.lambdas = nn.Parameter(torch.empty(4, self.half))
-        self.norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.differential = DifferentialReadout(self.head_dim, self.half, layer_idx, cfg.norm_eps)
         self.rotary = Rotary(self.half, cfg.rope_theta) if cfg.position == "rope" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.lambdas, std=0.1)
-
-    def current_lambda(self) -> torch.Tensor:
-        """``exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` (re-parameterised lambda)."""
-        lq1, lk1, lq2, lk2 = self.lambdas
-        return torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + self.lambda_init
+        self.differential.reset_parameters()
 
     def forward(
         self, x: torch.Tensor, state: KVState | None = None
@@ -95,7 +81,7 @@ class DiffAttention(nn.Module):
             causal_attention(q[..., part], keys[..., part], values, offset)
             for part in (slice(0, self.half), slice(self.half, None))
         ]
-        y = self.norm(maps[0] - self.current_lambda() * maps[1]) * (1 - self.lambda_init)
+        y = self.differential(*maps)
         return self.out(y.reshape(batch, time, q_width)), state
 
     def extra_flops_per_token(self, context: int) -> float:

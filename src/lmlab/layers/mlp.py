@@ -1,4 +1,5 @@
-"""Channel mixers: the SwiGLU MLP (Shazeer 2020)."""
+"""Channel mixers: the SwiGLU MLP (Shazeer 2020), and ``none`` for layers that carry their own
+MLP inside the token mixer (BDH's encoder/decoder pair)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,15 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.out(F.silu(gate) * up)
+
+
+@register_channel_mixer("none")
+class NoChannelMixer(nn.Module):
+    """Adds nothing: the block reduces to ``x + token_mixer(norm(x))`` (its channel norm is
+    left idle, d_model parameters)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
