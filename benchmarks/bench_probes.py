@@ -10,18 +10,7 @@ Usage (the lead runs it alone; it takes minutes per mixer on 2 cores):
     (bdh is much slower per step at this size: a 2-step smoke run took ~3 minutes)
     .venv/bin/python benchmarks/bench_probes.py --examples 512 --epochs 1   # smoke run
 
-Zoology side by side (same data definition, its own trainer), in a scratch folder outside the
-repo:
-    git clone https://github.com/HazyResearch/zoology /tmp/zoology && cd /tmp/zoology
-    python -m venv .venv && .venv/bin/pip install -e . (plus torch CPU, einops, pydantic)
-    Write a config with ``MQARConfig(vocab_size=256, input_seq_len=64, num_kv_pairs=4,
-    num_examples=16_000)`` for train and test, a 2-layer d_model 64 ``ModelConfig`` with
-    ``sequence_mixer`` ``zoology.mixers.attention.MHA`` (or ``zoology.mixers.based`` ...),
-    ``max_epochs`` like ``--epochs`` and the same learning rates, then
-    ``python -m zoology.launch CONFIG.py``. On CPU: its embeddings are created on CUDA by
-    default, so pass ``device='cpu'`` where the embedding is built, and set
-    ``return_embeddings=False`` so the model returns logits. Compare its best test accuracy
-    and wall time per epoch with the lines printed here.
+Zoology side by side (its own trainer, timed to 0.99): benchmarks/bench_zoology.py.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import torch
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
+from lmlab.errors import LmlabError
+from lmlab.eval import probes
 from lmlab.eval.probes import (
     IGNORE,
     ProbeTask,
@@ -16,8 +18,10 @@ from lmlab.eval.probes import (
     loss_by_position,
     mqar,
     needle,
+    probe_model_config,
     run_probe,
     selective_copy,
+    train_probe,
 )
 from lmlab.model.lm import LanguageModel
 
@@ -100,6 +104,25 @@ def test_tiny_attention_model_solves_tiny_mqar(tmp_path):
     assert report["sweep"][0]["solved"] and report["sweep"][0]["epochs"] < 8
     assert json.loads((tmp_path / "probes.json").read_text()) == report["scores"]
     assert "| 0.003 |" in (tmp_path / "probe-mqar_s32_kv4.md").read_text()
+
+
+def test_probe_stops_at_the_first_evaluation_that_solves(monkeypatch):
+    config = build_config("gpt-tiny", ["model.d_model=16", "model.n_layers=1", "model.n_heads=1"])
+    task = ProbeTask("mqar", 16, vocab_size=16, items=2, num_examples=64, test_examples=8)
+    model_cfg = probe_model_config(config, task)
+    train, tests = task.generate(64, 0), task.test_sets()
+    scores = iter([0.5, 0.8, 0.995, 1.0])
+    monkeypatch.setattr(probes, "accuracy", lambda model, split: next(scores))
+    # 64 examples in batches of 8: 8 steps per epoch, an evaluation every 2 steps.
+    result = train_probe(model_cfg, train, tests, lr=1e-3, epochs=5, batch_size=8)
+    assert result["solved"] and result["steps"] == 6 and result["epochs"] == 0.75
+    assert result["accuracy"] == {"mqar_s16_kv2": 0.995} and next(scores) == 1.0
+
+    monkeypatch.setattr(probes, "accuracy", lambda model, split: 0.5)
+    result = train_probe(model_cfg, train, tests, lr=1e-3, epochs=2, batch_size=8)
+    assert not result["solved"] and result["steps"] == 16 and result["epochs"] == 2
+    with pytest.raises(LmlabError, match="evals_per_epoch"):
+        train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, evals_per_epoch=0)
 
 
 def test_loss_by_position_has_one_value_per_bucket():

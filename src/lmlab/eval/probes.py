@@ -244,11 +244,18 @@ def train_probe(
     batch_size: int = 64,
     weight_decay: float = 0.1,
     seed: int = 0,
+    evals_per_epoch: int = 4,
 ) -> dict:
-    """Train a fresh model with AdamW (linear warmup, cosine decay) for ``epochs`` passes over
-    ``train``, evaluating after each epoch and stopping early once every test set is solved.
+    """Train a fresh model with AdamW (linear warmup over 10% of the steps, cosine decay) for
+    up to ``epochs`` passes over ``train``, evaluating ``evals_per_epoch`` times per epoch and
+    stopping at the first evaluation where every test set is solved.
 
-    Returns the best accuracy per test set, the epochs run, seconds and whether it solved."""
+    Evaluating within epochs matters because a probe is usually solved mid-epoch and the time
+    to solve is what a sweep pays for: an evaluation per epoch trains up to an epoch too long.
+    Returns the best accuracy per test set, the epochs and steps run, the seconds and whether
+    it solved."""
+    if evals_per_epoch < 1:
+        raise LmlabError(f"evals_per_epoch={evals_per_epoch} must be at least 1")
     torch.manual_seed(seed)
     model = LanguageModel(model_cfg)
     optimizers = build_optimizers(
@@ -256,11 +263,12 @@ def train_probe(
     )
     steps_per_epoch = math.ceil(len(train[0]) / batch_size)
     total_steps = epochs * steps_per_epoch
+    eval_every = max(1, steps_per_epoch // evals_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     best = dict.fromkeys(tests, 0.0)
-    step, started, epochs_run = 0, time.perf_counter(), 0
+    step, started = 0, time.perf_counter()
     model.train()
-    for epoch in range(1, epochs + 1):
+    while step < total_steps and min(best.values()) < SOLVED:
         order = torch.randperm(len(train[0]), generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
@@ -274,15 +282,16 @@ def train_probe(
             )
             optimizers.step()
             step += 1
-        epochs_run = epoch
-        for name, split in tests.items():
-            best[name] = max(best[name], accuracy(model, split))
-        if min(best.values()) >= SOLVED:
-            break
+            if step % eval_every == 0 or step == total_steps:
+                for name, split in tests.items():
+                    best[name] = max(best[name], accuracy(model, split))
+                if min(best.values()) >= SOLVED:
+                    break
     return {
         "lr": lr,
         "accuracy": best,
-        "epochs": epochs_run,
+        "epochs": round(step / steps_per_epoch, 2),
+        "steps": step,
         "seconds": time.perf_counter() - started,
         "solved": min(best.values()) >= SOLVED,
     }
