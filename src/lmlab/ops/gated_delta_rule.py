@@ -30,6 +30,9 @@ __all__ = ["gated_delta_rule"]
 
 _SUBCHUNK = 16
 _CLAMP = 40.0
+# Largest |exponent| of a per-channel decay factor when a whole chunk is factorised around its
+# middle; chunks spanning more take the sub-chunked path.
+_HALF_SPAN = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def gated_delta_rule(
@@ -178,8 +181,10 @@ def _decayed_grams(
 
     ``g`` is the within-chunk cumulative log-decay (``[..., C, 1]`` per head or ``[..., C, K]``
     per channel; ``None``: no decay) and ``g_step`` its per-step increments. Per head the
-    ``[C, C]`` exponent is masked before ``exp``. Per channel the exponent has a key axis, so
-    :func:`_channel_decayed_grams` splits the chunk into sub-chunks.
+    ``[C, C]`` exponent is masked before ``exp``. Per channel the exponent has a key axis: when
+    every chunk's decay spans at most ``2 * _HALF_SPAN`` it is factorised into row and column
+    scales (as cheap as the per-head case), else :func:`_channel_decayed_grams` splits the chunk
+    into sub-chunks.
     """
     c_len = k.shape[-2]
     above = torch.triu(torch.ones(c_len, c_len, dtype=torch.bool, device=k.device), diagonal=1)
@@ -188,6 +193,14 @@ def _decayed_grams(
     if g.shape[-1] == 1:
         decay = (g - g.mT).masked_fill(above, float("-inf")).exp()
         return [(x @ k.mT) * decay for x in xs]
+    if bool((g[..., 0, :] - g[..., -1, :]).max() <= 2 * _HALF_SPAN[k.dtype]):
+        # exp(g_t - g_s) = exp(g_t - m) exp(m - g_s), m halfway through each chunk's decay: both
+        # factors within exp(+-_HALF_SPAN). Above the diagonal the product may overflow; the
+        # mask assigns (no inf * 0).
+        mid = (g[..., :1, :] + g[..., -1:, :]) / 2
+        gain = (g - mid).exp()
+        k_dec = k / gain
+        return [((x * gain) @ k_dec.mT).masked_fill(above, 0.0) for x in xs]
     return _channel_decayed_grams(xs, k, g, g_step)
 
 
