@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.triangular import unit_lower_solve
 
 # Sub-block length for strong decays, and the largest exponent a factor may carry per dtype.
 _SUB = 8
@@ -175,7 +176,7 @@ def _chunked(
 
     # U = U0 + W S0 from (I - A_ab) U = A_ak V + (a e^{G^-}) S0.
     rhs = torch.cat((a_ak @ v, a_dec), dim=-1)
-    solved = torch.linalg.solve_triangular(-a_ab, rhs, upper=False, unitriangular=True)
+    solved = unit_lower_solve(-a_ab, rhs)
     u0, w = solved.split((value_dim, key_dim), dim=-1)
 
     # Across chunks: U = U0 + W S0, S_end = e^{G_end} S0 + B_end^T U + K_end^T V.

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.triangular import unit_lower_solve
 
 __all__ = ["gated_delta_rule"]
 
@@ -133,7 +134,7 @@ def _chunk(
         k_start, q_start = k * decay_start, q * decay_start
         k_end = k * (g[..., -1:, :] - g).exp()
     # (I + A) [U~, W] = diag(beta) [V, K * Gamma], so that U = U~ - W S_0 for a start state S_0.
-    sol = _UnitLowerSolve.apply(a, beta * torch.cat((v, k_start), dim=-1))
+    sol = unit_lower_solve(a, beta * torch.cat((v, k_start), dim=-1))
     o_intra, p_w = (p @ sol).split((dv, dk), dim=-1)
     q_eff = q_start - p_w
     # The next state is M S_0 + B with M = diag(Gamma_C) - K_end^T W and B = K_end^T U~.
@@ -147,28 +148,6 @@ def _chunk(
         state = m_i @ state + inject_i
     o = o_intra + q_eff @ torch.stack(starts)
     return o.permute(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t], state
-
-
-class _UnitLowerSolve(torch.autograd.Function):
-    """``X = (I + A)^{-1} R`` for strictly lower ``A`` (its diagonal and upper part are ignored).
-
-    Forms the inverse ``T`` once so that both passes are plain matmuls (batched triangular solves
-    are several times slower than matmuls on CPU): ``dR = T^T dX``, ``dA = -tril(dR X^T)``.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, rhs: torch.Tensor):
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-        inv = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
-        x = inv @ rhs
-        ctx.save_for_backward(inv, x)
-        return x
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor):
-        inv, x = ctx.saved_tensors
-        grad_rhs = inv.mT @ grad_x
-        return -(grad_rhs @ x.mT).tril(-1), grad_rhs
 
 
 def _decayed_grams(

@@ -16,11 +16,13 @@ direction (``j <= i``), so never ``> 1`` and nothing overflows however strong th
 
 * per-head decay: the ``[C, C]`` matrix ``b_i - b_j`` is masked above the diagonal before the
   ``exp``;
-* per-channel decay: ``q exp(b)`` and ``k exp(-b)`` would overflow, so the chunk is split in
-  halves recursively and each right half sees its left half through queries and keys both
-  decayed to the first step of the right half (the secondary chunking of
-  flash-linear-attention, taken down to single steps so that no ``[C, C, K]`` tensor is
-  needed);
+* per-channel decay: ``q exp(b - m)`` and ``k exp(m - b)`` with ``m`` halfway through the
+  chunk's decay, one masked matmul as in the per-head case, when no chunk's decay spans more
+  than ``2 * _HALF_SPAN`` (60 in float32: a mean log decay of -0.9 a step over 64 steps) in any
+  channel. Stronger decays would overflow those factors, so the chunk is then split in halves
+  recursively and each right half sees its left half through queries and keys both decayed to
+  the first step of the right half (the secondary chunking of flash-linear-attention, taken
+  down to single steps so that no ``[C, C, K]`` tensor is needed);
 * across chunks, queries are decayed from the chunk start (``exp(b_i)``) and keys to the chunk
   end (``exp(b_C - b_j)``).
 
@@ -299,7 +301,8 @@ def _intra_forward(
         # both factors within exp(+-_HALF_SPAN), so the causal weights are exact to rounding.
         # Above the diagonal the product can reach exp(2 * _HALF_SPAN) (even inf): tril_ assigns.
         mid = (b[..., :1, :] + b[..., -1:, :]) / 2
-        q_gain, k_gain = _exp(b - mid, q.dtype), _exp(mid - b, q.dtype)
+        q_gain = _exp(b - mid, q.dtype)
+        k_gain = q_gain.reciprocal()
         attn = ((q * q_gain) @ (k * k_gain).mT).tril_()
         return attn @ v, (attn, q_gain, k_gain)
     attn = q @ k.mT
