@@ -3,11 +3,16 @@ the oracle (outputs, final state and every gradient), decode and segment carryin
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmlab.ops.gated_delta_rule import gated_delta_rule
+
+# The module (lmlab.ops exports the function under the same name), to watch its internals.
+gdr = importlib.import_module("lmlab.ops.gated_delta_rule")
 
 B, H, K, V = 2, 2, 8, 6  # K != V catches transposed state layouts
 DECAYS = ("none", "head", "channel")
@@ -125,6 +130,31 @@ def test_strong_decay_long_chunks_stay_finite(decay: str) -> None:
     for g, r in zip(got, ref, strict=True):
         assert torch.isfinite(g).all()
         assert _rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("fraction", [0.98, 1.02])
+def test_per_channel_forms_either_side_of_the_span_limit(
+    fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks whose decay spans just under (one factorisation) and just over (sub-chunks) the
+    float32 limit both match the float64 oracle."""
+    sub_chunked = []
+    original = gdr._channel_decayed_grams
+    monkeypatch.setattr(
+        gdr, "_channel_decayed_grams", lambda *args: sub_chunked.append(1) or original(*args)
+    )
+    t, c = 150, 64
+    exact = _inputs(t, "channel")
+    gen = torch.Generator().manual_seed(7)
+    jitter = 1.0 - 0.01 * torch.rand(B, t, H, K, generator=gen, dtype=torch.float64)
+    # The c - 1 steps after a chunk's first one make its span.
+    exact["log_decay"] = -fraction * 2 * gdr._HALF_SPAN[torch.float32] / (c - 1) * jitter
+    ref = _run(exact, True, grad=True, mode="recurrent")
+    inputs = {n: x.float() for n, x in exact.items()}
+    got = _run(inputs, True, grad=True, mode="chunk", chunk_size=c)
+    for g, r in zip(got, ref, strict=True):
+        assert _rel_err(g, r) < 1e-5
+    assert bool(sub_chunked) == (fraction > 1)
 
 
 def test_per_head_decay_equals_uniform_per_channel_decay() -> None:

@@ -3,10 +3,16 @@ against the closed-form attention-matrix expression."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from lmlab.ops.gated_linear_attention import gated_linear_attention
+
+# The module (lmlab.ops exports the function under the same name), to watch its internals.
+gla = importlib.import_module("lmlab.ops.gated_linear_attention")
+per_channel_forward = gla._per_channel_forward
 
 B, H, K, V = 2, 2, 8, 6
 KINDS = ("none", "head", "channel")
@@ -169,6 +175,30 @@ def test_chunk_float32_matches_float64_oracle(kind: str, max_decay: float) -> No
     actual = run_with_grads(inputs, compute_dtype=torch.float32, mode="chunk", chunk_size=128)
     assert all(x.dtype == torch.float32 for x in actual.values())
     assert_all_close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.98, 1.02])
+def test_per_channel_forms_either_side_of_the_span_limit(
+    fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks whose decay spans just under (one factorisation) and just over (halving) the
+    float32 limit both match the float64 oracle."""
+    halving = []
+    monkeypatch.setattr(
+        gla,
+        "_per_channel_forward",
+        lambda *args: halving.append(1) or per_channel_forward(*args),
+    )
+    T, C = 150, 64
+    inputs = make_inputs("channel", T)
+    gen = torch.Generator().manual_seed(7)
+    jitter = 1.0 - 0.01 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+    # C - 1 steps after a chunk's first one make its span.
+    inputs["log_decay"] = -fraction * 2 * gla._HALF_SPAN[torch.float32] / (C - 1) * jitter
+    expected = run_with_grads(inputs, mode="recurrent")
+    actual = run_with_grads(inputs, compute_dtype=torch.float32, mode="chunk", chunk_size=C)
+    assert_all_close(actual, expected, 1e-5)
+    assert bool(halving) == (fraction > 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

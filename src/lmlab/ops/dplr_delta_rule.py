@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.triangular import unit_lower_solve
 
 # Sub-block length for strong decays, and the largest exponent a factor may carry per dtype.
 _SUB = 8
@@ -149,18 +150,18 @@ def _chunked(
     q, k, v, a, b, g = (x.unflatten(2, (n_chunks, size)) for x in (q, k, v, a, b, g))
     # Log decays accumulate in float64: a float32 cumsum would put an error of eps * |G| into
     # every e^{G_t - G_s} (1e-5 relative at -10 per step over a chunk of 32).
-    g = g.to(torch.float64)
-    cum = g.cumsum(-2)  # G_t, inclusive
-    cum_excl = cum - g  # G_{t-1}
+    cum = g.to(torch.float64).cumsum(-2)  # G_t, inclusive
     last = cum[..., -1:, :]  # G at the chunk's end
-    a_dec = a * _exp(cum_excl, a)  # reads S0 through the decay so far
-    q_dec = q * _exp(cum, q)
-    to_end = _exp(last - cum, q)
-    b_end, k_end = b * to_end, k * to_end  # writes, decayed to the chunk's end
     if bool(last.min() >= -_EXP_LIMIT[q.dtype]):
-        # e^{G_t - G_s} = e^{G_t} e^{-G_s}: no chunk spans a decay beyond the float range.
-        from_start = _exp(-last, q)
-        b_in, k_in = b_end * from_start, k_end * from_start  # b e^{-G}, k e^{-G}
+        # e^{G_t - G_s} = e^{G_t} e^{-G_s}: no chunk spans a decay beyond the float range, so
+        # every factor derives from e^{G} and e^{-G} (each rounded once from float64; not 1/e^G,
+        # whose derivative -1/(e^G)^2 overflows float32).
+        e, e_inv = _exp(cum, q), _exp(-cum, q)
+        e_last = e[..., -1:, :]
+        a_dec = a * F.pad(e[..., :-1, :], (0, 0, 1, 0), value=1.0)  # a e^{G^-}: reads S0
+        q_dec = q * e
+        b_in, k_in = b * e_inv, k * e_inv
+        b_end, k_end = b_in * e_last, k_in * e_last  # writes, decayed to the chunk's end
         steps = torch.arange(size, device=q.device)
         strict = steps[:, None] > steps[None, :]
         incl = steps[:, None] >= steps[None, :]
@@ -169,17 +170,23 @@ def _chunked(
         a_qb = torch.where(incl, q_dec @ b_in.mT, 0.0)
         a_qk = torch.where(incl, q_dec @ k_in.mT, 0.0)
     else:
+        cum_excl = cum - g  # G_{t-1}
+        a_dec = a * _exp(cum_excl, a)
+        q_dec = q * _exp(cum, q)
+        to_end = _exp(last - cum, q)
+        b_end, k_end = b * to_end, k * to_end
+        e_last = _exp(last, q)
         (a_ab, a_ak), (a_qb, a_qk) = _decayed_products(
             ((a, cum_excl, True), (q, cum, False)), (b, k), cum, math.gcd(size, _SUB)
         )
 
     # U = U0 + W S0 from (I - A_ab) U = A_ak V + (a e^{G^-}) S0.
     rhs = torch.cat((a_ak @ v, a_dec), dim=-1)
-    solved = torch.linalg.solve_triangular(-a_ab, rhs, upper=False, unitriangular=True)
+    solved = unit_lower_solve(-a_ab, rhs)
     u0, w = solved.split((value_dim, key_dim), dim=-1)
 
     # Across chunks: U = U0 + W S0, S_end = e^{G_end} S0 + B_end^T U + K_end^T V.
-    decay = _exp(last.mT, q).flatten(0, 1).unbind(1)  # [B*H, K, 1] per chunk
+    decay = e_last.mT.flatten(0, 1).unbind(1)  # [B*H, K, 1] per chunk
     k_v = (k_end.mT @ v).flatten(0, 1).unbind(1)
     u0, w, b_end = (x.flatten(0, 1).unbind(1) for x in (u0, w, b_end))
     if state is None:

@@ -25,11 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.triangular import unit_lower_solve
 
 __all__ = ["gated_delta_rule"]
 
 _SUBCHUNK = 16
 _CLAMP = 40.0
+# Largest |exponent| of a per-channel decay factor when a whole chunk is factorised around its
+# middle; chunks spanning more take the sub-chunked path.
+_HALF_SPAN = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def gated_delta_rule(
@@ -130,7 +134,7 @@ def _chunk(
         k_start, q_start = k * decay_start, q * decay_start
         k_end = k * (g[..., -1:, :] - g).exp()
     # (I + A) [U~, W] = diag(beta) [V, K * Gamma], so that U = U~ - W S_0 for a start state S_0.
-    sol = _UnitLowerSolve.apply(a, beta * torch.cat((v, k_start), dim=-1))
+    sol = unit_lower_solve(a, beta * torch.cat((v, k_start), dim=-1))
     o_intra, p_w = (p @ sol).split((dv, dk), dim=-1)
     q_eff = q_start - p_w
     # The next state is M S_0 + B with M = diag(Gamma_C) - K_end^T W and B = K_end^T U~.
@@ -146,28 +150,6 @@ def _chunk(
     return o.permute(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t], state
 
 
-class _UnitLowerSolve(torch.autograd.Function):
-    """``X = (I + A)^{-1} R`` for strictly lower ``A`` (its diagonal and upper part are ignored).
-
-    Forms the inverse ``T`` once so that both passes are plain matmuls (batched triangular solves
-    are several times slower than matmuls on CPU): ``dR = T^T dX``, ``dA = -tril(dR X^T)``.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, rhs: torch.Tensor):
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-        inv = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
-        x = inv @ rhs
-        ctx.save_for_backward(inv, x)
-        return x
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor):
-        inv, x = ctx.saved_tensors
-        grad_rhs = inv.mT @ grad_x
-        return -(grad_rhs @ x.mT).tril(-1), grad_rhs
-
-
 def _decayed_grams(
     xs: tuple[torch.Tensor, ...],
     k: torch.Tensor,
@@ -178,8 +160,10 @@ def _decayed_grams(
 
     ``g`` is the within-chunk cumulative log-decay (``[..., C, 1]`` per head or ``[..., C, K]``
     per channel; ``None``: no decay) and ``g_step`` its per-step increments. Per head the
-    ``[C, C]`` exponent is masked before ``exp``. Per channel the exponent has a key axis, so
-    :func:`_channel_decayed_grams` splits the chunk into sub-chunks.
+    ``[C, C]`` exponent is masked before ``exp``. Per channel the exponent has a key axis: when
+    every chunk's decay spans at most ``2 * _HALF_SPAN`` it is factorised into row and column
+    scales (as cheap as the per-head case), else :func:`_channel_decayed_grams` splits the chunk
+    into sub-chunks.
     """
     c_len = k.shape[-2]
     above = torch.triu(torch.ones(c_len, c_len, dtype=torch.bool, device=k.device), diagonal=1)
@@ -188,6 +172,14 @@ def _decayed_grams(
     if g.shape[-1] == 1:
         decay = (g - g.mT).masked_fill(above, float("-inf")).exp()
         return [(x @ k.mT) * decay for x in xs]
+    if bool((g[..., 0, :] - g[..., -1, :]).max() <= 2 * _HALF_SPAN[k.dtype]):
+        # exp(g_t - g_s) = exp(g_t - m) exp(m - g_s), m halfway through each chunk's decay: both
+        # factors within exp(+-_HALF_SPAN). Above the diagonal the product may overflow; the
+        # mask assigns (no inf * 0).
+        mid = (g[..., :1, :] + g[..., -1:, :]) / 2
+        gain = (g - mid).exp()
+        k_dec = k / gain
+        return [((x * gain) @ k_dec.mT).masked_fill(above, 0.0) for x in xs]
     return _channel_decayed_grams(xs, k, g, g_step)
 
 

@@ -16,11 +16,13 @@ direction (``j <= i``), so never ``> 1`` and nothing overflows however strong th
 
 * per-head decay: the ``[C, C]`` matrix ``b_i - b_j`` is masked above the diagonal before the
   ``exp``;
-* per-channel decay: ``q exp(b)`` and ``k exp(-b)`` would overflow, so the chunk is split in
-  halves recursively and each right half sees its left half through queries and keys both
-  decayed to the first step of the right half (the secondary chunking of
-  flash-linear-attention, taken down to single steps so that no ``[C, C, K]`` tensor is
-  needed);
+* per-channel decay: ``q exp(b - m)`` and ``k exp(m - b)`` with ``m`` halfway through the
+  chunk's decay, one masked matmul as in the per-head case, when no chunk's decay spans more
+  than ``2 * _HALF_SPAN`` (60 in float32: a mean log decay of -0.9 a step over 64 steps) in any
+  channel. Stronger decays would overflow those factors, so the chunk is then split in halves
+  recursively and each right half sees its left half through queries and keys both decayed to
+  the first step of the right half (the secondary chunking of flash-linear-attention, taken
+  down to single steps so that no ``[C, C, K]`` tensor is needed);
 * across chunks, queries are decayed from the chunk start (``exp(b_i)``) and keys to the chunk
   end (``exp(b_C - b_j)``).
 
@@ -37,6 +39,10 @@ from collections.abc import Iterator
 import torch
 
 from lmlab.ops.checks import check_core_args
+
+# Largest |exponent| of a per-channel decay factor in the one-factorisation-per-chunk form:
+# factors stay far from overflow, and their products (up to exp(2 * this)) below float32's max.
+_HALF_SPAN = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def gated_linear_attention(
@@ -144,7 +150,7 @@ class _ChunkGLA(torch.autograd.Function):
         # lose ~|b| * 6e-8 of absolute precision (1e-5 relative error at log decay -10 a step).
         b = None if gate is None else _to_chunks(gate, N, C).double().cumsum_(-2)
 
-        kind = "none" if b is None else "head" if b.shape[-1] == 1 else "channel"
+        kind = "none" if b is None else "head" if b.shape[-1] == 1 else _channel_kind(b, q.dtype)
         o, intra_saved = _intra_forward(kind, q, k, v, b)
         q_gain, k_gain, chunk_decay = _inter_gains(b, q.dtype)
         q_inter = q if q_gain is None else q * q_gain
@@ -277,12 +283,28 @@ def _exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).exp_() if x.dtype != dtype else x.exp()
 
 
+def _channel_kind(b: torch.Tensor, dtype: torch.dtype) -> str:
+    """``"channel"`` (one factorisation per chunk) when no chunk's decay spans more than
+    ``2 * _HALF_SPAN`` in any channel, else ``"channel_split"`` (the halving form)."""
+    span = b[..., 0, :] - b[..., -1, :]
+    return "channel" if bool(span.max() <= 2 * _HALF_SPAN[dtype]) else "channel_split"
+
+
 def _intra_forward(
     kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor | None
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Output of each chunk from its own keys, and what :func:`_intra_backward` needs."""
-    if kind == "channel":
+    if kind == "channel_split":
         return _per_channel_forward(q, k, v, b)
+    if kind == "channel":
+        # exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) with m halfway through the chunk's decay:
+        # both factors within exp(+-_HALF_SPAN), so the causal weights are exact to rounding.
+        # Above the diagonal the product can reach exp(2 * _HALF_SPAN) (even inf): tril_ assigns.
+        mid = (b[..., :1, :] + b[..., -1:, :]) / 2
+        q_gain = _exp(b - mid, q.dtype)
+        k_gain = q_gain.reciprocal()
+        attn = ((q * q_gain) @ (k * k_gain).mT).tril_()
+        return attn @ v, (attn, q_gain, k_gain)
     attn = q @ k.mT
     if kind == "none":
         attn.tril_()
@@ -304,12 +326,19 @@ def _intra_backward(
     do: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`_intra_forward`'s output with respect to q, k, v and ``b``."""
-    if kind == "channel":
+    if kind == "channel_split":
         return _per_channel_backward(q, k, v, saved[0], do)
     attn = saved[0]
     dv = attn.mT @ do
     d_attn = do @ v.mT
     db = None
+    if kind == "channel":
+        q_gain, k_gain = saved[1], saved[2]
+        d_attn.tril_()
+        dq = (d_attn @ (k * k_gain)).mul_(q_gain)
+        dk = (d_attn.mT @ (q * q_gain)).mul_(k_gain)
+        # The weight of pair (i, j) is exp(b_i - b_j): q's gain carries +b, k's gain -b.
+        return dq, dk, dv, dq * q - dk * k
     if kind == "none":
         d_attn.tril_()
     else:
