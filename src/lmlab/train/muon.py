@@ -26,17 +26,23 @@ def newton_schulz(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``U S' V^T`` with ``S'`` near 1 for ``update = U S V^T``, computed in ``dtype``."""
+    """``U S' V^T`` with ``S'`` near 1 for ``update = U S V^T``, computed in ``dtype``; a
+    ``[batch, rows, cols]`` stack is orthogonalised matrix by matrix in batched matmuls."""
     a, b, c = coefficients
     x = update.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    if x.ndim == 2:  # torch.optim.Muon's exact operations (tested bit for bit in bf16)
+        x = x / x.norm().clamp(min=eps)
+        multiply_add = torch.addmm
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        multiply_add = torch.baddbmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -70,8 +76,12 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """Matrices of the same shape in a group (e.g. a mixture of experts' expert weights)
+        are orthogonalised together in one batched iteration: on a CPU a few dozen small
+        iterations one by one cost as much as the forward and backward pass."""
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            same_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -82,9 +92,16 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(
-                    update, group["ns_steps"], eps=group["eps"], dtype=self.ns_dtype
+                key = (tuple(param.shape), param.dtype, param.device)
+                same_shape.setdefault(key, []).append((param, update))
+            for pairs in same_shape.values():
+                params, updates = zip(*pairs, strict=True)
+                stacked = updates[0] if len(updates) == 1 else torch.stack(updates)
+                orthogonal = newton_schulz(
+                    stacked, group["ns_steps"], eps=group["eps"], dtype=self.ns_dtype
                 )
-                rows, cols = param.shape
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update.to(param.dtype), alpha=-lr * math.sqrt(max(1, rows / cols)))
+                rows, cols = params[0].shape
+                scale = -lr * math.sqrt(max(1, rows / cols))
+                for param, update in zip(params, orthogonal.view(-1, rows, cols), strict=True):
+                    param.mul_(1 - lr * group["weight_decay"])
+                    param.add_(update.to(param.dtype), alpha=scale)
