@@ -11,7 +11,14 @@ from lmlab.config.schema import Config
 from lmlab.data.dataset import prepare_data
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import load_latest_checkpoint
-from lmlab.train.run import TOKENIZER_DIR, new_run_dir, open_run, run_tokenizer, save_run_config
+from lmlab.train.run import (
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    new_run_dir,
+    open_run,
+    run_tokenizer,
+    save_run_config,
+)
 from lmlab.train.trainer import Trainer
 
 RESUMABLE_KEYS = (
@@ -58,7 +65,11 @@ def new_trainer(config: Config, label: str, show_progress: bool = True) -> Train
         save_run_config(run_dir, config)
         return Trainer(config, run_dir, data, tokenizer, None, show_progress=show_progress)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run that cannot start leaves nothing
+        # A run that cannot start leaves nothing of its own (a caller's log file stays).
+        shutil.rmtree(run_dir / TOKENIZER_DIR, ignore_errors=True)
+        (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
         raise
 
 
