@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -17,17 +17,6 @@ from lmlab.eval.scaling import fit_scaling_law, relative_error
 TRUE = {"E": 1.5, "A": 30.0, "alpha": 0.35, "B": 60.0, "beta": 0.3}
 SIZES = [1e4, 3e4, 1e5, 3e5]
 TOKENS = [1e5, 3e5, 1e6, 3e6]
-TINY = [
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=8",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.optimizer=adamw",
-    "train.precision=fp32",
-    "train.threads=1",
-]
 
 
 def law(n: float, d: float) -> float:
@@ -119,23 +108,11 @@ def test_parsers():
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, options, message):
-    code = main(["scale", "--quiet", "--out", str(tmp_path / "s"), *options, *TINY])
+    code = main(["scale", "--quiet", "--out", str(tmp_path / "s"), *options, *TINY_RUN])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "s").exists()
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(3):
-        lines = [
-            f"Line {j} of work {i}: to be or not to be, that is the question." for j in range(300)
-        ]
-        (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return folder
 
 
 def test_scale_end_to_end_and_resume(tmp_path, corpus, monkeypatch, capsys):
@@ -153,7 +130,7 @@ def test_scale_end_to_end_and_resume(tmp_path, corpus, monkeypatch, capsys):
         "--quiet",
         "--out",
         str(out),
-        *TINY,
+        *TINY_RUN,
         f"data.path={corpus}",
     ]
     assert main(args) == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
@@ -16,18 +17,6 @@ from lmlab.errors import LmlabError
 from lmlab.eval import registry
 from lmlab.eval.search import STUDY_FILE, STUDY_NAME, _objective, _open_study, plan_search
 from lmlab.train.trainer import Trainer
-
-TINY = [
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=8",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.optimizer=adamw",
-    "train.precision=fp32",
-    "train.threads=1",
-]
 
 
 @pytest.fixture
@@ -47,7 +36,7 @@ def space(tmp_path: Path, monkeypatch) -> Path:
 
 def write_space(path: Path, **params) -> None:
     """A space over the tiny corpus next to ``path``; ``params`` replace or add entries."""
-    overrides = [*TINY, f"data.path={path.parent / 'corpus'}"]
+    overrides = [*TINY_RUN, f"data.path={path.parent / 'corpus'}"]
     spec = {
         "train.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True},
         "model.d_model": {"low": 16, "high": 32, "step": 16},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lmlab.errors import LmlabError
@@ -62,6 +63,15 @@ def one_config(configs: list[str], default: str | None = DEFAULT_PRESET) -> str:
     if default is None:
         raise LmlabError("give a config: a preset or a YAML file")
     return default
+
+
+def run_resumable(run: Callable[..., dict], plan: object, args: argparse.Namespace) -> dict | None:
+    """Run a compare, scale or search plan; on Ctrl-C say how to continue and return None."""
+    try:
+        return run(plan, show_progress=not args.quiet, registry_location=args.registry)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -223,10 +233,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parallel=args.parallel,
     )
     print(f"compare folder {plan.out} ({len(plan.runs)} runs)", file=sys.stderr)
-    try:
-        results = run_compare(plan, show_progress=not args.quiet, registry_location=args.registry)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+    results = run_resumable(run_compare, plan, args)
+    if results is None:
         return 130
     print("\n".join(summary_lines(results)))
     return 1 if results["failed"] else 0
@@ -246,10 +254,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
         out=args.out,
     )
     print(f"scale folder {plan.out} ({len(plan.runs.runs)} runs)", file=sys.stderr)
-    try:
-        results = run_scale(plan, show_progress=not args.quiet, registry_location=args.registry)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+    results = run_resumable(run_scale, plan, args)
+    if results is None:
         return 130
     print("\n".join(summary_lines(results)))
     return 1 if results["failed"] else 0
@@ -288,10 +294,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
     )
     print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
-    try:
-        results = run_search(plan, show_progress=not args.quiet, registry_location=args.registry)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+    results = run_resumable(run_search, plan, args)
+    if results is None:
         return 130
     print("\n".join(summary_lines(results)))
     return 0 if results["best"] else 1
