@@ -11,18 +11,22 @@ processes on a shared machine falls on both alike.
 
 Each system keeps its own recipe, as a user of each would run it: zoology's
 ``original_mqar_configs`` model (a short-convolution layer then the mixer, no MLP, batch 256,
-AdamW with cosine decay per epoch, 32 epochs, dropout 0.1 in attention) and lmlab's
-``gpt-tiny`` block (mixer plus SwiGLU per layer, batch 64, the probe's AdamW schedule). Zoology's
-models put a short convolution before the mixer; lmlab's nearest is the layer pattern ``HA``
-(hyena, which starts with a short convolution, then attention) or ``HG`` (then GLA, for Based,
-which lmlab lacks); plain ``attention`` is lmlab's attention-only model.
+AdamW with cosine decay per epoch, 32 epochs, dropout 0.1 in attention) and lmlab's probe with
+the settings its docs recommend for MQAR: no MLP (``model.channel_mixer=none``), a width-3
+causal convolution over attention's queries, keys and values
+(``model.mixer_options.attention.qkv_conv=3``, lmlab's counterpart of zoology's short
+convolution layer), batch 32, no warmup, 16 screened checks per epoch (the default).
+``--lmlab-overrides`` and the ``--lmlab-*`` options change that recipe (e.g.
+``--lmlab-overrides ""`` for lmlab's default block with its SwiGLU MLP). An upper-case lmlab
+side is a ``model.pattern``, e.g. ``HG`` (hyena, which starts with a short convolution, then
+GLA: lmlab has no Based).
 
 Zoology needs a CPU-patched scratch checkout and its own venv, outside the repo (see
 docs/probes.md for the patches):
     .venv/bin/python benchmarks/bench_zoology.py --zoology /tmp/scratch/zoology \\
         --zoology-python /tmp/scratch/zoo-venv/bin/python
-        [--pairs attention:attention,attention:HA,based:HG]
-        [--zoology-lr 1e-2] [--lmlab-lr 1e-2] [--lmlab-overrides "model.mlp_hidden=64"]
+        [--pairs attention:attention,based:HG] [--zoology-lr 1e-2] [--lmlab-lr 1e-2]
+        [--lmlab-overrides "..."] [--lmlab-batch-size 32] [--lmlab-warmup 0]
         [--threads 2] [--repeats 1] [--examples 16000]
 Prints one row per run and a table: system, mixer, seconds to 0.99, final accuracy, ratio
 (lmlab seconds / zoology seconds for the pair; the target is <= 0.33).
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEQ_LEN, KV_PAIRS, VOCAB, TEST_EXAMPLES, WIDTH, LAYERS = 64, 4, 256, 1000, 64, 2
+HEADS = 2  # zoology's MHA for MQAR
+LMLAB_OVERRIDES = "model.channel_mixer=none model.mixer_options.attention.qkv_conv=3"
 
 # Zoology's sequence mixers as its models_repo.py configures them for MQAR.
 ZOOLOGY_MIXERS = {
@@ -150,11 +156,13 @@ def run_lmlab(args: argparse.Namespace, mixer: str, env: dict[str, str], tmp: Pa
     command = [
         sys.executable, "-m", "lmlab.cli", "probe", "gpt-tiny",
         f"model.pattern={mixer}" if mixer.isupper() else f"model.mixer={mixer}",
-        f"model.d_model={WIDTH}", f"model.n_layers={LAYERS}",
+        f"model.d_model={WIDTH}", f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}",
         *args.lmlab_overrides.split(),
         "--task", "mqar", "--seq-len", str(SEQ_LEN), "--kv-pairs", str(KV_PAIRS),
         "--vocab", str(VOCAB), "--examples", str(args.examples), "--epochs", str(args.epochs),
-        "--lrs", str(args.lmlab_lr), "--out", str(out),
+        "--lrs", str(args.lmlab_lr), "--batch-size", str(args.lmlab_batch_size),
+        "--warmup", str(args.lmlab_warmup), "--evals-per-epoch", str(args.lmlab_evals_per_epoch),
+        "--out", str(out),
     ]  # fmt: skip
     seconds, _ = timed(command, None, env)
     scores = json.loads((out / "probes.json").read_text(encoding="utf-8"))
@@ -183,15 +191,20 @@ def main() -> None:
     parser.add_argument("--zoology-python", required=True, help="python of zoology's venv")
     parser.add_argument(
         "--pairs",
-        default="attention:attention,attention:HA,based:HG",
+        default="attention:attention",
         help="zoology mixer:lmlab mixer or layer pattern, comma-separated (zoology: attention "
         "or based; an upper-case lmlab side is model.pattern, e.g. HA = hyena then attention)",
     )
     parser.add_argument("--zoology-lr", type=float, default=1e-2, help="from its sweep")
     parser.add_argument("--lmlab-lr", type=float, default=1e-2)
     parser.add_argument(
-        "--lmlab-overrides", default="", help="extra key=value settings, e.g. model.mlp_hidden=64"
+        "--lmlab-overrides",
+        default=LMLAB_OVERRIDES,
+        help=f"key=value settings of the lmlab model ({LMLAB_OVERRIDES})",
     )
+    parser.add_argument("--lmlab-batch-size", type=int, default=32)
+    parser.add_argument("--lmlab-warmup", type=float, default=0.0)
+    parser.add_argument("--lmlab-evals-per-epoch", type=int, default=16, help="(16)")
     parser.add_argument("--epochs", type=int, default=32, help="budget of both (zoology's 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both")
     parser.add_argument("--repeats", type=int, default=1)

@@ -108,21 +108,45 @@ def test_tiny_attention_model_solves_tiny_mqar(tmp_path):
 
 def test_probe_stops_at_the_first_evaluation_that_solves(monkeypatch):
     config = build_config("gpt-tiny", ["model.d_model=16", "model.n_layers=1", "model.n_heads=1"])
-    task = ProbeTask("mqar", 16, vocab_size=16, items=2, num_examples=64, test_examples=8)
+    task = ProbeTask("mqar", 16, vocab_size=16, items=2, num_examples=64, test_examples=200)
     model_cfg = probe_model_config(config, task)
     train, tests = task.generate(64, 0), task.test_sets()
-    scores = iter([0.5, 0.8, 0.995, 1.0])
-    monkeypatch.setattr(probes, "accuracy", lambda model, split: next(scores))
-    # 64 examples in batches of 8: 8 steps per epoch, an evaluation every 2 steps.
-    result = train_probe(model_cfg, train, tests, lr=1e-3, epochs=5, batch_size=8)
-    assert result["solved"] and result["steps"] == 6 and result["epochs"] == 0.75
-    assert result["accuracy"] == {"mqar_s16_kv2": 0.995} and next(scores) == 1.0
+    sizes = []  # examples scored per accuracy call: the 128-example screen or the full 200
 
-    monkeypatch.setattr(probes, "accuracy", lambda model, split: 0.5)
-    result = train_probe(model_cfg, train, tests, lr=1e-3, epochs=2, batch_size=8)
+    def fake_accuracy(scores):
+        screens, fulls = iter(scores[0]), iter(scores[1])
+
+        def accuracy(model, split):
+            sizes.append(len(split[0]))
+            return next(screens) if len(split[0]) == probes.SCREEN_EXAMPLES else next(fulls)
+
+        return accuracy
+
+    # 64 examples in batches of 8: 8 steps per epoch, a check every 2 steps. Step 2's screen
+    # fails; step 4's passes (>= 0.97) but the full set does not solve; step 6's full set does.
+    monkeypatch.setattr(probes, "accuracy", fake_accuracy(([0.5, 0.98, 0.99], [0.985, 0.995])))
+    result = train_probe(
+        model_cfg, train, tests, lr=1e-3, epochs=5, batch_size=8, evals_per_epoch=4
+    )
+    assert result["solved"] and result["steps"] == 6 and result["epochs"] == 0.75
+    assert result["accuracy"] == {"mqar_s16_kv2": 0.995}
+    assert sizes == [128, 128, 200, 128, 200]
+
+    # Never solved: screens only within an epoch, a full evaluation at the end of each.
+    sizes.clear()
+    monkeypatch.setattr(probes, "accuracy", fake_accuracy(([0.5] * 6, [0.5, 0.6])))
+    result = train_probe(
+        model_cfg, train, tests, lr=1e-3, epochs=2, batch_size=8, evals_per_epoch=4
+    )
     assert not result["solved"] and result["steps"] == 16 and result["epochs"] == 2
-    with pytest.raises(LmlabError, match="evals_per_epoch"):
-        train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, evals_per_epoch=0)
+    assert result["accuracy"] == {"mqar_s16_kv2": 0.6} and sizes.count(200) == 2
+    for bad, match in [
+        ({"evals_per_epoch": 0}, "--evals-per-epoch"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"warmup": 1.0}, "--warmup"),
+    ]:
+        with pytest.raises(LmlabError, match=match):
+            train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, **bad)
 
 
 def test_loss_by_position_has_one_value_per_bucket():

@@ -350,7 +350,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else None
     report = run_probe(
-        config, task, epochs=args.epochs, lrs=lrs, out=out, log=lambda s: print(s, file=sys.stderr)
+        config,
+        task,
+        epochs=args.epochs,
+        lrs=lrs,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        evals_per_epoch=args.evals_per_epoch,
+        out=out,
+        log=lambda s: print(s, file=sys.stderr),
     )
     print(sweep_table(report))
     if out is not None:
@@ -603,6 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--examples", type=int, default=20000, help="training examples (20000)")
     probe.add_argument("--epochs", type=int, default=16, help="passes over the examples (16)")
     probe.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate sweep")
+    probe.add_argument("--batch-size", type=int, default=64, help="examples per step (64)")
+    probe.add_argument(
+        "--warmup", type=float, default=0.1, help="fraction of the steps of linear warmup (0.1)"
+    )
+    probe.add_argument(
+        "--evals-per-epoch",
+        type=int,
+        default=16,
+        help="test-set checks per epoch (screened on 128 examples, confirmed on all); "
+        "training stops at the first that solves (16)",
+    )
     probe.add_argument("--lengths", help="needle: test lengths, e.g. 64,128,256 (--seq-len)")
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--buckets", type=int, default=8, help="loss_by_position buckets (8)")

@@ -1,4 +1,5 @@
-"""The attention mixer's options: sliding window, ALiBi / CoPE positions, top-k decode."""
+"""The attention mixer's options: sliding window, ALiBi / CoPE positions, top-k decode, the
+convolution over q, k and v."""
 
 import math
 
@@ -31,7 +32,21 @@ def naive_attention(mixer: Attention, x: torch.Tensor) -> torch.Tensor:
     batch, time, _ = x.shape
     heads, dim, groups = mixer.n_heads, mixer.head_dim, mixer.n_heads // mixer.n_kv_heads
     kv_width = mixer.n_kv_heads * dim
-    q, k, v = mixer.qkv(x).split([heads * dim, kv_width, kv_width], -1)
+    qkv = mixer.qkv(x)
+    if mixer.qkv_conv is not None:  # each channel: a weighted sum of its last W inputs
+        width = mixer.qkv_conv.shape[1]
+        qkv = torch.stack(
+            [
+                sum(
+                    mixer.qkv_conv[:, j] * qkv[:, t - (width - 1) + j]
+                    for j in range(width)
+                    if t - (width - 1) + j >= 0
+                )
+                for t in range(time)
+            ],
+            1,
+        )
+    q, k, v = qkv.split([heads * dim, kv_width, kv_width], -1)
     q = q.view(batch, time, heads, dim)
     k = k.view(batch, time, -1, dim)
     v = v.view(batch, time, -1, dim)
@@ -59,14 +74,38 @@ def naive_attention(mixer: Attention, x: torch.Tensor) -> torch.Tensor:
     return mixer.out(out.reshape(batch, time, heads * dim))
 
 
-@pytest.mark.parametrize("position,kv_heads,window", ATTENTION_VARIANTS)
-def test_matches_naive_reference(position, kv_heads, window):
-    mixer = make_attention(position, kv_heads, window=window)
+@pytest.mark.parametrize(
+    "position,kv_heads,window,qkv_conv",
+    [(*variant, 0) for variant in ATTENTION_VARIANTS] + [("rope", 2, 0, 3), ("alibi", 0, 4, 2)],
+)
+def test_matches_naive_reference(position, kv_heads, window, qkv_conv):
+    mixer = make_attention(position, kv_heads, window=window, qkv_conv=qkv_conv)
     x = random_input(2, 11, 32)
     with torch.no_grad():
         y, _ = mixer(x)
         expected = naive_attention(mixer, x)
-    assert_close(y, expected, 1e-10, f"{position} window={window} vs naive loops")
+    assert_close(y, expected, 1e-10, f"{position} window={window} conv={qkv_conv} vs naive loops")
+
+
+def test_qkv_conv_lets_one_layer_recall_the_token_after_a_match():
+    """The point of the convolution: a single attention layer learns associative recall
+    (MQAR, 4 pairs) that the same layer without it cannot, as keys then see their preceding
+    token."""
+    from lmlab.eval.probes import mqar, train_probe
+
+    train, test = mqar(64, 40, 4, 2000, seed=0), mqar(64, 40, 4, 200, seed=1)
+    scores = {}
+    for width in (0, 3):
+        cfg = ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            channel_mixer="none",
+            mixer_options={"attention": {"qkv_conv": width}},
+        )
+        scores[width] = train_probe(cfg, train, {"test": test}, lr=1e-2, epochs=8)["accuracy"]
+    assert scores[3]["test"] > 0.9 > scores[0]["test"] + 0.3, scores
 
 
 def test_alibi_slopes_follow_the_paper():
@@ -184,6 +223,8 @@ def test_sliding_window_counts_its_training_calls():
 def test_bad_options_and_positions_are_rejected():
     with pytest.raises(LmlabError, match="window"):
         make_attention(window=-1)
+    with pytest.raises(LmlabError, match="qkv_conv"):
+        make_attention(qkv_conv=-2)
     with pytest.raises(LmlabError, match="alibi"):
         ModelConfig(position="alibu").validate()
 

@@ -64,9 +64,13 @@ class Contract:
 
 
 MAMBA2_SMALL: Settings = {"head_dim": 16, "d_state": 8}
-ATTENTION_VARIANTS = tuple(
-    {"n_heads": 4, "model": {"position": position, "n_kv_heads": kv_heads}, "window": window}
-    for position, kv_heads, window in mixer_checks.ATTENTION_VARIANTS
+ATTENTION_VARIANTS = (
+    *(
+        {"n_heads": 4, "model": {"position": position, "n_kv_heads": kv_heads}, "window": window}
+        for position, kv_heads, window in mixer_checks.ATTENTION_VARIANTS
+    ),
+    {"n_heads": 4, "model": {"n_kv_heads": 2}, "qkv_conv": 3},
+    {"n_heads": 4, "model": {"position": "none"}, "window": 5, "qkv_conv": 4},
 )
 CONTRACTS: dict[str, Contract] = {
     "gla": Contract(segments=({"chunk_size": 16},), bfloat16=({"chunk_size": 16},)),
@@ -137,7 +141,11 @@ CONTRACTS: dict[str, Contract] = {
         learns=((120, {"kv_lora_rank": 32}),),
     ),
     "moh": Contract(
-        variants=({"n_heads": 4}, {"n_heads": 4, "n_shared": 0, "top_k": 2, "window": 5}),
+        variants=(
+            {"n_heads": 4},
+            {"n_heads": 4, "n_shared": 0, "top_k": 2, "window": 5},
+            {"n_heads": 4, "qkv_conv": 2},
+        ),
         decode_lengths=((13, 4),),
         segment_lengths=(25, 9),
         bfloat16=({"n_heads": 4},),

@@ -1,4 +1,5 @@
-"""Causal short convolution: conv1d == explicit loop, decode and segments == whole, gradients."""
+"""Causal short convolution: shifted sums == explicit loop == Mamba's padded ``nn.Conv1d``, decode
+and segments == whole, gradients."""
 
 from __future__ import annotations
 
@@ -153,3 +154,16 @@ def test_invalid_arguments_raise(change: dict, message: str) -> None:
     kwargs = {"weight": weight, "bias": bias, "state": state, "activation": None} | change
     with pytest.raises(ValueError, match=message):
         short_conv(x, **kwargs)
+
+
+def test_matches_padded_depthwise_conv1d() -> None:
+    """The layout Mamba checkpoints use: ``nn.Conv1d(D, D, W, groups=D, padding=W - 1)``, its
+    first ``T`` outputs."""
+    x, weight, bias, _ = make_inputs(time=11, width=4)
+    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, None])
+        conv.bias.copy_(bias)
+        expected = conv(x.transpose(1, 2))[..., :11].transpose(1, 2)
+    y, _ = short_conv(x, weight, bias)
+    assert rel_error(y, expected) < 1e-12

@@ -15,6 +15,11 @@ Options of the same mixer:
   explicitly.
 - ``decode_top_k > 0``: at one-token decode with a cache, each head attends only to the k
   highest-scoring cached keys (an approximation; :func:`sparse_decode_gap` measures its cost).
+- ``qkv_conv > 0``: a causal depthwise convolution of that width over every query, key and value
+  channel after the projection (Primer's multi-dconv-head attention, So et al. 2021). A key then
+  carries its preceding tokens, so one layer can match "the token after X" (induction, recall)
+  instead of needing a previous-token head in an earlier layer. The decode state adds the
+  convolution's tail to the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lmlab.errors import LmlabError
 from lmlab.layers.features import FeatureCounter
 from lmlab.layers.position import CoPE, Rotary, alibi_slopes
 from lmlab.layers.registry import register_token_mixer
+from lmlab.ops.short_conv import short_conv
 
 KVState = dict
 
@@ -117,13 +123,18 @@ class Attention(FeatureCounter, nn.Module):
         """At one-token decode, attend only to the k highest-scoring keys; 0 = exact."""
         cope_positions: int = 64
         """Number of learned CoPE position embeddings (positions beyond are clamped)."""
+        qkv_conv: int = 0
+        """Width of a causal depthwise convolution over q, k and v (Primer); 0 = none."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
-        if options.window < 0 or options.decode_top_k < 0 or options.cope_positions < 2:
+        if (
+            min(options.window, options.decode_top_k, options.qkv_conv) < 0
+            or options.cope_positions < 2
+        ):
             raise LmlabError(
-                "model.mixer_options.attention: window and decode_top_k must be >= 0 and "
-                "cope_positions >= 2"
+                "model.mixer_options.attention: window, decode_top_k and qkv_conv must be >= 0 "
+                "and cope_positions >= 2"
             )
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.resolved_kv_heads
@@ -135,6 +146,12 @@ class Attention(FeatureCounter, nn.Module):
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, q_width + 2 * kv_width, bias=False)
+        self.qkv_conv = None
+        if options.qkv_conv:
+            # Mamba's initialisation of its short convolution.
+            bound = options.qkv_conv**-0.5
+            weight = torch.empty(q_width + 2 * kv_width, options.qkv_conv).uniform_(-bound, bound)
+            self.qkv_conv = nn.Parameter(weight)
         self.out = nn.Linear(q_width, cfg.d_model, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
         self.cope = CoPE(self.head_dim, options.cope_positions) if cfg.position == "cope" else None
@@ -153,7 +170,11 @@ class Attention(FeatureCounter, nn.Module):
         batch, time, _ = x.shape
         q_width = self.n_heads * self.head_dim
         kv_width = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        qkv = self.qkv(x)
+        conv_tail = None
+        if self.qkv_conv is not None:
+            qkv, conv_tail = short_conv(qkv, self.qkv_conv, state=state and state["conv"])
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
         q = q.view(batch, time, self.n_heads, self.head_dim)
         k = k.view(batch, time, self.n_kv_heads, self.head_dim)
         v = v.view(batch, time, self.n_kv_heads, self.head_dim)
@@ -174,6 +195,8 @@ class Attention(FeatureCounter, nn.Module):
         else:
             bias = self._alibi_bias(time, keys.shape[1], offset, key_start)
             y = causal_attention(q, keys, values, offset, key_start, self.window, bias)
+        if conv_tail is not None:
+            state = state | {"conv": conv_tail}
         return y, state
 
     def _alibi_bias(self, tq: int, tk: int, offset: int, key_start: int) -> torch.Tensor | None:

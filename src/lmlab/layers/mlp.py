@@ -28,8 +28,8 @@ class SwiGLU(nn.Module):
 
 @register_channel_mixer("none")
 class NoChannelMixer(nn.Module):
-    """Adds nothing: the block reduces to ``x + token_mixer(norm(x))`` (its channel norm is
-    left idle, d_model parameters)."""
+    """Adds nothing: the block reduces to ``x + token_mixer(norm(x))`` and skips this module and
+    the channel norm altogether (``Block``); called directly, it returns zeros."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from lmlab.config.schema import ModelConfig
 from lmlab.layers.bitlinear import convert_to_bitlinear
 from lmlab.layers.features import feature_counters, feature_modules, replaying
+from lmlab.layers.mlp import NoChannelMixer
 from lmlab.layers.mod import DepthRouter, Take
 from lmlab.layers.registry import build_channel_mixer, build_token_mixer
 from lmlab.model.cache import ModelState
@@ -56,8 +57,11 @@ class Block(nn.Module):
         self.mixer_name = cfg.mixer
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_token_mixer(cfg.mixer, cfg, layer_idx)
-        self.channel_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.channel = build_channel_mixer(cfg.channel_mixer, cfg, layer_idx)
+        # Without a channel mixer (``none``) the block is the token mixer's update alone: no
+        # idle norm to compute (and train) for an output that is discarded.
+        adds_nothing = isinstance(self.channel, NoChannelMixer)
+        self.channel_norm = None if adds_nothing else nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.bitlinear:
             convert_to_bitlinear(self)
         self.router = (
@@ -104,6 +108,8 @@ class Block(nn.Module):
             for module in self._inner_consumers:
                 module.set_token_ids(ids)
         y, state = self.mixer(self.mixer_norm(h), state)
+        if self.channel_norm is None:
+            return y, state
         return y + self.channel(self.channel_norm(h + y)), state
 
     def flops_per_token(self, context: int) -> float:
@@ -172,6 +178,15 @@ class LanguageModel(nn.Module):
     def forward(
         self, idx: torch.Tensor, state: ModelState | None = None
     ) -> tuple[torch.Tensor, ModelState]:
+        hidden, state = self.features(idx, state)
+        return self.head(hidden), state
+
+    def features(
+        self, idx: torch.Tensor, state: ModelState | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
+        """The final normalised hidden states ``[B, T, d_model]`` that ``head`` turns into
+        logits: a caller scored at a few positions (the probes) applies ``head`` to those only,
+        which saves most of the head's matmul and softmax when the vocabulary is large."""
         for module in self._token_id_consumers:
             module.set_token_ids(idx)
         x = self.embed(idx)
@@ -181,7 +196,7 @@ class LanguageModel(nn.Module):
             x, layer_state = block(x, layer_state)
             layer_states.append(layer_state)
         position = (state.position if state is not None else 0) + idx.shape[1]
-        return self.head(self.norm(x)), ModelState(layer_states, position)
+        return self.norm(x), ModelState(layer_states, position)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) that modules stored as

@@ -40,19 +40,60 @@ def short_conv(
     tail = padded[:, padded.shape[1] - (width - 1) :].clone()
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
-    # Autocast would run conv1d in bfloat16, which is slower than float32 on CPU.
+    # Autocast would run the products in bfloat16, which is slower than float32 on CPU.
     with torch.autocast(x.device.type, enabled=False):
+        inputs = padded.to(dtype)
         if time == 1:
-            # Decode: one dot product per channel; conv1d's setup costs more than the math.
-            y = torch.einsum("bwd,dw->bd", padded.to(dtype), w)[:, None]
-            if b is not None:
-                y = y + b
+            # Decode: one dot product per channel.
+            y = torch.einsum("bwd,dw->bd", inputs, w)[:, None]
         else:
-            y = F.conv1d(padded.to(dtype).transpose(1, 2), w[:, None], b, groups=channels)
-            y = y.transpose(1, 2)
+            y = _ShiftedSum.apply(inputs, w)
+        if b is not None:
+            y = y + b
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype), tail
+
+
+class _ShiftedSum(torch.autograd.Function):
+    """``y[t] = sum_j w[:, j] * padded[t + j]`` as ``W`` shifted products.
+
+    On CPU this beats a depthwise ``conv1d`` (whose backward is slow at these widths;
+    ``benchmarks/bench_short_conv.py``), and the hand-written backward accumulates every shift
+    into one gradient in place, where autograd would zero-fill a full-size gradient per shifted
+    view and add them up.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, padded: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        width, time = w.shape[1], padded.shape[1] - w.shape[1] + 1
+        y = padded[:, width - 1 :] * w[:, width - 1]
+        for j in range(width - 1):
+            y.addcmul_(padded[:, j : j + time], w[:, j])
+        ctx.save_for_backward(padded, w)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        padded, w = ctx.saved_tensors
+        width, time = w.shape[1], grad.shape[1]
+        d_padded = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_padded = torch.empty_like(padded)
+            d_padded[:, : width - 1] = 0.0
+            torch.mul(grad, w[:, width - 1], out=d_padded[:, width - 1 :])
+            for j in range(width - 1):
+                d_padded[:, j : j + time].addcmul_(grad, w[:, j])
+        if ctx.needs_input_grad[1]:
+            # Multiply then reduce: einsum's per-channel dot product is ~20x slower on CPU.
+            d_w = torch.stack(
+                [(grad * padded[:, j : j + time]).sum((0, 1)) for j in range(width)], dim=1
+            )
+        return d_padded, d_w
 
 
 def _check_args(
