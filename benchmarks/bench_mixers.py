@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import yaml
 from timing import print_table, time_ms
 
 from lmlab.config.schema import ModelConfig
@@ -56,11 +57,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contexts", default="1024,2048,4096,8192,16384", help="(c) contexts")
     parser.add_argument("--decode-steps", type=int, default=32, help="(c) timed tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--mixer-options",
+        default="",
+        help="mixer settings, comma-separated, e.g. bdh.mlp_multiplier=4 (default: each mixer's)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     args = parser.parse_args()
     unknown = set(args.dtype.split(",")) - set(PRECISIONS)
     if unknown:
         parser.error(f"--dtype {','.join(sorted(unknown))} is unknown; use float32 and/or bf16")
+    args.mixer_options = mixer_options(parser, args.mixer_options)
     if args.quick:
         args.d_model, args.n_heads, args.n_layers = 64, 2, 2
         args.batch, args.seq_len, args.steps = 2, 32, 1
@@ -69,13 +76,30 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def mixer_options(parser: argparse.ArgumentParser, text: str) -> dict[str, dict]:
+    """``bdh.mlp_multiplier=4,gla.chunk_size=32`` -> ``{"bdh": {"mlp_multiplier": 4}, ...}``."""
+    options: dict[str, dict] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        mixer, dot, name = key.partition(".")
+        if not (sep and dot and mixer and name):
+            parser.error(f"--mixer-options takes mixer.setting=value items, got {item!r}")
+        options.setdefault(mixer, {})[name] = yaml.safe_load(value)
+    return options
+
+
 def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
 def model_config(args: argparse.Namespace, mixer: str, n_layers: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=VOCAB, d_model=args.d_model, n_heads=args.n_heads, n_layers=n_layers, mixer=mixer
+        vocab_size=VOCAB,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_layers=n_layers,
+        mixer=mixer,
+        mixer_options=args.mixer_options,
     )
 
 

@@ -12,7 +12,7 @@ from lmlab.ops.gated_linear_attention import gated_linear_attention
 
 # The module (lmlab.ops exports the function under the same name), to watch its internals.
 gla = importlib.import_module("lmlab.ops.gated_linear_attention")
-per_channel_forward = gla._per_channel_forward
+decay_kind = gla._decay_kind
 
 B, H, K, V = 2, 2, 8, 6
 KINDS = ("none", "head", "channel")
@@ -177,28 +177,29 @@ def test_chunk_float32_matches_float64_oracle(kind: str, max_decay: float) -> No
     assert_all_close(actual, expected, 1e-5)
 
 
+@pytest.mark.parametrize("kind", ["head", "channel"])
 @pytest.mark.parametrize("fraction", [0.98, 1.02])
-def test_per_channel_forms_either_side_of_the_span_limit(
-    fraction: float, monkeypatch: pytest.MonkeyPatch
+def test_decay_forms_either_side_of_the_span_limit(
+    kind: str, fraction: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Chunks whose decay spans just under (one factorisation) and just over (halving) the
-    float32 limit both match the float64 oracle."""
-    halving = []
+    """Chunks whose decay spans just under (one factorisation) and just over (masked exponent
+    per head, halving per channel) the float32 limit all match the float64 oracle."""
+    chosen = []
     monkeypatch.setattr(
-        gla,
-        "_per_channel_forward",
-        lambda *args: halving.append(1) or per_channel_forward(*args),
+        gla, "_decay_kind", lambda *args: chosen.append(decay_kind(*args)) or chosen[-1]
     )
     T, C = 150, 64
-    inputs = make_inputs("channel", T)
+    inputs = make_inputs(kind, T)
     gen = torch.Generator().manual_seed(7)
-    jitter = 1.0 - 0.01 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+    shape = inputs["log_decay"].shape
+    jitter = 1.0 - 0.01 * torch.rand(shape, generator=gen, dtype=torch.float64)
     # C - 1 steps after a chunk's first one make its span.
     inputs["log_decay"] = -fraction * 2 * gla._HALF_SPAN[torch.float32] / (C - 1) * jitter
     expected = run_with_grads(inputs, mode="recurrent")
     actual = run_with_grads(inputs, compute_dtype=torch.float32, mode="chunk", chunk_size=C)
     assert_all_close(actual, expected, 1e-5)
-    assert bool(halving) == (fraction > 1)
+    beyond = {"head": "head", "channel": "channel_split"}[kind]
+    assert chosen == [beyond if fraction > 1 else "factorised"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

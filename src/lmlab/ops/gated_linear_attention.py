@@ -14,12 +14,13 @@ chunks from the state carried by a loop over chunks. With ``b`` the log decay ac
 the chunk start, every decay is ``exp`` of a difference ``b_i - b_j`` taken in the causal
 direction (``j <= i``), so never ``> 1`` and nothing overflows however strong the decay:
 
-* per-head decay: the ``[C, C]`` matrix ``b_i - b_j`` is masked above the diagonal before the
-  ``exp``;
-* per-channel decay: ``q exp(b - m)`` and ``k exp(m - b)`` with ``m`` halfway through the
-  chunk's decay, one masked matmul as in the per-head case, when no chunk's decay spans more
-  than ``2 * _HALF_SPAN`` (60 in float32: a mean log decay of -0.9 a step over 64 steps) in any
-  channel. Stronger decays would overflow those factors, so the chunk is then split in halves
+* factorised (either decay kind, when no chunk's decay spans more than ``2 * _HALF_SPAN``, 60
+  in float32: a mean log decay of -0.9 a step over 64 steps): ``q exp(b - m)`` and
+  ``k exp(m - b)`` with ``m`` halfway through the chunk's decay, then one masked matmul, as
+  cheap as no decay at all;
+* stronger per-head decays: the ``[C, C]`` matrix ``b_i - b_j`` is masked above the diagonal
+  before the ``exp``;
+* stronger per-channel decays would overflow the factors, so the chunk is split in halves
   recursively and each right half sees its left half through queries and keys both decayed to
   the first step of the right half (the secondary chunking of flash-linear-attention, taken
   down to single steps so that no ``[C, C, K]`` tensor is needed);
@@ -150,7 +151,7 @@ class _ChunkGLA(torch.autograd.Function):
         # lose ~|b| * 6e-8 of absolute precision (1e-5 relative error at log decay -10 a step).
         b = None if gate is None else _to_chunks(gate, N, C).double().cumsum_(-2)
 
-        kind = "none" if b is None else "head" if b.shape[-1] == 1 else _channel_kind(b, q.dtype)
+        kind = "none" if b is None else _decay_kind(b, q.dtype)
         o, intra_saved = _intra_forward(kind, q, k, v, b)
         q_gain, k_gain, chunk_decay = _inter_gains(b, q.dtype)
         q_inter = q if q_gain is None else q * q_gain
@@ -283,11 +284,13 @@ def _exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).exp_() if x.dtype != dtype else x.exp()
 
 
-def _channel_kind(b: torch.Tensor, dtype: torch.dtype) -> str:
-    """``"channel"`` (one factorisation per chunk) when no chunk's decay spans more than
-    ``2 * _HALF_SPAN`` in any channel, else ``"channel_split"`` (the halving form)."""
+def _decay_kind(b: torch.Tensor, dtype: torch.dtype) -> str:
+    """``"factorised"`` when no chunk's decay spans more than ``2 * _HALF_SPAN`` in any channel,
+    else ``"head"`` (masked exponent) or ``"channel_split"`` (the halving form)."""
     span = b[..., 0, :] - b[..., -1, :]
-    return "channel" if bool(span.max() <= 2 * _HALF_SPAN[dtype]) else "channel_split"
+    if bool(span.max() <= 2 * _HALF_SPAN[dtype]):
+        return "factorised"
+    return "head" if b.shape[-1] == 1 else "channel_split"
 
 
 def _intra_forward(
@@ -296,7 +299,7 @@ def _intra_forward(
     """Output of each chunk from its own keys, and what :func:`_intra_backward` needs."""
     if kind == "channel_split":
         return _per_channel_forward(q, k, v, b)
-    if kind == "channel":
+    if kind == "factorised":
         # exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) with m halfway through the chunk's decay:
         # both factors within exp(+-_HALF_SPAN), so the causal weights are exact to rounding.
         # Above the diagonal the product can reach exp(2 * _HALF_SPAN) (even inf): tril_ assigns.
@@ -332,13 +335,13 @@ def _intra_backward(
     dv = attn.mT @ do
     d_attn = do @ v.mT
     db = None
-    if kind == "channel":
+    if kind == "factorised":
         q_gain, k_gain = saved[1], saved[2]
         d_attn.tril_()
         dq = (d_attn @ (k * k_gain)).mul_(q_gain)
         dk = (d_attn.mT @ (q * q_gain)).mul_(k_gain)
         # The weight of pair (i, j) is exp(b_i - b_j): q's gain carries +b, k's gain -b.
-        return dq, dk, dv, dq * q - dk * k
+        return dq, dk, dv, _sum_to_width(dq * q - dk * k, q_gain.shape[-1])
     if kind == "none":
         d_attn.tril_()
     else:
