@@ -181,9 +181,7 @@ def _chunked(
         )
 
     # U = U0 + W S0 from (I - A_ab) U = A_ak V + (a e^{G^-}) S0.
-    rhs = torch.cat((a_ak @ v, a_dec), dim=-1)
-    solved = unit_lower_solve(-a_ab, rhs)
-    u0, w = solved.split((value_dim, key_dim), dim=-1)
+    u0, w = unit_lower_solve(-a_ab, a_ak @ v, a_dec)
 
     # Across chunks: U = U0 + W S0, S_end = e^{G_end} S0 + B_end^T U + K_end^T V.
     decay = e_last.mT.flatten(0, 1).unbind(1)  # [B*H, K, 1] per chunk

@@ -134,11 +134,12 @@ def _chunk(
         k_start, q_start = k * decay_start, q * decay_start
         k_end = k * (g[..., -1:, :] - g).exp()
     # (I + A) [U~, W] = diag(beta) [V, K * Gamma], so that U = U~ - W S_0 for a start state S_0.
-    sol = unit_lower_solve(a, beta * torch.cat((v, k_start), dim=-1))
-    o_intra, p_w = (p @ sol).split((dv, dk), dim=-1)
-    q_eff = q_start - p_w
+    u_tilde, w = unit_lower_solve(a, beta * v, beta * k_start)
+    o_intra = p @ u_tilde
+    q_eff = q_start - p @ w
     # The next state is M S_0 + B with M = diag(Gamma_C) - K_end^T W and B = K_end^T U~.
-    inject, k_w = (k_end.mT @ sol).split((dv, dk), dim=-1)
+    k_end_t = k_end.mT
+    inject, k_w = k_end_t @ u_tilde, k_end_t @ w
     decay_end = torch.ones_like(k[..., 0, :]) if g is None else g[..., -1, :].exp()
     m = torch.diag_embed(decay_end.expand_as(k[..., 0, :])) - k_w
     state = q.new_zeros(b, h, dk, dv) if s0 is None else s0
