@@ -4,8 +4,9 @@
     ``LanguageModel`` (default 4 layers, width 256) per mixer, one column per ``--dtype``
     (``bf16`` runs under autocast, as training does).
 (b) Length scaling: forward + backward time of ONE mixer layer at growing T beside the
-    ``attention`` mixer of the same width and heads, and the crossover length from which the mixer
-    stays faster than attention.
+    ``attention`` mixer of the same width and heads (timed in turns), and the crossover length
+    from which the mixer stays faster than attention; then, at ``--breakdown-length``, how much of
+    each layer's time its projections take.
 (c) Decode: ms per generated token and bytes of state of the model as the context grows
     (the context is prefilled, then ``--decode-steps`` single-token steps are timed).
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import yaml
-from timing import print_table, time_ms
+from timing import interleaved_ms, print_table, time_ms
+from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
@@ -49,6 +52,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer-batch", type=int, default=1, help="(b) batch size")
     parser.add_argument("--repeats", type=int, default=3, help="(b) timed runs (median)")
     parser.add_argument(
+        "--breakdown-length",
+        type=int,
+        default=1024,
+        help="(b) T at which each layer's time is split into projections and the rest (0: off)",
+    )
+    parser.add_argument(
         "--budget",
         type=float,
         default=60.0,
@@ -72,6 +81,7 @@ def parse_args() -> argparse.Namespace:
         args.d_model, args.n_heads, args.n_layers = 64, 2, 2
         args.batch, args.seq_len, args.steps = 2, 32, 1
         args.lengths, args.layer_batch, args.repeats = "64,128", 1, 1
+        args.breakdown_length = 128
         args.contexts, args.decode_steps = "64,128", 2
     return args
 
@@ -122,7 +132,7 @@ def train_tokens_per_second(args: argparse.Namespace, mixer: str, precision: str
     return args.batch * args.seq_len / (time_ms(step, args.steps, stat="mean") / 1000)
 
 
-def layer_seconds(args: argparse.Namespace, mixer: str, length: int) -> float:
+def layer_step(args: argparse.Namespace, mixer: str, length: int) -> Callable[[], None]:
     """Forward + backward of one mixer layer on ``[layer_batch, length, d_model]``."""
     torch.manual_seed(0)
     layer = build_token_mixer(mixer, model_config(args, mixer, 1), layer_idx=0)
@@ -132,7 +142,25 @@ def layer_seconds(args: argparse.Namespace, mixer: str, length: int) -> float:
         y, _ = layer(x)
         y.square().mean().backward()
 
-    return time_ms(run, args.repeats) / 1000
+    return run
+
+
+def projections_step(args: argparse.Namespace, mixer: str, length: int) -> Callable[[], None]:
+    """Forward + backward of every ``nn.Linear`` of one mixer layer, each alone on
+    ``[layer_batch, length, in_features]``: the matmuls the layer spends on every token whatever
+    its sequence mixing (all of these mixers apply their linear layers per token or, Hyena's
+    filter network, per position)."""
+    layer = build_token_mixer(mixer, model_config(args, mixer, 1), layer_idx=0)
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    shape = (args.layer_batch, length)
+    inputs = [torch.randn(*shape, m.in_features, requires_grad=True) for m in linears]
+    grads = [torch.randn(*shape, m.out_features) for m in linears]
+
+    def run() -> None:
+        for linear, x, grad in zip(linears, inputs, grads, strict=True):
+            linear(x).backward(grad)
+
+    return run
 
 
 def decode_costs(
@@ -200,15 +228,19 @@ def section_train(args: argparse.Namespace, mixers: list[str]) -> None:
 def section_scaling(args: argparse.Namespace, mixers: list[str]) -> None:
     lengths = int_list(args.lengths)
     names = [BASELINE, *[m for m in mixers if m != BASELINE]]
-    times: dict[str, list[float | None]] = {}
-    for mixer in names:
-        times[mixer] = []
-        for length in lengths:
-            if times[mixer] and (times[mixer][-1] is None or times[mixer][-1] > args.budget):
-                times[mixer].append(None)
-                continue
-            times[mixer].append(layer_seconds(args, mixer, length))
-        progress(mixer)
+    times: dict[str, list[float | None]] = {mixer: [] for mixer in names}
+    for length in lengths:
+        # A mixer over budget at a shorter length is skipped from then on.
+        steps = {
+            m: layer_step(args, m, length)
+            for m in names
+            if not times[m] or (times[m][-1] is not None and times[m][-1] <= args.budget)
+        }
+        measured = interleaved_ms(steps, args.repeats)
+        for mixer in names:
+            ms = measured.get(mixer)
+            times[mixer].append(None if ms is None else ms / 1000)
+        print(f"  measured T={length}", file=sys.stderr, flush=True)
     rows = []
     for mixer in names:
         cells = ["-" if t is None else f"{1000 * t:.1f}" for t in times[mixer]]
@@ -216,10 +248,45 @@ def section_scaling(args: argparse.Namespace, mixers: list[str]) -> None:
         rows.append([mixer, *cells, cross])
     print(
         f"\n### (b) One layer forward+backward ms (float32, batch {args.layer_batch}, "
-        f"d_model {args.d_model}, {args.n_heads} heads); crossover = shortest T from which the "
-        f"mixer beats {BASELINE} at every longer T; '-' = skipped (over --budget)\n"
+        f"d_model {args.d_model}, {args.n_heads} heads; the layers timed in turns, median of "
+        f"{args.repeats}); crossover = shortest T from which the mixer beats {BASELINE} at every "
+        "longer T; '-' = skipped (over --budget)\n"
     )
     print_table(["mixer", *[f"T={n}" for n in lengths], "crossover T"], rows)
+    if args.breakdown_length:
+        section_breakdown(args, names, args.breakdown_length)
+
+
+def section_breakdown(args: argparse.Namespace, names: list[str], length: int) -> None:
+    """Split each layer's time at one length into its projections (every ``nn.Linear``) and
+    the rest (sequence mixing, convolutions, gates, norms): when a mixer's projections alone
+    take about as long as the whole attention layer, no faster sequence mixing can bring its
+    crossover down to that length."""
+    steps = {}
+    for mixer in names:
+        steps[mixer] = layer_step(args, mixer, length)
+        steps[f"{mixer} projections"] = projections_step(args, mixer, length)
+    measured = interleaved_ms(steps, args.repeats)
+    attention = measured[BASELINE]
+    rows = []
+    for mixer in names:
+        layer, projections = measured[mixer], measured[f"{mixer} projections"]
+        rows.append(
+            [
+                mixer,
+                f"{layer:.1f}",
+                f"{projections:.1f}",
+                f"{layer - projections:.1f}",
+                f"{layer / attention:.2f}",
+                f"{projections / attention:.2f}",
+            ]
+        )
+    print(
+        f"\n### (b) Where one layer's time goes at T={length} (ms, forward+backward, timed in "
+        f"turns, median of {args.repeats}); projections = every nn.Linear of the layer alone\n"
+    )
+    header = ["mixer", "layer", "projections", "rest", "layer / attn", "projections / attn"]
+    print_table(header, rows, align="lrrrrr")
 
 
 def section_decode(args: argparse.Namespace, mixers: list[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -31,14 +31,28 @@ def time_ms(
     """Milliseconds per call of ``fn``: ``warmup`` untimed calls, then the median (robust to a
     busy neighbour), best (closest to the machine's capability) or mean (a stateful loop such as
     decoding, where each call is one step) of ``repeats`` timed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return interleaved_ms({"fn": fn}, repeats, warmup, stat)["fn"]
+
+
+def interleaved_ms(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 3,
+    warmup: int = 1,
+    stat: Literal["median", "best", "mean"] = "median",
+) -> dict[str, float]:
+    """:func:`time_ms` for several functions at once, timed in turns (one call of each per
+    round), so that a busy moment of the machine falls on all of them alike instead of on
+    whichever ran then: the fair way to take ratios between them on a noisy machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * STATISTICS[stat](times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * STATISTICS[stat](samples) for name, samples in times.items()}
 
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> None:

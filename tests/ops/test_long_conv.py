@@ -26,8 +26,9 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def grads_of(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
-    (out * weight).sum().backward()
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)  # same for every dtype
+    (out * weight.to(out.dtype)).sum().backward()
     return tuple(leaf.grad for leaf in leaves)
 
 
@@ -55,12 +56,16 @@ def test_fft_matches_direct_with_gradients(time: int, with_bias: bool) -> None:
         assert rel_error(got, want) < 1e-12
 
 
-def test_float32_fft_on_a_long_sequence() -> None:
+def test_float32_fft_on_a_long_sequence_with_gradients() -> None:
     u, filt, bias = make_inputs(batch=1, time=1500, channels=4)
     filt = filt * torch.exp(-torch.arange(filt.shape[1], dtype=torch.float64) / 300)
     y = causal_long_conv(u.float(), filt.float(), bias.float())
     assert y.dtype == torch.float32
     assert rel_error(y, causal_long_conv(u, filt, bias, mode="direct")) < 1e-5
+    grads = grads_of(causal_long_conv, u.float(), filt.float(), bias.float())
+    expected = grads_of(lambda *t: causal_long_conv(*t, mode="direct"), u, filt, bias)
+    for got, want in zip(grads, expected, strict=True):
+        assert rel_error(got, want) < 1e-5
 
 
 def test_bfloat16_input_keeps_its_dtype() -> None:

@@ -35,9 +35,7 @@ def causal_long_conv(
     taps = filt[:, :time].to(dtype)
     with torch.autocast(u.device.type, enabled=False):  # keep the promised precision
         if mode == "fft":
-            n = 2 * time
-            spectrum = torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(taps, n=n, dim=1).T
-            y = torch.fft.irfft(spectrum, n=n, dim=1)[:, :time]
+            y = _FFTConv.apply(x, taps)
         else:
             lags = torch.arange(time, device=u.device)
             lag = lags[:, None] - lags[None, :]  # t - s
@@ -46,6 +44,44 @@ def causal_long_conv(
     if bias is not None:
         y = y + bias.to(dtype) * x
     return y.to(u.dtype)
+
+
+class _FFTConv(torch.autograd.Function):
+    """``y = irfft(rfft(x) * rfft(taps))[:T]`` over ``2T`` points, transforming along the
+    contiguous last axis of ``[B, D, T]``; the backward is two more products of spectra, both
+    exact because the zero padding keeps the circular correlations from wrapping:
+
+        dx = irfft(G * conj(H))[:T],    dtaps = irfft(sum_b G * conj(X))[:T]
+
+    with ``G = rfft(dy)``. Autograd's own formulas for ``rfft`` and ``irfft`` go through
+    complex-to-complex transforms and zero fills, which made a Hyena layer's two long
+    convolutions cost about a third of its training step on CPU.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, taps: torch.Tensor
+    ) -> torch.Tensor:
+        time = x.shape[1]
+        x_f = torch.fft.rfft(x.transpose(1, 2), n=2 * time)  # [B, D, T + 1]
+        taps_f = torch.fft.rfft(taps, n=2 * time)  # [D, T + 1]
+        ctx.save_for_backward(x_f, taps_f)
+        y = torch.fft.irfft(x_f * taps_f, n=2 * time)[..., :time]
+        return y.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x_f, taps_f = ctx.saved_tensors
+        time = grad.shape[1]
+        grad_f = torch.fft.rfft(grad.transpose(1, 2), n=2 * time)
+        d_x = d_taps = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.fft.irfft(grad_f * taps_f.conj(), n=2 * time)[..., :time].transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            d_taps = torch.fft.irfft((grad_f * x_f.conj()).sum(0), n=2 * time)[..., :time]
+        return d_x, d_taps
 
 
 def causal_long_conv_step(
