@@ -245,14 +245,22 @@ def section_scaling(args: argparse.Namespace, mixers: list[str]) -> None:
     for mixer in names:
         cells = ["-" if t is None else f"{1000 * t:.1f}" for t in times[mixer]]
         cross = "-" if mixer == BASELINE else crossover(lengths, times[mixer], times[BASELINE])
-        rows.append([mixer, *cells, cross])
+        last, base = times[mixer][-1], times[BASELINE][-1]
+        ratio = "-" if last is None or base is None else f"{last / base:.2f}"
+        rows.append([mixer, *cells, cross, ratio])
     print(
         f"\n### (b) One layer forward+backward ms (float32, batch {args.layer_batch}, "
         f"d_model {args.d_model}, {args.n_heads} heads; the layers timed in turns, median of "
         f"{args.repeats}); crossover = shortest T from which the mixer beats {BASELINE} at every "
         "longer T; '-' = skipped (over --budget)\n"
     )
-    print_table(["mixer", *[f"T={n}" for n in lengths], "crossover T"], rows)
+    header = [
+        "mixer",
+        *[f"T={n}" for n in lengths],
+        "crossover T",
+        f"vs {BASELINE} at T={lengths[-1]}",
+    ]
+    print_table(header, rows)
     if args.breakdown_length:
         section_breakdown(args, names, args.breakdown_length)
 

@@ -147,6 +147,17 @@ def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch)
     assert first["aux_loss"] == 0.25 and first["loss"] > 1.0
 
 
+def test_compiled_training_matches_eager(tmp_path, corpus):
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        two_step_trainer(tmp_path, corpus, name, f"train.compile={compiled}").train()
+    eager, compiled = (
+        [r["loss"] for r in rows(tmp_path / name) if r["kind"] == "train"]
+        for name in ("eager", "compiled")
+    )
+    assert len(eager) == 2
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, corpus, monkeypatch):
     import builtins
 

@@ -368,6 +368,8 @@ class TrainConfig:
     """``auto`` (bf16 autocast where bf16 matmuls are fast: CUDA, CPUs with AMX/AVX512-BF16),
     ``bf16`` or ``fp32``."""
     compile: bool = False
+    """Train through ``torch.compile(model)`` (needs a C++ compiler on CPU): the first steps pay
+    the compilation; the losses match eager training to rounding."""
     activation_checkpointing: bool = False
     """Recompute each block's activations during backward instead of storing them: less peak
     memory for about one extra forward per step (``benchmarks/bench_checkpointing.py``)."""
