@@ -7,6 +7,7 @@ calls first (allocator, kernels, caches), then a statistic over timed calls, in 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,6 +66,47 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[object]], align: 
         print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
 
 
+def versus_row(
+    label: str,
+    baseline: Callable[..., torch.Tensor],
+    lmlab: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    repeats: int,
+) -> tuple[str, ...]:
+    """A table row for an lmlab op against the textbook form it replaces, both called on
+    ``inputs``: forward + backward ms of each (median of ``repeats`` after three warm-up calls)
+    with a fixed random output gradient, the speed-up and the largest difference between their
+    outputs. Each form is timed in its own block: timed in turns, each one's allocations fell on
+    pages the other had just returned to the system, and the ratio moved with the order."""
+    expected = baseline(*inputs)
+    error = (lmlab(*inputs) - expected).abs().max().item()
+    grad = torch.randn_like(expected)
+    timed = {
+        name: time_ms(lambda fn=fn: fn(*inputs).backward(grad), repeats, warmup=3)
+        for name, fn in (("baseline", baseline), ("lmlab", lmlab))
+    }
+    base, mine = timed["baseline"], timed["lmlab"]
+    return (label, f"{base:.2f}", f"{mine:.2f}", f"{base / mine:.2f}x", f"{error:.1e}")
+
+
+def versus_main(
+    doc: str, baseline_name: str, rows: Callable[[int], Iterable[Sequence[object]]]
+) -> None:
+    """The command line (``--threads``, ``--repeats``) and table of a benchmark made of
+    :func:`versus_row` rows; ``rows(repeats)`` yields them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"forward + backward, float32, {args.threads} threads, median of {args.repeats}")
+    print_table(
+        ("shape B x T x D", f"{baseline_name} ms", "lmlab ms", "speed-up", "max abs diff"),
+        rows(args.repeats),
+        align="lrrrr",
+    )
+
+
 def extrapolated_ms(
     lengths: Iterable[int], max_measured: int, measure: Callable[[int], float]
 ) -> Iterator[tuple[int, float, str]]:
@@ -80,12 +122,14 @@ def extrapolated_ms(
             yield length, last[1] * length / last[0], "~"
 
 
-def causal_attention_step(batch: int, heads: int, length: int, dim: int) -> Callable[[], None]:
+def causal_attention_step(
+    batch: int, heads: int, length: int, key_dim: int, value_dim: int
+) -> Callable[[], None]:
     """Forward + backward of causal softmax attention (SDPA) on ``[batch, heads, length, dim]``
     inputs: the baseline that the recurrent cores' benchmarks are timed against."""
-    shape = (batch, heads, length, dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
+    q, k = (torch.randn(batch, heads, length, key_dim, requires_grad=True) for _ in range(2))
+    v = torch.randn(batch, heads, length, value_dim, requires_grad=True)
+    grad = torch.randn(batch, heads, length, value_dim)
 
     def step() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
