@@ -31,8 +31,8 @@ import numpy as np
 from timing import print_table
 
 from lmlab.config.load import build_config
-from lmlab.eval.compare import plan_compare, run_compare
-from lmlab.eval.stats import NO_EVIDENCE, PROMOTE, REGRESSION, Rule, decide
+from lmlab.experiments.compare import plan_compare, run_compare
+from lmlab.experiments.stats import NO_EVIDENCE, PROMOTE, REGRESSION, Rule, decide
 from lmlab.train.launch import new_trainer
 
 TINY = [

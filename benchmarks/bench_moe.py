@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from timing import print_table, time_ms
 
 from lmlab.config.schema import DataConfig, ModelConfig
-from lmlab.data.dataset import TokenData, prepare_data, random_batch
+from lmlab.data.dataset import prepare_data, random_batch
+from lmlab.data.tokens import TokenData
 from lmlab.layers.registry import build_channel_mixer
 from lmlab.model.lm import LanguageModel
 

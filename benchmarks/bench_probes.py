@@ -21,7 +21,8 @@ import time
 import torch
 
 from lmlab.config.load import build_config
-from lmlab.eval.probes import ProbeTask, parse_list, run_probe
+from lmlab.eval.probes import ProbeTask
+from lmlab.experiments.probe import parse_list, run_probe
 from lmlab.layers.registry import token_mixer_names
 
 

@@ -11,14 +11,9 @@ import pytest
 import yaml
 
 from lmlab.cli import main
-from lmlab.eval import registry
-from lmlab.eval.compare import (
-    curve_area,
-    parse_budget,
-    plan_compare,
-    read_probes,
-    time_to_target,
-)
+from lmlab.experiments.compare import plan_compare, time_to_target
+from lmlab.experiments.runset import curve_area, parse_budget, read_probes
+from lmlab.train import registry
 from lmlab.train.trainer import Trainer
 
 TINY = [
@@ -108,13 +103,13 @@ def test_plan_matches_budgets_and_names_arms(tmp_path, corpus):
         assert arm.tokens * arm.flops_per_token == pytest.approx(2e8, rel=1e-3)
         assert arm.config.train.eval_interval == max(1, math.ceil(arm.tokens / 256) // 8)
     assert small.tokens > wide.tokens
-    assert [(s.arm.name, s.seed, s.config.train.seed) for s in plan.runs] == [
+    assert [(s.arm.name, s.seed, s.config.train.seed) for s in plan.runset.runs] == [
         ("gpt-tiny", 0, 0),
         ("gpt-tiny", 1, 1),
         ("gpt-tiny+d_model=32", 0, 0),
         ("gpt-tiny+d_model=32", 1, 1),
     ]
-    assert plan.runs[1].run_dir == tmp_path / "c" / "runs" / "gpt-tiny" / "seed1"
+    assert plan.runset.runs[1].run_dir == tmp_path / "c" / "runs" / "gpt-tiny" / "seed1"
     timed = plan_compare(["gpt-tiny", "gpt-tiny"], budget="time=30s", overrides=common, seeds=1)
     assert [a.name for a in timed.arms] == ["gpt-tiny", "gpt-tiny-2"]
     assert all(a.config.train.max_time == 30 and a.config.train.max_tokens == 0 for a in timed.arms)
@@ -127,7 +122,7 @@ def test_plan_matches_budgets_and_names_arms(tmp_path, corpus):
         parallel=2,
         out=tmp_path / "p",
     )
-    assert all(spec.config.train.threads >= 1 for spec in threads.runs)
+    assert all(spec.config.train.threads >= 1 for spec in threads.runset.runs)
 
 
 def test_wider_model_is_promoted_then_rerun_reuses_and_probes_count(tmp_path, corpus, capsys):

@@ -10,19 +10,18 @@ import torch
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
-from lmlab.eval import probes
 from lmlab.eval.probes import (
     IGNORE,
+    SCREEN_EXAMPLES,
     ProbeTask,
     induction,
     loss_by_position,
     mqar,
     needle,
-    probe_model_config,
-    run_probe,
     selective_copy,
-    train_probe,
 )
+from lmlab.experiments import probe as probe_runner
+from lmlab.experiments.probe import probe_model_config, run_probe, train_probe
 from lmlab.model.lm import LanguageModel
 
 
@@ -118,13 +117,15 @@ def test_probe_stops_at_the_first_evaluation_that_solves(monkeypatch):
 
         def accuracy(model, split):
             sizes.append(len(split[0]))
-            return next(screens) if len(split[0]) == probes.SCREEN_EXAMPLES else next(fulls)
+            return next(screens) if len(split[0]) == SCREEN_EXAMPLES else next(fulls)
 
         return accuracy
 
     # 64 examples in batches of 8: 8 steps per epoch, a check every 2 steps. Step 2's screen
     # fails; step 4's passes (>= 0.97) but the full set does not solve; step 6's full set does.
-    monkeypatch.setattr(probes, "accuracy", fake_accuracy(([0.5, 0.98, 0.99], [0.985, 0.995])))
+    monkeypatch.setattr(
+        probe_runner, "accuracy", fake_accuracy(([0.5, 0.98, 0.99], [0.985, 0.995]))
+    )
     result = train_probe(
         model_cfg, train, tests, lr=1e-3, epochs=5, batch_size=8, evals_per_epoch=4
     )
@@ -134,7 +135,7 @@ def test_probe_stops_at_the_first_evaluation_that_solves(monkeypatch):
 
     # Never solved: screens only within an epoch, a full evaluation at the end of each.
     sizes.clear()
-    monkeypatch.setattr(probes, "accuracy", fake_accuracy(([0.5] * 6, [0.5, 0.6])))
+    monkeypatch.setattr(probe_runner, "accuracy", fake_accuracy(([0.5] * 6, [0.5, 0.6])))
     result = train_probe(
         model_cfg, train, tests, lr=1e-3, epochs=2, batch_size=8, evals_per_epoch=4
     )

@@ -13,7 +13,7 @@ import pytest
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
-from lmlab.eval import registry
+from lmlab.train import registry
 
 
 def make_row(tmp_path: Path, name: str, **fields) -> dict:

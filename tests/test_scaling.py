@@ -10,9 +10,9 @@ from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
-from lmlab.eval import registry
-from lmlab.eval.scale_study import parse_holdout, parse_sizes, parse_tokens
-from lmlab.eval.scaling import fit_scaling_law, relative_error
+from lmlab.experiments.scale import parse_holdout, parse_sizes, parse_tokens
+from lmlab.experiments.scaling import fit_scaling_law, relative_error
+from lmlab.train import registry
 
 TRUE = {"E": 1.5, "A": 30.0, "alpha": 0.35, "B": 60.0, "beta": 0.3}
 SIZES = [1e4, 3e4, 1e5, 3e5]

@@ -14,8 +14,8 @@ from run_settings import TINY_RUN
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
-from lmlab.eval import registry
-from lmlab.eval.search import STUDY_FILE, STUDY_NAME, _objective, _open_study, plan_search
+from lmlab.experiments.search import STUDY_FILE, STUDY_NAME, _objective, _open_study, plan_search
+from lmlab.train import registry
 from lmlab.train.trainer import Trainer
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.eval.stats import (
+from lmlab.experiments.stats import (
     NO_EVIDENCE,
     PROMOTE,
     REGRESSION,

@@ -216,7 +216,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmlab.eval.compare import plan_compare, run_compare, summary_lines
+    from lmlab.experiments.compare import plan_compare, run_compare, summary_lines
 
     if not args.budget:
         raise LmlabError("give --budget, e.g. --budget tokens=2M (or flops=1e15, time=10m)")
@@ -232,7 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         target=args.target_loss,
         parallel=args.parallel,
     )
-    print(f"compare folder {plan.out} ({len(plan.runs)} runs)", file=sys.stderr)
+    print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
     if results is None:
         return 130
@@ -241,7 +241,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from lmlab.eval.scale_study import plan_scale, run_scale, summary_lines
+    from lmlab.experiments.scale import plan_scale, run_scale, summary_lines
 
     source = one_config(([args.preset] if args.preset else []) + args.configs)
     plan = plan_scale(
@@ -288,7 +288,7 @@ def _scale_options(scale: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from lmlab.eval.search import plan_search, run_search, summary_lines
+    from lmlab.experiments.search import plan_search, run_search, summary_lines
 
     plan = plan_search(
         args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
@@ -304,7 +304,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import json
 
-    from lmlab.eval.registry import format_runs, list_runs
+    from lmlab.train.registry import format_runs, list_runs
 
     rows, compare = list_runs(args.folder, args.filter, args.compare)
     if args.json:
@@ -316,14 +316,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
-    from lmlab.eval.probes import (
-        TASKS,
-        ProbeTask,
-        parse_list,
-        run_loss_by_position,
-        run_probe,
-        sweep_table,
-    )
+    from lmlab.eval.probes import TASKS, ProbeTask
+    from lmlab.experiments.probe import parse_list, run_loss_by_position, run_probe, sweep_table
 
     source = one_config(args.configs, default=None)
     if args.task == "loss_by_position":

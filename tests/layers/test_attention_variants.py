@@ -91,7 +91,8 @@ def test_qkv_conv_lets_one_layer_recall_the_token_after_a_match():
     """The point of the convolution: a single attention layer learns associative recall
     (MQAR, 4 pairs) that the same layer without it cannot, as keys then see their preceding
     token."""
-    from lmlab.eval.probes import mqar, train_probe
+    from lmlab.eval.probes import mqar
+    from lmlab.experiments.probe import train_probe
 
     train, test = mqar(64, 40, 4, 2000, seed=0), mqar(64, 40, 4, 200, seed=1)
     scores = {}

@@ -6,9 +6,7 @@ batches an uninterrupted run would have seen, without saving any sampler state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,27 +18,10 @@ from lmlab.data.corpus import (
     read_text_source,
     split_documents,
 )
+from lmlab.data.shards import is_shard_dir, read_shards
 from lmlab.data.tokenizers import Tokenizer, train_tokenizer
+from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError
-
-
-@dataclass
-class TokenData:
-    """The encoded splits plus their raw UTF-8 sizes, which make losses comparable across
-    tokenizers (bits per byte)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    train_bytes: int
-    val_bytes: int
-
-    def bits_per_byte(self, mean_nats_per_token: float, split: str = "val") -> float:
-        """Convert a mean loss in nats per token of ``split`` into bits per UTF-8 byte."""
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-        tokens = len(getattr(self, split))
-        n_bytes = getattr(self, f"{split}_bytes")
-        return mean_nats_per_token * tokens / n_bytes / math.log(2)
 
 
 def require_tokens(n_tokens: int, needed: int, what: str) -> None:
@@ -62,8 +43,6 @@ def prepare_data(
     are used as they are: ``cfg.tokenizer``, ``vocab_size``, ``edition``, ``split``,
     ``val_fraction`` and ``seed`` were fixed when the shards were written and are ignored.
     """
-    from lmlab.data.shards import is_shard_dir, read_shards  # shards imports TokenData from here
-
     if cfg.path and is_shard_dir(cfg.path):
         data, shard_tokenizer = read_shards(cfg.path)
         if tokenizer is not None and tokenizer != shard_tokenizer:

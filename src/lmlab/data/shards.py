@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.data.dataset import TokenData
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer
+from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError
 
 META_FILE = "meta.json"

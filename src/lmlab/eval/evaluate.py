@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.dataset import TokenData, eval_batches
+from lmlab.data.dataset import eval_batches
+from lmlab.data.tokens import TokenData
 from lmlab.model.lm import LanguageModel
 
 

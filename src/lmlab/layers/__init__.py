@@ -4,20 +4,17 @@ Importing this package imports every module in it, which runs each mixer's regis
 decorator: adding a mixer is adding one file here.
 """
 
-import importlib
-import pkgutil
-
 from lmlab.layers.registry import (
     CHANNEL_MIXERS,
     TOKEN_MIXERS,
     build_channel_mixer,
     build_token_mixer,
+    import_builtin_layers,
     register_channel_mixer,
     register_token_mixer,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_builtin_layers()
 
 __all__ = [
     "CHANNEL_MIXERS",

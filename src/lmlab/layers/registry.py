@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import pkgutil
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -48,7 +51,7 @@ def register_channel_mixer(name: str):
 
 
 def _lookup(table: dict[str, type[nn.Module]], name: str, what: str) -> type[nn.Module]:
-    _import_builtin_layers()
+    import_builtin_layers()
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -90,10 +93,13 @@ def prefer_adamw(module: nn.Module) -> nn.Module:
 
 
 def token_mixer_names() -> list[str]:
-    _import_builtin_layers()
+    import_builtin_layers()
     return sorted(TOKEN_MIXERS)
 
 
-def _import_builtin_layers() -> None:
-    """Importing ``lmlab.layers`` runs every built-in mixer's registration decorator."""
-    import lmlab.layers  # noqa: F401
+def import_builtin_layers() -> None:
+    """Import every module of this package, which runs each built-in mixer's registration
+    decorator: adding a mixer is adding one file here. ``lmlab.layers`` calls it when imported;
+    lookups call it too, so a registry used alone still knows every mixer."""
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{module.name}")

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import Config
-from lmlab.data.dataset import TokenData, random_batch, sequential_batch, stream_length
+from lmlab.data.dataset import random_batch, sequential_batch, stream_length
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
 from lmlab.layers.moe import write_specialisation

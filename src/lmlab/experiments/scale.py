@@ -2,9 +2,9 @@
 on a held-out larger run.
 
 The grid is an ordinary set of runs trained by the compare machinery
-(:func:`lmlab.eval.compare.train_runs`): one run folder per grid point and seed under
+(:func:`lmlab.experiments.runset.train_runs`): one run folder per grid point and seed under
 ``SCALE/runs/``, reused when finished, resumed when interrupted, recorded in the run registry.
-The law (:mod:`lmlab.eval.scaling`) is fitted to the grid only, and its prediction for the
+The law (:mod:`lmlab.experiments.scaling`) is fitted to the grid only, and its prediction for the
 held-out run is written to ``results.json`` *before* that run trains, so the reported error is
 an honest out-of-sample test rather than a fit after the fact.
 """
@@ -19,26 +19,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lmlab.config.load import read_source
 from lmlab.config.schema import Config, ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.eval import registry
-from lmlab.eval.compare import (
-    RESULTS_FILE,
+from lmlab.experiments.compare import RESULTS_FILE
+from lmlab.experiments.runset import (
     Arm,
-    ComparePlan,
     Outcome,
+    RunSet,
     RunSpec,
     build_arm,
     collect_run,
+    model_skeleton,
     parse_budget,
     seed_runs,
     train_runs,
 )
-from lmlab.eval.scaling import PARAMETERS, ScalingFit, fit_scaling_law, relative_error
-from lmlab.eval.stats import load_rule
+from lmlab.experiments.scaling import PARAMETERS, ScalingFit, fit_scaling_law, relative_error
+from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.run import open_run
 
@@ -66,7 +65,7 @@ class ScalePlan:
     tokens: list[str]
     seeds: int
     points: list[Point]
-    runs: ComparePlan
+    runs: RunSet
 
 
 def parse_sizes(items: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -174,17 +173,7 @@ def plan_scale(
     stem = Path(source).stem if source.endswith((".yaml", ".yml")) else source
     folder = Path(out) if out else Path(points[0].arm.config.out_dir) / f"scale-{stem}"
     arms = [p.arm for p in points]
-    runs = ComparePlan(
-        folder,
-        arms,
-        arms[0].name,
-        seeds,
-        parse_budget(f"tokens={budgets[0]}"),
-        load_rule(None),
-        None,
-        0,
-    )
-    runs.runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder)]
+    runs = RunSet(folder, [spec for arm in arms for spec in seed_runs(arm, seeds, folder)])
     return ScalePlan(folder, source, list(overrides), keys, budgets, seeds, points, runs)
 
 
@@ -209,15 +198,9 @@ def _check_design(grid: list[Point]) -> None:
 def non_embedding_parameters(model: ModelConfig, vocab: int = 0) -> int:
     """N of the law: parameters without the token embedding (counted on the meta device);
     ``vocab`` stands in for an unresolved ``model.vocab_size`` of 0."""
-    from lmlab.model.lm import LanguageModel
-
     if not model.vocab_size:
         model = replace(model, vocab_size=vocab)
-    try:
-        with torch.device("meta"):
-            built = LanguageModel(model)
-    except Exception:  # a layer computing values while constructed cannot use meta tensors
-        built = LanguageModel(model)
+    built = model_skeleton(model)
     return built.num_parameters(non_embedding=True)
 
 

@@ -30,15 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from lmlab.config.load import build_config, dump_config, read_source
 from lmlab.config.schema import Config
 from lmlab.errors import LmlabError
-from lmlab.eval import registry
-from lmlab.eval.compare import CompareBudget, build_arm, parse_budget
+from lmlab.experiments.runset import (
+    Budget,
+    build_arm,
+    error_line,
+    parse_budget,
+    torch_settings_restored,
+)
+from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
+from lmlab.train.launch import new_trainer
 from lmlab.train.run import SUMMARY_FILE, open_run
 
 STUDY_FILE = "study.sqlite3"
@@ -87,7 +93,7 @@ class SearchPlan:
     base: str
     overrides: list[str]
     params: list[Param]
-    budget: CompareBudget
+    budget: Budget
     trials: int
     seed: int
     fingerprint: str
@@ -266,11 +272,11 @@ def _objective(plan: SearchPlan, show_progress: bool, registry_location, trial) 
         trial.set_user_attr("error", "interrupted")
         raise
     except Exception as exc:
-        trial.set_user_attr("error", _first_line(exc))
+        trial.set_user_attr("error", error_line(exc))
         log = plan.out / "logs" / f"trial{trial.number}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc(), encoding="utf-8")
-        print(f"trial {trial.number} failed: {_first_line(exc)} (see {log})", file=sys.stderr)
+        print(f"trial {trial.number} failed: {error_line(exc)} (see {log})", file=sys.stderr)
         raise
     print(f"trial {trial.number} finished: {value:.4f} bits/byte", file=sys.stderr)
     return value
@@ -284,8 +290,6 @@ def _train_trial(
     settings are restored for the next trial."""
     import optuna
 
-    from lmlab.train.launch import new_trainer
-
     def report(result: dict) -> None:
         trial.report(result[EVAL_METRIC], result["tokens"])
         trial.set_user_attr("tokens", result["tokens"])
@@ -295,20 +299,18 @@ def _train_trial(
 
     run_dir = Path(config.out_dir) / config.name
     trial.set_user_attr("run", str(run_dir))
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     status, summary = "failed", None
     try:
-        trainer = new_trainer(config, config.name, show_progress)
-        trainer.eval_listeners.append(report)
-        summary = trainer.train()
+        with torch_settings_restored():
+            trainer = new_trainer(config, config.name, show_progress)
+            trainer.eval_listeners.append(report)
+            summary = trainer.train()
         status = "finished"
         return summary[FINAL_METRIC]
     except optuna.TrialPruned:
         status = "pruned"
         raise
     finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
         if run_dir.exists():
             row = registry.run_row(
                 run_dir,
@@ -320,12 +322,6 @@ def _train_trial(
                 compare=str(plan.out.resolve()),
             )
             registry.record_runs([row], registry_location)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    detail = lines[0] if lines else ""
-    return detail if isinstance(exc, LmlabError) else f"{type(exc).__name__}: {detail}"
 
 
 def _show(value: Any) -> str:
