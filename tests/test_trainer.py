@@ -177,7 +177,7 @@ def test_tbptt_refuses_an_attention_cache_without_a_window(tmp_path, corpus, cap
     settings = [*TINY, f"data.path={corpus}", "train.tbptt=true", f"out_dir={tmp_path}"]
     assert main(["train", "--quiet", *settings, "name=unbounded"]) == 2
     message = capsys.readouterr().err
-    assert message.startswith("error: train.tbptt carries the attention cache of blocks.0.mixer")
+    assert message.startswith("error: train.tbptt carries the state of blocks.0.mixer (attention)")
     assert "window" in message
     assert not (tmp_path / "unbounded").exists()
     windowed = [*settings, "model.mixer_options.attention.window=16", "name=windowed"]
