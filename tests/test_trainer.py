@@ -182,3 +182,11 @@ def test_tbptt_refuses_an_attention_cache_without_a_window(tmp_path, corpus, cap
     assert not (tmp_path / "unbounded").exists()
     windowed = [*settings, "model.mixer_options.attention.window=16", "name=windowed"]
     assert main(["train", "--quiet", *windowed]) == 0
+
+
+def test_tbptt_refuses_hyena_whose_state_keeps_every_past_input(tmp_path, corpus):
+    with pytest.raises(LmlabError) as refused:
+        two_step_trainer(tmp_path, corpus, "hyena", "model.mixer=hyena", "train.tbptt=true")
+    message = str(refused.value)
+    assert message.startswith("train.tbptt carries the state of blocks.0.mixer (hyena), ")
+    assert "blocks.1.mixer (hyena)" in message and "train.tbptt=false" in message

@@ -97,6 +97,9 @@ class ImplicitFilter(nn.Module):
 class Hyena(TokenMixer):
     """Hyena of order ``N``: short convolution, then ``N`` long convolutions each gated."""
 
+    cache_grows_with_context = True
+    """Decoding keeps every long convolution's past inputs, one row per token."""
+
     @dataclass
     class Options:
         order: int = 2
