@@ -177,8 +177,27 @@ def test_tbptt_refuses_an_attention_cache_without_a_window(tmp_path, corpus, cap
     settings = [*TINY, f"data.path={corpus}", "train.tbptt=true", f"out_dir={tmp_path}"]
     assert main(["train", "--quiet", *settings, "name=unbounded"]) == 2
     message = capsys.readouterr().err
-    assert message.startswith("error: train.tbptt carries the attention cache of blocks.0.mixer")
+    assert message.startswith("error: train.tbptt carries the state of blocks.0.mixer (attention)")
     assert "window" in message
     assert not (tmp_path / "unbounded").exists()
     windowed = [*settings, "model.mixer_options.attention.window=16", "name=windowed"]
     assert main(["train", "--quiet", *windowed]) == 0
+
+
+def test_tbptt_refuses_hyena_whose_state_keeps_every_past_input(tmp_path, corpus):
+    with pytest.raises(LmlabError) as refused:
+        two_step_trainer(tmp_path, corpus, "hyena", "model.mixer=hyena", "train.tbptt=true")
+    message = str(refused.value)
+    assert message.startswith("train.tbptt carries the state of blocks.0.mixer (hyena), ")
+    assert "blocks.1.mixer (hyena)" in message and "train.tbptt=false" in message
+
+
+def test_training_end_writes_the_moe_specialisation_table(tmp_path, corpus):
+    trainer = two_step_trainer(
+        tmp_path, corpus, "moe", "model.channel_mixer=moe", "model.mixer_options.moe.n_experts=4"
+    )
+    trainer.train()
+    table = json.loads((trainer.run_dir / "expert_specialisation.json").read_text())["layers"]
+    assert set(table) == {"blocks.0.channel", "blocks.1.channel"}
+    rows = table["blocks.0.channel"]["rows"]
+    assert sum(row["total"] for row in rows) == 2 * 4 * 16 * 2  # steps, rows, tokens, top_k

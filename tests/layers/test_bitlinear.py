@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 import torch.nn.functional as F
 from mixer_checks import check_learns
@@ -15,8 +16,11 @@ from test_cli import expect_error, train_args
 from torch import nn
 
 from lmlab.cli import main
+from lmlab.config.load import build_config
 from lmlab.config.schema import ModelConfig
+from lmlab.data.tokenizers import ByteTokenizer
 from lmlab.errors import LmlabError
+from lmlab.layers.base import Router
 from lmlab.layers.bitlinear import (
     BitLinear,
     convert_to_bitlinear,
@@ -176,3 +180,37 @@ def test_export_errors_are_one_line(runs, capsys):
     checkpoint = next((runs / "runs" / "bit" / "checkpoints").glob("step_*/model.safetensors"))
     with pytest.raises(LmlabError, match="not an lmlab ternary export"):
         load_ternary(checkpoint)
+
+
+def test_moe_router_stays_float_and_export_gives_the_same_logits(tmp_path):
+    """The MoE router routes in full precision (a ``Router``, not converted), so the export
+    stores it as float and the reloaded model picks the same experts: bit-identical logits,
+    since every BitLinear reloads its exact ``codes * scale`` weight and scale."""
+    config = build_config(
+        None,
+        [
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=2",
+            "model.vocab_size=256",
+            "model.bitlinear=true",
+            "model.channel_mixer=moe",
+            "model.mixer_options.moe.n_experts=4",
+        ],
+    )
+    torch.manual_seed(0)
+    model = LanguageModel(config.model).eval()
+    routers = [block.channel.router for block in model.blocks]
+    assert all(type(router) is Router for router in routers)
+    with torch.no_grad():
+        for router in routers:  # far from ternary: a ternary router would route differently
+            router.weight.normal_(std=1.0)
+    path = tmp_path / "moe.safetensors"
+    path.write_bytes(ternary_bytes(model, config, ByteTokenizer(), step=0))
+    _, loaded, _, _ = load_ternary(path)
+    ternary = json.loads(safetensors.safe_open(str(path), "pt").metadata()["ternary"])
+    assert "blocks.0.channel.router.weight" not in ternary
+    assert "blocks.0.channel.experts.0.gate_up.weight" in ternary
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])

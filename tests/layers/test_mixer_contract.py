@@ -11,6 +11,7 @@ own test file.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import mixer_checks
@@ -26,7 +27,10 @@ from mixer_checks import (
     make_mixer,
 )
 
+from lmlab.config.schema import ModelConfig
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.registry import TOKEN_MIXERS, token_mixer_names
+from lmlab.model.lm import LanguageModel
 
 Settings = dict[str, Any]
 
@@ -290,3 +294,25 @@ def test_bfloat16(name: str, settings: Settings) -> None:
 def test_learns(name: str, steps: int, options: Settings) -> None:
     final, unigram = check_learns(name, steps=steps, **options)
     assert final < 0.8 * unigram, f"final loss {final:.3f} vs unigram entropy {unigram:.3f}"
+
+
+@pytest.mark.parametrize("name", token_mixer_names())
+def test_registered_mixer_derives_from_the_base_and_declares_its_flops(name: str) -> None:
+    cls = TOKEN_MIXERS[name]
+    assert issubclass(cls, TokenMixer) and cls.name == name
+    assert "extra_flops_per_token" not in getattr(cls, "__abstractmethods__", ())
+    extra = make_mixer(name).extra_flops_per_token(64)
+    assert isinstance(extra, float) and math.isfinite(extra) and extra >= 0
+
+
+@pytest.mark.parametrize("name", token_mixer_names())
+def test_model_flops_count_the_mixer_hook(name: str, monkeypatch) -> None:
+    """The model's count is 2 per linear weight plus each mixer's declared correction, so a
+    changed correction moves the count by exactly that much in every layer."""
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=2, mixer=name)
+    model = LanguageModel(cfg)
+    linear = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    extras = [block.mixer.extra_flops_per_token(64) for block in model.blocks]
+    assert model.flops_per_token(64) == pytest.approx(linear + sum(extras), rel=1e-12)
+    monkeypatch.setattr(TOKEN_MIXERS[name], "extra_flops_per_token", lambda self, context: 1e6)
+    assert model.flops_per_token(64) == pytest.approx(linear + 2e6, rel=1e-12)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.features import feature_counters
-from lmlab.layers.moe import MoE, write_specialisation
+from lmlab.layers.moe import SPECIALISATION_FILE, MoE
 from lmlab.layers.registry import build_channel_mixer
 from lmlab.model.lm import LanguageModel
 
@@ -260,8 +260,8 @@ def test_specialisation_counts_sum_to_tokens_times_k(tmp_path):
         assert counts.sum(-1).tolist() == (2 * occurrences).tolist()
     with torch.no_grad():
         model.eval()(idx)  # inference does not count
-    path = write_specialisation(tmp_path, model, decode=lambda ids: f"<{ids[0]}>")
-    table = json.loads(path.read_text())["layers"]
+    model.on_training_end(tmp_path, decode=lambda ids: f"<{ids[0]}>")
+    table = json.loads((tmp_path / SPECIALISATION_FILE).read_text())["layers"]
     assert set(table) == {"blocks.0.channel", "blocks.1.channel"}
     rows = table["blocks.0.channel"]["rows"]
     assert sum(row["total"] for row in rows) == 66

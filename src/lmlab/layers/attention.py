@@ -32,6 +32,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.features import FeatureCounter
 from lmlab.layers.position import CoPE, Rotary, alibi_slopes
 from lmlab.layers.registry import register_token_mixer
@@ -112,7 +113,7 @@ def causal_attention(
 
 
 @register_token_mixer("attention")
-class Attention(FeatureCounter, nn.Module):
+class Attention(FeatureCounter, TokenMixer):
     """Multi-head attention; ``n_kv_heads < n_heads`` gives GQA, ``n_kv_heads = 1`` MQA."""
 
     @dataclass

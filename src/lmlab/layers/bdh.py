@@ -44,6 +44,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.position import Rotary
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_linear_attention import gated_linear_attention
@@ -55,7 +56,7 @@ FORGET_SPANS = (4.0, 256.0)
 
 
 @register_token_mixer("bdh")
-class BDH(nn.Module):
+class BDH(TokenMixer):
     """A BDH layer as a token mixer: sparse neurons, strictly causal linear attention, gating."""
 
     @dataclass

@@ -87,8 +87,9 @@ class BitLinear(FeatureCounter, nn.Linear):
 
 
 def convert_to_bitlinear(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` inside ``module`` (not ``module`` itself) by a ``BitLinear``
-    holding the same parameters, in place; returns how many were replaced."""
+    """Replace every plain ``nn.Linear`` inside ``module`` (not ``module`` itself) by a
+    ``BitLinear`` holding the same parameters, in place; returns how many were replaced.
+    Subclasses are left alone: a ``lmlab.layers.base.Router`` stays in full precision."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -37,19 +37,15 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
+from lmlab.layers.common import at_least_float32
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_delta_rule import gated_delta_rule
 from lmlab.ops.short_conv import short_conv
 
 
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Gates and decays are summed over many steps: keep them in float32 (or float64) even when
-    the model runs in bfloat16."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 @register_token_mixer("deltanet")
-class DeltaNet(nn.Module):
+class DeltaNet(TokenMixer):
     """Linear attention whose state is written with the delta rule (no decay)."""
 
     @dataclass

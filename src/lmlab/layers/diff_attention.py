@@ -22,13 +22,14 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.attention import KVState, append_kv, causal_attention
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.differential import DifferentialReadout
 from lmlab.layers.position import Rotary
 from lmlab.layers.registry import register_token_mixer
 
 
 @register_token_mixer("diff_attention")
-class DiffAttention(nn.Module):
+class DiffAttention(TokenMixer):
     """Differential attention with ``n_heads`` heads of value width ``head_dim``."""
 
     cache_grows_with_context = True

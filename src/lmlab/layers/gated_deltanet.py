@@ -23,36 +23,16 @@ Not carried over: fla's grouped value heads (``num_v_heads``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
-from lmlab.layers.deltanet import DeltaNet, at_least_float32
+from lmlab.layers.common import mamba_log_decay, reset_mamba_decay
+from lmlab.layers.deltanet import DeltaNet
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
-
-
-def mamba_log_decay(pre: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Mamba-2's ``log alpha = -exp(A_log) * softplus(pre + dt_bias)`` (``<= 0``) in float32 or
-    wider; ``a_log`` and ``dt_bias`` broadcast against the trailing dimensions of ``pre``."""
-    dt = F.softplus(at_least_float32(pre) + dt_bias)
-    return -torch.exp(a_log.to(dt.dtype)) * dt
-
-
-def reset_mamba_decay(
-    a_log: torch.Tensor, dt_bias: torch.Tensor, a_low: float, a_high: float
-) -> None:
-    """``A ~ U(a_low, a_high)`` and ``softplus(dt_bias)`` log-uniform in [1e-3, 0.1] (floored at
-    1e-4): a spread of memory lengths across heads (and channels) from the start (Mamba-2)."""
-    with torch.no_grad():
-        a_log.copy_(torch.empty_like(a_log).uniform_(a_low, a_high).log())
-        low, high = math.log(1e-3), math.log(0.1)
-        dt = torch.exp(torch.rand_like(dt_bias) * (high - low) + low).clamp_min(1e-4)
-        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
 @register_token_mixer("gated_deltanet")

@@ -26,14 +26,15 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
+from lmlab.layers.common import check_core_options, head_dims
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
-from lmlab.layers.retnet import check_core_options, head_dims
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 
 
 @register_token_mixer("gla")
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(TokenMixer):
     """Linear attention with a per-key-channel, data-dependent forget gate."""
 
     @dataclass

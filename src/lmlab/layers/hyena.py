@@ -39,6 +39,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.long_conv import causal_long_conv, causal_long_conv_step
 from lmlab.ops.short_conv import short_conv
@@ -93,8 +94,11 @@ class ImplicitFilter(nn.Module):
 
 
 @register_token_mixer("hyena")
-class Hyena(nn.Module):
+class Hyena(TokenMixer):
     """Hyena of order ``N``: short convolution, then ``N`` long convolutions each gated."""
+
+    cache_grows_with_context = True
+    """Decoding keeps every long convolution's past inputs, one row per token."""
 
     @dataclass
     class Options:

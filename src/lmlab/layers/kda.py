@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.common import mamba_log_decay, reset_mamba_decay
 from lmlab.layers.deltanet import DeltaNet
-from lmlab.layers.gated_deltanet import mamba_log_decay, reset_mamba_decay
 from lmlab.layers.registry import register_token_mixer
 
 

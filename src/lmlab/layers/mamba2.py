@@ -29,15 +29,16 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
+from lmlab.layers.common import check_core_options
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
-from lmlab.layers.retnet import check_core_options
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 from lmlab.ops.short_conv import short_conv
 
 
 @register_token_mixer("mamba2")
-class Mamba2(nn.Module):
+class Mamba2(TokenMixer):
     """Selective state-space layer with scalar per-head decay (SSD)."""
 
     @dataclass

@@ -41,13 +41,14 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.attention import append_kv, attention_mask, causal_attention
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.differential import DifferentialReadout
 from lmlab.layers.position import Rotary
 from lmlab.layers.registry import register_token_mixer
 
 
 @register_token_mixer("mla")
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(TokenMixer):
     """MLA; the state is ``{"latent", "k_rope", "length"}`` (a cache growing by doubling)."""
 
     cache_grows_with_context = True

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.base import ChannelMixer
 from lmlab.layers.registry import register_channel_mixer
 
 
 @register_channel_mixer("swiglu")
-class SwiGLU(nn.Module):
+class SwiGLU(ChannelMixer):
     """``down(silu(gate(x)) * up(x))``; gate and up share one matmul."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: object) -> None:
@@ -25,9 +26,13 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.out(F.silu(gate) * up)
 
+    def extra_flops_per_token(self, context: int) -> float:
+        """Nothing beyond its two matmuls (the activation and product are O(hidden))."""
+        return 0.0
+
 
 @register_channel_mixer("none")
-class NoChannelMixer(nn.Module):
+class NoChannelMixer(ChannelMixer):
     """Adds nothing: the block reduces to ``x + token_mixer(norm(x))`` and skips this module and
     the channel norm altogether (``Block``); called directly, it returns zeros."""
 
@@ -36,3 +41,7 @@ class NoChannelMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
+
+    def extra_flops_per_token(self, context: int) -> float:
+        """No computation at all."""
+        return 0.0

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.layers.base import LayerHooks
 from lmlab.layers.features import FeatureCounter, recording
 
 Take = Callable[[torch.Tensor], torch.Tensor]
@@ -39,7 +40,7 @@ Inner = Callable[[torch.Tensor, object, Take], tuple[torch.Tensor, object]]
 """The block's residual update of the routed tokens: ``(h, state, take) -> (update, state)``."""
 
 
-class DepthRouter(FeatureCounter, nn.Module):
+class DepthRouter(FeatureCounter, LayerHooks):
     """Routes ``capacity`` of each sequence's tokens through ``inner``; the others skip it."""
 
     feature = "mixture_of_depths"
@@ -51,7 +52,6 @@ class DepthRouter(FeatureCounter, nn.Module):
         self.capacity = capacity
         self.aux_loss_coef = aux_loss_coef
         self.score = nn.Linear(d_model, 1, bias=False)
-        self.aux_loss: torch.Tensor | None = None
         self._reset_statistics()
 
     def routed_count(self, time: int) -> int:

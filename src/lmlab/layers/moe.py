@@ -22,6 +22,10 @@ Routers (option ``router``):
 Shared experts (``shared_experts``, DeepSeek-MoE): always-on experts added to the routed output,
 held as ONE SwiGLU of their summed width, which is the same function as summing them.
 
+Precision: the router logits are computed in float32 under autocast, and under
+``model.bitlinear`` the router stays a full-precision :class:`~lmlab.layers.base.Router` (only the
+experts become BitLinear), so the ternary export stores it as float and routes as training did.
+
 Balancing: the auxiliary loss ``n_experts * sum_e f_e * P_e`` (Switch/GShard; ``f_e`` the
 fraction of the router's assignments that went to expert e, ``P_e`` its mean probability; 1 at
 perfect balance), the router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE), and loss-free
@@ -40,7 +44,7 @@ Statistics (:meth:`MoE.pop_statistics`, training forwards only): load per expert
 the router's assignments, before capacity drops), its coefficient of variation, tokens dropped,
 experts run per token, the raw aux and z losses (before their coefficients), and the bias. The
 specialisation table counts (input token id, expert) assignments over the whole training in the
-``token_expert_counts`` buffer; :func:`write_specialisation` writes it to the run folder.
+``token_expert_counts`` buffer; :meth:`MoE.on_training_end` writes it to the run folder.
 
 Dispatch: the assignments are grouped by expert (one stable sort), and a loop over EXPERTS
 (never tokens) gathers each expert's tokens with ``index_select``, runs the expert once and adds
@@ -62,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +75,10 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import ChannelMixer, Decode, Router
 from lmlab.layers.features import FeatureCounter, recording
 from lmlab.layers.mlp import SwiGLU
-from lmlab.layers.registry import prefer_adamw, register_channel_mixer
+from lmlab.layers.registry import register_channel_mixer
 
 ROUTERS = ("topk", "switch", "top_p", "expert_choice")
 SWITCH_CAPACITY = 1.25
@@ -100,7 +104,7 @@ class Routing:
 
 
 @register_channel_mixer("moe")
-class MoE(FeatureCounter, nn.Module):
+class MoE(FeatureCounter, ChannelMixer):
     """``y = shared(x) + sum over the routed experts e of gate_e * expert_e(x)``."""
 
     feature = "moe"
@@ -145,7 +149,7 @@ class MoE(FeatureCounter, nn.Module):
             1, round(cfg.resolved_mlp_hidden / (self.active_experts + options.shared_experts))
         )
         self.expert_hidden = hidden
-        self.router = prefer_adamw(nn.Linear(cfg.d_model, options.n_experts, bias=False))
+        self.router = Router(cfg.d_model, options.n_experts, bias=False)
         expert_cfg = dataclasses.replace(cfg, mlp_hidden=hidden)
         self.experts = nn.ModuleList(
             SwiGLU(expert_cfg, layer_idx, None) for _ in range(options.n_experts)
@@ -165,7 +169,6 @@ class MoE(FeatureCounter, nn.Module):
             torch.zeros(max(cfg.vocab_size, 0), options.n_experts, dtype=torch.int64),
         )
         self.token_ids: torch.Tensor | None = None
-        self.aux_loss: torch.Tensor | None = None
         self._reset_statistics()
 
     def set_token_ids(self, idx: torch.Tensor) -> None:
@@ -316,6 +319,30 @@ class MoE(FeatureCounter, nn.Module):
         shared = 0 if self.shared is None else 2 * sum(p.numel() for p in self.shared.parameters())
         return float(2 * self.router.weight.numel() + self.active_experts * per_expert + shared)
 
+    def specialisation(self, decode: Decode | None = None) -> dict:
+        """How often the router sent each token id to each expert over the training so far (the
+        counts live in the checkpoint, so they survive a resume), most frequent token first;
+        ``decode`` adds each token's text."""
+        counts = self.token_expert_counts.cpu()
+        totals = counts.sum(-1)
+        rows = []
+        for token in torch.argsort(totals, descending=True, stable=True).tolist():
+            if totals[token] == 0:
+                break
+            row = {"token_id": token, "total": int(totals[token]), "counts": counts[token].tolist()}
+            if decode is not None:
+                row["token"] = decode([token])
+            rows.append(row)
+        return {"n_experts": self.n_experts, "router": self.options.router, "rows": rows}
+
+    def on_training_end(self, run_dir: Path, name: str, decode: Decode | None) -> None:
+        """Add this layer's :meth:`specialisation` under ``name`` to ``expert_specialisation.json``
+        (one file for all MoE layers: each layer adds its own entry)."""
+        path = Path(run_dir) / SPECIALISATION_FILE
+        layers = json.loads(path.read_text())["layers"] if path.exists() else {}
+        layers[name] = self.specialisation(decode)
+        path.write_text(json.dumps({"layers": layers}, indent=1, ensure_ascii=False) + "\n")
+
     def extra_flops_per_token(self, context: int) -> float:
         """What the model's count of 2 FLOPs per ``nn.Linear`` weight misses: it counts every
         expert, only the active ones run, so this is negative."""
@@ -353,36 +380,3 @@ def queue_position(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Each assignment's place in its expert's queue, in assignment order (0 = first)."""
     one_hot = F.one_hot(experts, n_experts)
     return (one_hot.cumsum(0) * one_hot).sum(-1) - 1
-
-
-def write_specialisation(
-    run_dir: Path, model: nn.Module, decode: Callable[[Sequence[int]], str] | None = None
-) -> Path | None:
-    """Write ``expert_specialisation.json``: per MoE layer, how often the router sent each token
-    id to each expert over the training so far (the counts live in the checkpoint, so they
-    survive a resume). ``decode`` (e.g. ``tokenizer.decode``) adds each token's text. Returns
-    the path, or None when the model has no MoE layer."""
-    layers = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, MoE):
-            continue
-        counts = module.token_expert_counts.cpu()
-        totals = counts.sum(-1)
-        rows = []
-        for token in torch.argsort(totals, descending=True, stable=True).tolist():
-            if totals[token] == 0:
-                break
-            row = {"token_id": token, "total": int(totals[token]), "counts": counts[token].tolist()}
-            if decode is not None:
-                row["token"] = decode([token])
-            rows.append(row)
-        layers[name] = {
-            "n_experts": module.n_experts,
-            "router": module.options.router,
-            "rows": rows,
-        }
-    if not layers:
-        return None
-    path = Path(run_dir) / SPECIALISATION_FILE
-    path.write_text(json.dumps({"layers": layers}, indent=1, ensure_ascii=False) + "\n")
-    return path

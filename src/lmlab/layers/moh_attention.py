@@ -26,11 +26,12 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.attention import Attention, KVState
+from lmlab.layers.base import LayerHooks
 from lmlab.layers.features import FeatureCounter, recording
 from lmlab.layers.registry import register_token_mixer
 
 
-class HeadRouter(FeatureCounter, nn.Module):
+class HeadRouter(FeatureCounter, LayerHooks):
     """Per-token head gates ``[B, T, H]`` (shared heads first), with load statistics."""
 
     feature = "mixture_of_heads"
@@ -48,7 +49,6 @@ class HeadRouter(FeatureCounter, nn.Module):
         self.shared = nn.Linear(d_model, n_shared, bias=False) if n_shared else None
         self.routed = nn.Linear(d_model, self.n_routed, bias=False)
         self.mix = nn.Linear(d_model, 2, bias=False) if n_shared else None
-        self.aux_loss: torch.Tensor | None = None
         self.load = torch.zeros(self.n_routed)
         self.tokens = 0
 

@@ -26,36 +26,16 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
+from lmlab.layers.common import check_core_options, head_dims
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.position import Rotary
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 
 
-def head_dims(name: str, width: int, expand: float, n_heads: int, what: str) -> int:
-    """Per-head size of a projection ``width * expand`` split over ``n_heads``, or a clear error."""
-    total = int(width * expand)
-    if total <= 0 or total % n_heads:
-        raise LmlabError(
-            f"{name}: d_model * {what} = {total} is not a positive multiple of n_heads={n_heads}; "
-            f"change model.mixer_options.{name}.{what}"
-        )
-    return total // n_heads
-
-
-def check_core_options(name: str, mode: str, chunk_size: int) -> None:
-    """Reject a bad core setting when the model is built rather than at the first forward."""
-    if mode not in ("chunk", "recurrent"):
-        raise LmlabError(
-            f"{name}: mode={mode!r} is unknown; set model.mixer_options.{name}.mode to chunk "
-            "or recurrent"
-        )
-    if chunk_size < 1:
-        raise LmlabError(f"{name}: chunk_size={chunk_size} must be at least 1")
-
-
 @register_token_mixer("retnet")
-class MultiScaleRetention(nn.Module):
+class MultiScaleRetention(TokenMixer):
     """Retention with fixed per-head decays, rotary q/k and a swish-gated per-head norm."""
 
     @dataclass

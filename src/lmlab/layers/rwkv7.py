@@ -37,6 +37,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.base import TokenMixer
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.dplr_delta_rule import dplr_delta_rule
 
@@ -78,7 +79,7 @@ class LoRA(nn.Module):
 
 
 @register_token_mixer("rwkv7")
-class RWKV7(nn.Module):
+class RWKV7(TokenMixer):
     """RWKV-7 time mixing on the ``dplr_delta_rule`` core; state: matrix + previous token."""
 
     @dataclass

@@ -9,12 +9,14 @@ that update to the tokens its router picks only (``layers/mod.py``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.config.schema import ModelConfig
+from lmlab.layers.base import Decode, LayerHooks, Mixer
 from lmlab.layers.bitlinear import convert_to_bitlinear
 from lmlab.layers.features import feature_counters, feature_modules, replaying
 from lmlab.layers.mlp import NoChannelMixer
@@ -28,7 +30,7 @@ def token_id_consumers(module: nn.Module) -> list[nn.Module]:
     inside it, to hand them the routed tokens' ids)."""
     found = []
     for child in module.children():
-        if getattr(child, "wants_token_ids", False):
+        if isinstance(child, LayerHooks) and child.wants_token_ids:
             found.append(child)
         else:
             found.extend(token_id_consumers(child))
@@ -37,18 +39,14 @@ def token_id_consumers(module: nn.Module) -> list[nn.Module]:
 
 def module_flops(module: nn.Module, context: int) -> float:
     """Forward FLOPs per token of ``module``: 2 per weight of each ``nn.Linear`` in it plus each
-    submodule's correction ``extra_flops_per_token(context)`` (attention scores; a MoE's
-    experts that do not run, which is negative)."""
+    mixer's correction ``extra_flops_per_token(context)`` (attention scores; a MoE's experts
+    that do not run, which is negative), which every mixer must declare."""
     matmul = sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-    extra = sum(
-        m.extra_flops_per_token(context)
-        for m in module.modules()
-        if hasattr(m, "extra_flops_per_token")
-    )
+    extra = sum(m.extra_flops_per_token(context) for m in module.modules() if isinstance(m, Mixer))
     return float(matmul + extra)
 
 
-class Block(nn.Module):
+class Block(LayerHooks):
     """One pre-norm residual block (RMSNorm), optionally routed (Mixture-of-Depths) and
     optionally recomputed in backward (activation checkpointing)."""
 
@@ -138,16 +136,9 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        # The modules behind the per-step hooks, found once. Modules that want the input token
-        # ids (e.g. MoE specialisation statistics) declare ``wants_token_ids = True`` and get
-        # them through ``set_token_ids`` before each forward.
+        # The modules behind the hooks of ``lmlab.layers.base.LayerHooks``, found once.
         self._token_id_consumers = token_id_consumers(self)
-        self._aux_loss_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]
-        self._statistics_modules = [
-            (name, m)
-            for name, m in self.named_modules()
-            if m is not self and hasattr(m, "pop_statistics")
-        ]
+        self._hooked = [(n, m) for n, m in self.named_modules() if isinstance(m, LayerHooks)]
         self._feature_modules = feature_modules(self)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -159,8 +150,7 @@ class LanguageModel(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections (named ``out``) scaled by
         1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth (GPT-2).
-        Mixers that need their own initialisation (decay rates, gates) do it in their
-        ``reset_parameters``, called last."""
+        Then each mixer's own ``reset_parameters`` (decay rates, gates; a no-op by default)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -171,9 +161,8 @@ class LanguageModel(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         for block in self.blocks:
-            for module in (block.mixer, block.channel):
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+            block.mixer.reset_parameters()
+            block.channel.reset_parameters()
 
     def forward(
         self, idx: torch.Tensor, state: ModelState | None = None
@@ -201,13 +190,20 @@ class LanguageModel(nn.Module):
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) that modules stored as
         ``aux_loss`` during the last forward; None when no module has one."""
-        losses = [m.aux_loss for m in self._aux_loss_modules if m.aux_loss is not None]
+        losses = [m.aux_loss for _, m in self._hooked if m.aux_loss is not None]
         return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
     def pop_statistics(self) -> dict[str, dict]:
         """Per-module statistics gathered since the last call (router loads, tokens dropped...),
-        from every module with a ``pop_statistics()`` method, keyed by module path."""
-        return {name: module.pop_statistics() for name, module in self._statistics_modules}
+        keyed by module path; modules with nothing to report are left out."""
+        popped = ((name, module.pop_statistics()) for name, module in self._hooked)
+        return {name: stats for name, stats in popped if stats}
+
+    def on_training_end(self, run_dir: Path, decode: Decode | None = None) -> None:
+        """Let every module write what it gathered over the training into ``run_dir`` (e.g. the
+        MoE specialisation table); the trainer calls it once, when the budget is spent."""
+        for name, module in self._hooked:
+            module.on_training_end(run_dir, name, decode)
 
     def feature_counters(self) -> dict[str, int]:
         """Integrity counters: calls per optional feature so far (``layers/features.py``)."""

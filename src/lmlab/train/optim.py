@@ -7,7 +7,7 @@ a MoE router, mixture-of-heads router or Mixture-of-Depths router is one class's
 
 The rule (:func:`split_parameters`): Muon takes the ``weight`` of every ``nn.Linear`` (or
 subclass, e.g. a BitLinear's latent weight) except the output head and any module under one
-that declares ``optimizer_hint = "adamw"`` (``lmlab.layers.registry.prefer_adamw``); every other
+that declares ``optimizer_hint = "adamw"`` (``lmlab.layers.base.LayerHooks``); every other
 parameter goes to AdamW. Raw ``nn.Parameter`` tensors (convolution kernels, decay rates,
 per-channel biases, position tables) are not matrices that map a hidden vector to another, so
 going by module type, not by ``ndim == 2``, keeps them out of Muon.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import TrainConfig
+from lmlab.layers.base import LayerHooks
 from lmlab.train.device import cpu_has_fast_bf16
 from lmlab.train.muon import Muon
 
@@ -71,7 +72,8 @@ def split_parameters(
     hidden: set[int] = set()
 
     def visit(module: nn.Module, adamw: bool) -> None:
-        adamw = adamw or module is head or getattr(module, "optimizer_hint", "") == "adamw"
+        hint = module.optimizer_hint if isinstance(module, LayerHooks) else None
+        adamw = adamw or module is head or hint == "adamw"
         if isinstance(module, nn.Linear) and not adamw:
             hidden.add(id(module.weight))
         for child in module.children():

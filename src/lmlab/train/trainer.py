@@ -24,7 +24,7 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
-from lmlab.layers.moe import write_specialisation
+from lmlab.layers.base import TokenMixer
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import (
@@ -77,17 +77,21 @@ def seq_len_at(config: Config, step: int) -> int:
 
 
 def refuse_growing_caches(model: nn.Module) -> None:
-    """Truncated BPTT carries every layer's state across the whole stream; an attention cache
-    without a window would then hold (and attend over) every token seen since the stream
-    started, so its memory and time per step would grow without bound."""
+    """Truncated BPTT carries every layer's state across the whole stream; a state that keeps
+    every past token (an attention cache without a window, Hyena's past inputs) would then hold
+    every token seen since the stream started, so its memory and time per step would grow
+    without bound."""
     growing = [
-        name for name, m in model.named_modules() if getattr(m, "cache_grows_with_context", False)
+        f"{name} ({m.name})"
+        for name, m in model.named_modules()
+        if isinstance(m, TokenMixer) and m.cache_grows_with_context
     ]
     if growing:
         raise LmlabError(
-            f"train.tbptt carries the attention cache of {', '.join(growing)} across every "
-            "segment, so it would grow with the whole stream; give attention a window (e.g. "
-            "model.mixer_options.attention.window=256) or set train.tbptt=false"
+            f"train.tbptt carries the state of {', '.join(growing)} across every segment, and "
+            "that state keeps every past token, so it would grow with the whole stream; give "
+            "attention a window (e.g. model.mixer_options.attention.window=256), use a mixer "
+            "with a fixed-size state, or set train.tbptt=false"
         )
 
 
@@ -357,7 +361,7 @@ class Trainer:
             listener(result)
 
     def _write_summary(self) -> dict:
-        write_specialisation(self.run_dir, self.model, self.tokenizer.decode)
+        self.model.on_training_end(self.run_dir, self.tokenizer.decode)
         state = self.state
         summary = {
             "run": str(self.run_dir),
