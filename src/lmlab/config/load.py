@@ -19,7 +19,7 @@ from lmlab.config.schema import Config, TrainConfig, coerce_value
 from lmlab.errors import LmlabError
 
 BUDGET_KEYS = ("max_time", "max_tokens", "max_steps")
-"""The training budgets of ``train``, the one that rules first (``budget_for`` in the trainer)."""
+"""The training budgets of ``train``, in the order they win (``budget_for`` in the trainer)."""
 
 
 def preset_names() -> list[str]:
@@ -42,6 +42,8 @@ def preset_description(name: str) -> str:
 
 
 class _DuplicateKey(yaml.YAMLError):
+    """Raised inside the loader, turned into an error naming the file or override."""
+
     def __init__(self, key: object, first: int, again: int) -> None:
         super().__init__(f"key {key!r} is given twice (lines {first} and {again}); keep one")
 
@@ -177,9 +179,9 @@ def build_config(
     """A validated config: defaults, then ``base`` (e.g. a saved run), ``source``, ``overrides``.
 
     Overrides are what the user typed last, so a training budget among them is the budget: it
-    clears the time and token budgets of the base and source, which would otherwise win over it
-    (``--preset gpt-tiny train.max_steps=60`` trains 60 steps, not the preset's 150 seconds).
-    Two budgets in the overrides are an error."""
+    clears any other time or token budget of the base or source (time beats tokens beats steps,
+    so a preset's ``max_time`` would win otherwise: ``--preset gpt-tiny train.max_steps=60``
+    trains 60 steps, not the preset's 150 seconds). Two budgets in the overrides are an error."""
     config = Config()
     if base is not None:
         if not isinstance(base, dict):
@@ -207,10 +209,9 @@ def _apply_command_line_budget(train: TrainConfig, named: set[str]) -> None:
         raise LmlabError(
             f"train.{given[0]} and train.{given[1]} are both given as overrides; give one budget"
         )
-    if given and given[0] != "max_time":
-        train.max_time = 0.0
-    if given == ["max_steps"]:
-        train.max_tokens = 0
+    if given:
+        train.max_time = train.max_time if given[0] == "max_time" else 0.0
+        train.max_tokens = train.max_tokens if given[0] == "max_tokens" else 0
 
 
 def config_to_dict(config: Config) -> dict:

@@ -165,9 +165,9 @@ RULES: dict[str, Range | Choice] = {
 (:func:`check_rules` fails on a numeric field without), so a new setting is range-checked too."""
 
 
-def check_rules(section: object, prefix: str) -> None:
+def check_rules(section: ModelConfig | DataConfig | TrainConfig, prefix: str) -> None:
     """Check each field of a config section against :data:`RULES`."""
-    for item in dataclasses.fields(section):  # type: ignore[arg-type]
+    for item in dataclasses.fields(section):
         key, value = f"{prefix}.{item.name}", getattr(section, item.name)
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         rule = RULES[key] if numeric else RULES.get(key)
