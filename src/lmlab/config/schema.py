@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,125 @@ exist: ``bitlinear`` is listed by name for the quantisation work)."""
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise LmlabError(message)
+
+
+INT_MAX = 2**31 - 1
+"""Default upper bound of integer settings: torch takes thread counts as C ints, and no size,
+count or seed past it fits in memory or in a run."""
+
+
+def _show(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting: ``low`` to ``high``, inclusive unless marked
+    open (integers also stop at :data:`INT_MAX`); ``note`` says what an edge value means or what
+    to set."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def requirement(self) -> str:
+        """The rule in words: ``must be positive``, ``must be in [0, 1)``, ..."""
+        if self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"must be in {left}{_show(self.low)}, {_show(self.high)}{right}"
+        if self.low == 0:
+            return "must be positive" if self.low_open else "must not be negative"
+        return f"must be {'>' if self.low_open else '>='} {_show(self.low)}"
+
+    def check(self, key: str, value: float) -> None:
+        """Raise a one-line error naming ``key`` unless ``value`` is finite and in range."""
+        note = f"; {self.note}" if self.note else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LmlabError(f"{key}={value} must be a finite number{note}")
+        below = value <= self.low if self.low_open else value < self.low
+        above = self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        )
+        if below or above:
+            raise LmlabError(f"{key}={value} {self.requirement()}{note}")
+        if self.high is None and isinstance(value, int) and value > INT_MAX:
+            raise LmlabError(f"{key}={value} must be at most {INT_MAX}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The allowed values of a setting that names one of a few options."""
+
+    options: tuple[str, ...]
+
+    def check(self, key: str, value: str) -> None:
+        if value not in self.options:
+            listed = ", ".join(self.options[:-1]) + f" or {self.options[-1]}"
+            raise LmlabError(f"{key}={value!r} is unknown; use {listed}")
+
+
+RULES: dict[str, Range | Choice] = {
+    "model.vocab_size": Range(0, note="0 takes the tokenizer's vocabulary size"),
+    "model.d_model": Range(1),
+    "model.n_layers": Range(1),
+    "model.n_heads": Range(1),
+    "model.n_kv_heads": Range(0, note="0 means model.n_heads"),
+    "model.head_dim": Range(0, note="0 means model.d_model // model.n_heads"),
+    "model.mlp_hidden": Range(0, note="0 means 8/3 * model.d_model"),
+    "model.position": Choice(("rope", "alibi", "cope", "none")),
+    "model.rope_theta": Range(0, low_open=True, note="RoPE's base, e.g. 10000"),
+    "model.norm_eps": Range(0, low_open=True, note="e.g. 1e-5"),
+    "model.init_std": Range(0, low_open=True, note="e.g. 0.02"),
+    "model.mod_capacity": Range(0, 1, note="0 disables Mixture-of-Depths"),
+    "model.mod_every": Range(1),
+    "model.mod_aux_loss_coef": Range(0),
+    "data.edition": Choice(("modern", "folio")),
+    "data.tokenizer": Choice(("byte", "char", "bpe")),
+    "data.vocab_size": Range(1),
+    "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
+    "data.split": Choice(("auto", "by_document", "tail")),
+    "data.seq_len": Range(1),
+    "data.seed": Range(0),
+    "train.batch_size": Range(1),
+    "train.grad_accum": Range(1),
+    "train.optimizer": Choice(("adamw", "muon")),
+    "train.lr": Range(0, low_open=True, note="e.g. train.lr=3e-3"),
+    "train.muon_lr": Range(0, low_open=True, note="e.g. train.muon_lr=0.02"),
+    "train.weight_decay": Range(0),
+    "train.beta1": Range(0, 1, high_open=True, note="e.g. 0.9"),
+    "train.beta2": Range(0, 1, high_open=True, note="e.g. 0.95"),
+    "train.schedule": Choice(("cosine", "wsd", "constant")),
+    "train.warmup_steps": Range(0),
+    "train.decay_fraction": Range(0, 1),
+    "train.min_lr_ratio": Range(0, 1, note="the final lr as a fraction of the peak"),
+    "train.grad_clip": Range(0, note="0 disables clipping"),
+    "train.max_steps": Range(0),
+    "train.max_tokens": Range(0, 10**15, note="0 disables the token budget"),
+    "train.max_time": Range(0, note="seconds; 0 disables the time budget"),
+    "train.precision": Choice(("auto", "bf16", "fp32")),
+    "train.seed": Range(0),
+    "train.eval_interval": Range(1),
+    "train.eval_batches": Range(1),
+    "train.checkpoint_interval": Range(1),
+    "train.keep_checkpoints": Range(1),
+    "train.threads": Range(0, note="0 leaves torch's default"),
+    "train.seq_len_start": Range(0, note="0 disables the curriculum"),
+    "train.curriculum_steps": Range(0),
+}
+"""One rule per setting, keyed ``section.field``. Every int and float field must have one
+(:func:`check_rules` fails on a numeric field without), so a new setting is range-checked too."""
+
+
+def check_rules(section: ModelConfig | DataConfig | TrainConfig, prefix: str) -> None:
+    """Check each field of a config section against :data:`RULES`."""
+    for item in dataclasses.fields(section):
+        key, value = f"{prefix}.{item.name}", getattr(section, item.name)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        rule = RULES[key] if numeric else RULES.get(key)
+        if rule is not None:
+            rule.check(key, value)
 
 
 def coerce_value(value: Any, kind: Any, key: str) -> Any:
@@ -253,7 +373,7 @@ class ModelConfig:
 
     def _validate_layer(self) -> None:
         """The checks of settings that a layer override may change."""
-        _require(self.n_heads > 0, "model.n_heads must be positive")
+        check_rules(self, "model")
         _require(
             self.head_dim > 0 or self.d_model % self.n_heads == 0,
             f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
@@ -264,34 +384,32 @@ class ModelConfig:
             f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
             f"{self.resolved_kv_heads}",
         )
-        _require(
-            self.position in ("rope", "alibi", "cope", "none"),
-            f"model.position={self.position!r} is unknown; use rope, alibi, cope or none",
-        )
-        _require(
-            0 <= self.mod_capacity <= 1,
-            f"model.mod_capacity={self.mod_capacity} must be in [0, 1] (0 disables "
-            "Mixture-of-Depths)",
-        )
-        _require(self.mod_aux_loss_coef >= 0, "model.mod_aux_loss_coef must not be negative")
 
     def validate(self) -> None:
-        _require(self.d_model > 0, "model.d_model must be positive")
-        _require(self.n_layers > 0, "model.n_layers must be positive")
+        self._validate_layer()
         _require(
             not self.pattern or len(self.pattern) == self.n_layers,
             f"model.pattern has {len(self.pattern)} "
             f"{'names' if isinstance(self.pattern, list) else 'letters'} but model.n_layers="
             f"{self.n_layers}; give one per layer",
         )
-        _require(self.init_std > 0, "model.init_std must be positive")
-        _require(self.mod_every >= 1, "model.mod_every must be at least 1")
         _require(
             not self.mod_capacity or self.mod_every <= self.n_layers,
             f"model.mod_capacity is set but model.mod_every={self.mod_every} selects none of the "
             f"{self.n_layers} layers; lower model.mod_every",
         )
-        self._validate_layer()
+        for letter, name in self.letters.items():
+            _require(
+                isinstance(letter, str) and len(letter) == 1 and isinstance(name, str),
+                f"model.letters maps single letters to mixer names, e.g. {{A: attention}}; "
+                f"not {letter!r}: {name!r}",
+            )
+        for name, settings in self.mixer_options.items():
+            _require(
+                isinstance(settings, dict),
+                f"model.mixer_options.{name} must map settings to values, e.g. "
+                f"{{expand_k: 0.5}}, not {settings!r}",
+            )
         self.layer_configs()
 
 
@@ -317,20 +435,7 @@ class DataConfig:
     """Seed of the document split."""
 
     def validate(self) -> None:
-        _require(
-            self.tokenizer in ("byte", "char", "bpe"),
-            f"data.tokenizer={self.tokenizer!r} is unknown; use byte, char or bpe",
-        )
-        _require(
-            self.edition in ("modern", "folio"),
-            f"data.edition={self.edition!r} is unknown; use modern or folio",
-        )
-        _require(
-            self.split in ("auto", "by_document", "tail"),
-            f"data.split={self.split!r} is unknown; use auto, by_document or tail",
-        )
-        _require(0 < self.val_fraction < 1, "data.val_fraction must be between 0 and 1")
-        _require(self.seq_len > 0, "data.seq_len must be positive")
+        check_rules(self, "data")
         _require(
             self.tokenizer != "bpe" or self.vocab_size >= 260,
             "data.vocab_size must be at least 260 for a BPE tokenizer (256 bytes + specials)",
@@ -360,10 +465,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     max_steps: int = 1000
+    """The budget in optimiser steps, unless max_tokens or max_time is set."""
     max_tokens: int = 0
-    """If set, the budget in tokens (overrides max_steps)."""
+    """If set, the budget in tokens (wins over max_steps)."""
     max_time: float = 0.0
-    """If set, the budget in seconds of training wall time (overrides max_steps)."""
+    """If set, the budget in seconds of training wall time (wins over max_tokens and max_steps;
+    refused with ``deterministic``). A budget given as a command-line override replaces the
+    budgets of the preset, file or saved run: see :func:`lmlab.config.load.build_config`."""
     precision: str = "auto"
     """``auto`` (bf16 autocast where bf16 matmuls are fast: CUDA, CPUs with AMX/AVX512-BF16),
     ``bf16`` or ``fp32``."""
@@ -392,34 +500,17 @@ class TrainConfig:
     """... and grow linearly to data.seq_len over this many steps."""
 
     def validate(self) -> None:
-        _require(self.batch_size > 0, "train.batch_size must be positive")
-        _require(self.grad_accum > 0, "train.grad_accum must be positive")
-        _require(
-            self.optimizer in ("adamw", "muon"),
-            f"train.optimizer={self.optimizer!r} is unknown; use adamw or muon",
-        )
-        _require(self.lr > 0, f"train.lr={self.lr} must be positive (e.g. train.lr=3e-3)")
-        _require(self.muon_lr > 0, f"train.muon_lr={self.muon_lr} must be positive")
-        _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
-        _require(
-            self.schedule in ("cosine", "wsd", "constant"),
-            f"train.schedule={self.schedule!r} is unknown; use cosine, wsd or constant",
-        )
-        _require(self.warmup_steps >= 0, "train.warmup_steps must not be negative")
-        _require(0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]")
-        _require(self.grad_clip >= 0, "train.grad_clip must not be negative (0 disables it)")
+        check_rules(self, "train")
         _require(
             self.max_steps > 0 or self.max_tokens > 0 or self.max_time > 0,
             "no training budget: set train.max_steps, train.max_tokens or train.max_time",
         )
         _require(
-            self.precision in ("auto", "bf16", "fp32"),
-            f"train.precision={self.precision!r} is unknown; use auto, bf16 or fp32",
+            not (self.deterministic and self.max_time),
+            f"train.deterministic=true cannot use a time budget (train.max_time={self.max_time}):"
+            " the number of steps would depend on the machine's speed; give train.max_steps or"
+            " train.max_tokens instead (as an override it replaces the time budget)",
         )
-        _require(self.eval_interval > 0, "train.eval_interval must be positive")
-        _require(self.eval_batches > 0, "train.eval_batches must be positive")
-        _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be at least 1")
-        _require(self.seq_len_start >= 0, "train.seq_len_start must not be negative")
         _require(
             not self.seq_len_start or self.curriculum_steps > 0,
             "train.seq_len_start needs train.curriculum_steps > 0 (steps to reach data.seq_len)",
@@ -441,3 +532,8 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        _require(
+            self.train.seq_len_start <= self.data.seq_len,
+            f"train.seq_len_start={self.train.seq_len_start} exceeds data.seq_len="
+            f"{self.data.seq_len}; the curriculum grows up to data.seq_len",
+        )

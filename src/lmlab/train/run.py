@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from lmlab.config.load import build_config, dump_config
+from lmlab.config.load import build_config, dump_config, read_yaml_file
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer
 from lmlab.errors import LmlabError
@@ -48,11 +47,7 @@ def open_run(path: str | Path) -> tuple[Path, Config]:
         raise LmlabError(
             f"{run_dir} is not an lmlab run (no {CONFIG_FILE}); give a folder made by lmlab train"
         )
-    try:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        raise LmlabError(f"{run_dir / CONFIG_FILE} is not valid YAML; the run is damaged") from None
-    return run_dir, build_config(base=saved)
+    return run_dir, build_config(base=read_yaml_file(run_dir / CONFIG_FILE))
 
 
 def run_tokenizer(run_dir: Path) -> Tokenizer:
