@@ -147,7 +147,7 @@ def run_probe(
     and ``probe-<name>.md`` (the per-lr table) into ``out`` when given."""
     if epochs < 1:
         raise ParamError(f"<epochs>={epochs} must be at least 1", "epochs")
-    if not lrs or any(lr <= 0 for lr in lrs):
+    if not lrs or any(not 0 < lr < math.inf for lr in lrs):
         raise ParamError("<lrs> must list positive learning rates, e.g. 1e-3,3e-3", "lrs")
     tests = task.test_sets()
     train = task.generate(task.num_examples, task.seed)
