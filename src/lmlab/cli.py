@@ -72,8 +72,9 @@ def positive_float(text: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Opt:
-    """One option, declared once. ``param`` is the library parameter it feeds (its default
-    comes from ``source``, else the command's library function, unless ``default`` is set);
+    """One option, declared once. ``param`` is the library parameter it feeds, which must exist
+    in ``source``, else the command's library function (building the parser checks it); its
+    default comes from there unless ``default`` is set;
     ``aliases`` are further parameter names the library may name in errors about it."""
 
     flag: str
@@ -86,9 +87,9 @@ class Opt:
     def add(self, parser: argparse.ArgumentParser, library: Callable[..., Any] | None) -> None:
         kwargs = dict(self.kwargs)
         source = self.source or library
-        if self.param and "default" not in kwargs and source is not None:
+        if self.param and source is not None:
             default = inspect.signature(source).parameters[self.param].default
-            if default is not inspect.Parameter.empty:
+            if "default" not in kwargs and default is not inspect.Parameter.empty:
                 kwargs["default"] = list(default) if isinstance(default, tuple) else default
         default = kwargs.get("default")
         shown = (
@@ -516,6 +517,7 @@ COMMANDS: tuple[Command, ...] = (
                 "--max-new-tokens",
                 "tokens to sample",
                 "max_new_tokens",
+                source=stream_tokens,
                 type=at_least(0),
                 default=200,
             ),
@@ -735,8 +737,15 @@ COMMANDS: tuple[Command, ...] = (
             ),
             opt("--vocab", "vocabulary size", "vocab_size", type=at_least(1)),
             opt("--examples", "training examples", "num_examples", type=at_least(1)),
-            opt("--epochs", "passes over the examples", "epochs", type=int, default=16),
-            opt("--lrs", "learning-rate sweep", "lrs", default="1e-3,3e-3,1e-2"),
+            opt(
+                "--epochs",
+                "passes over the examples",
+                "epochs",
+                type=int,
+                default=16,
+                source=run_probe,
+            ),
+            opt("--lrs", "learning-rate sweep", "lrs", default="1e-3,3e-3,1e-2", source=run_probe),
             opt("--batch-size", "examples per step", "batch_size", type=int, source=run_probe),
             opt(
                 "--warmup",
