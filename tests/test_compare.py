@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from lmlab.cli import main
+from lmlab.errors import LmlabError
 from lmlab.experiments.compare import plan_compare, time_to_target
 from lmlab.experiments.runset import curve_area, parse_budget, read_probes
 from lmlab.train import registry
@@ -65,7 +66,7 @@ def test_parse_budget():
     assert parse_budget("time=90").amount == 90
     assert parse_budget("time=1.5h").amount == 5400
     for bad in ("tokens", "steps=10", "tokens=2X", "time=10d", "tokens=-5", "tokens=0", "flops=e"):
-        with pytest.raises(Exception, match="--budget"):
+        with pytest.raises(LmlabError, match=f"^budget '{bad}' "):
             parse_budget(bad)
 
 
@@ -311,7 +312,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         ),
         (["gpt-tiny", "--budget", "tokens=4k"], "compare needs two arms"),
         (["gpt-tiny", "gpt-tiny", "--budget", "tokens=4k", "--baseline", "x"], "not an arm"),
-        (["gpt-tiny", "gpt-tiny", "--budget", "tokens=4k", "--seeds", "0"], "--seeds 0"),
+        (["gpt-tiny", "gpt-tiny", "--budget", "tokens=4k", "--seeds", "0"], "--seeds=0"),
         (["gpt-tiny", "missing.yaml", "--budget", "tokens=4k"], "does not exist"),
     ]
     for argv, fragment in cases:

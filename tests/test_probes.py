@@ -142,9 +142,9 @@ def test_probe_stops_at_the_first_evaluation_that_solves(monkeypatch):
     assert not result["solved"] and result["steps"] == 16 and result["epochs"] == 2
     assert result["accuracy"] == {"mqar_s16_kv2": 0.6} and sizes.count(200) == 2
     for bad, match in [
-        ({"evals_per_epoch": 0}, "--evals-per-epoch"),
-        ({"batch_size": 0}, "--batch-size"),
-        ({"warmup": 1.0}, "--warmup"),
+        ({"evals_per_epoch": 0}, "^evals_per_epoch=0 must be at least 1$"),
+        ({"batch_size": 0}, "^batch_size=0 must be at least 1$"),
+        ({"warmup": 1.0}, r"^warmup=1\.0 must be a fraction"),
     ]:
         with pytest.raises(LmlabError, match=match):
             train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, **bad)

@@ -164,7 +164,7 @@ def test_bad_space_is_one_line_error(space, capsys, change, message):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--trials", "0"], "--trials 0 must be at least 1"),
+        (["--trials", "0"], "--trials=0 must be at least 1"),
         (["--budget", "tokens=lots"], "malformed"),
     ],
 )

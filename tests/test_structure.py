@@ -20,7 +20,8 @@ LAYERS = [
     ("eval",),
     ("train",),
     ("experiments",),
-    ("cli", "__main__"),
+    ("cli",),
+    ("__main__",),
 ]
 """Bottom to top; the packages on one row never import each other."""
 

@@ -1,33 +1,154 @@
 """The ``lmlab`` command: a thin layer over the library.
 
-Every user mistake surfaces as ``error: <one line>`` and exit code 2 (see ``LmlabError``).
+Each command is a row of :data:`COMMANDS`: a handler that calls library functions, and options
+declared once (:class:`Opt`) and shared between commands. An option that feeds a library
+parameter takes its default from that function's signature, so the two cannot drift; a
+:class:`ParamError` the library raises names the parameter, and :func:`main` words it with the
+option's flag instead. Every user mistake surfaces as ``error: <one line>`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import math
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
+from lmlab.eval.evaluate import evaluate
+from lmlab.eval.probes import ProbeTask
+from lmlab.experiments.compare import plan_compare
+from lmlab.experiments.probe import run_loss_by_position, run_probe
+from lmlab.experiments.scale import plan_scale
+from lmlab.experiments.search import plan_search
+from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.train.export import export_run
+from lmlab.train.registry import list_runs
 
 DEFAULT_PRESET = "gpt-tiny"
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+REGISTRY_HELP = "run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
 
 
-def add_configs_and_overrides(parser: argparse.ArgumentParser, configs: str) -> None:
-    """Give a command the positional ``items``: configs and ``key=value`` overrides, which
-    ``parse_args`` lets appear before, between or after the command's options and splits into
-    ``args.configs`` and ``args.overrides``."""
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="CONFIG|KEY=VALUE",
-        help=f"{configs}, and key=value overrides (e.g. model.d_model=64); before, between or "
-        "after the options",
-    )
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``error: ...``, exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """One option, declared once. ``param`` is the library parameter it feeds, which must exist
+    in ``source``, else the command's library function (building the parser checks it); its
+    default comes from there unless ``default`` is set;
+    ``aliases`` are further parameter names the library may name in errors about it."""
+
+    flag: str
+    help: str
+    param: str | None = None
+    source: Callable[..., Any] | None = None
+    aliases: tuple[str, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def add(self, parser: argparse.ArgumentParser, library: Callable[..., Any] | None) -> None:
+        kwargs = dict(self.kwargs)
+        source = self.source or library
+        if self.param and source is not None:
+            default = inspect.signature(source).parameters[self.param].default
+            if "default" not in kwargs and default is not inspect.Parameter.empty:
+                kwargs["default"] = list(default) if isinstance(default, tuple) else default
+        default = kwargs.get("default")
+        shown = (
+            default is not None and default is not False and str(default).strip() not in ("", "[]")
+        )
+        if self.flag.startswith("-") and "metavar" not in kwargs and "action" not in kwargs:
+            kwargs["metavar"] = self.flag.lstrip("-").upper().replace("-", "_")
+        help_text = f"{self.help} ({default})" if shown else self.help
+        if self.flag.startswith("-"):
+            parser.add_argument(self.flag, dest=self.param, help=help_text, **kwargs)
+        else:
+            parser.add_argument(self.flag, help=help_text, **kwargs)
+
+
+def opt(flag: str, help: str, param: str | None = None, **kwargs: Any) -> Opt:
+    """An :class:`Opt`; ``source`` and ``aliases`` go with ``param``, the rest to argparse."""
+    source = kwargs.pop("source", None)
+    aliases = kwargs.pop("aliases", ())
+    return Opt(flag, help, param, source, aliases, kwargs)
+
+
+ITEMS = "config_items"
+PRESET = opt("--preset", "a preset shipped with lmlab (see: lmlab presets)")
+QUIET = opt("--quiet", "no progress bars (one line per run)", action="store_true")
+REGISTRY = opt("--registry", REGISTRY_HELP)
+SEEDS = opt("--seeds", "seeds per arm or grid point", "seeds", type=int)
+OUT = opt("--out", "study folder (default: <command>-<names> in the config's out_dir)", "out")
+BUDGET = opt(
+    "--budget",
+    "per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
+    "budget",
+)
+RUN = opt("run", "run folder")
+DEVICE = opt("--device", "cpu, cuda, mps or auto", default="auto")
+JSON = opt("--json", "print JSON", action="store_true")
+SAMPLER_SEED = opt("--seed", "random seed", "seed", type=at_least(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One verb: its handler, the library function its options mirror, its options, and the
+    positional configs and ``key=value`` overrides when ``items`` says what they are."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    options: tuple[Opt, ...] = ()
+    library: Callable[..., Any] | None = None
+    items: str | None = None
+    description: str | None = None
+    epilog: str | None = None
+
+    def flags(self) -> dict[str, str]:
+        """Library parameter -> the flag that sets it, for wording library errors."""
+        names = {}
+        for option in self.options:
+            for param in filter(None, (option.param, *option.aliases)):
+                names[param] = option.flag
+        return names
 
 
 def is_override(item: str) -> bool:
@@ -41,11 +162,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     arguments and rejects those written after an option; they are gathered into ``items``
     here instead, so ``lmlab probe gpt-tiny --task mqar model.d_model=64`` works."""
     args, extras = parser.parse_known_args(argv)
-    takes_items = hasattr(args, "items")
+    takes_items = hasattr(args, ITEMS)
     if extras and (not takes_items or any(extra.startswith("-") for extra in extras)):
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if takes_items:
-        items = args.items + extras
+        items = getattr(args, ITEMS) + extras
         args.configs = [item for item in items if not is_override(item)]
         args.overrides = [item for item in items if is_override(item)]
     return args
@@ -65,6 +186,10 @@ def one_config(configs: list[str], default: str | None = DEFAULT_PRESET) -> str:
     return default
 
 
+def preset_and_configs(args: argparse.Namespace) -> list[str]:
+    return ([args.preset] if args.preset else []) + args.configs
+
+
 def run_resumable(run: Callable[..., dict], plan: object, args: argparse.Namespace) -> dict | None:
     """Run a compare, scale or search plan; on Ctrl-C say how to continue and return None."""
     try:
@@ -72,6 +197,11 @@ def run_resumable(run: Callable[..., dict], plan: object, args: argparse.Namespa
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
         return None
+
+
+def finish(lines: list[str], ok: bool) -> int:
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -114,7 +244,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from lmlab.data.dataset import prepare_data
-    from lmlab.eval.evaluate import evaluate
     from lmlab.train.device import autocast, pick_device, resolve_precision
     from lmlab.train.run import load_trained_model
 
@@ -127,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data,
         batch_size=config.train.batch_size,
         seq_len=args.seq_len or config.data.seq_len,
-        max_batches=args.batches,
+        max_batches=args.max_batches,
         device=device,
         autocast=autocast(device, precision),
         split=args.split,
@@ -147,14 +276,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lmlab.model.generate import SamplingSettings, stream_tokens
     from lmlab.train.device import pick_device
     from lmlab.train.run import load_trained_model
 
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p)
     settings.validate()
-    if args.max_new_tokens < 0:
-        raise LmlabError("--max-new-tokens must be >= 0")
     device = pick_device(args.device)
     _, model, tokenizer, _ = load_trained_model(args.run, device)
     ids = tokenizer.encode(args.prompt)
@@ -175,9 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmlab.train.export import export_run
-
-    result = export_run(args.run, args.out, args.format)
+    result = export_run(args.run, args.out, args.fmt)
     print(
         f"{result['out']}: step {result['step']}, {result['ternary_layers']} ternary layers, "
         f"{result['bytes'] / 1024:.1f} KiB (fp32 checkpoint model: "
@@ -197,18 +321,38 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def mixer_lines() -> list[str]:
+    """Every registered token and channel mixer with the first paragraph of its docstring."""
+    from lmlab.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, import_builtin_layers
+
+    import_builtin_layers()
+    lines = []
+    for kind, table in (("token mixers", TOKEN_MIXERS), ("channel mixers", CHANNEL_MIXERS)):
+        lines.append(f"{kind} (model.mixer / model.channel_mixer):")
+        width = max(len(name) for name in table)
+        for name, cls in sorted(table.items()):
+            summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+            lines.append(f"  {name:<{width}}  {summary}".rstrip())
+    return lines
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
+    from lmlab.data.dataset import resolve_vocab
     from lmlab.model.lm import LanguageModel
 
-    config = build_config(
-        one_config(([args.preset] if args.preset else []) + args.configs), args.overrides
-    )
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = 256 if config.data.tokenizer != "bpe" else config.data.vocab_size
+    if args.mixers:
+        print("\n".join(mixer_lines()))
+        return 0
+    config = build_config(one_config(preset_and_configs(args)), args.overrides)
+    tokenizer = resolve_vocab(config)
     model = LanguageModel(config.model)
     context = config.data.seq_len
     print(f"layers: {', '.join(config.model.layer_mixers())}")
+    print(
+        f"vocabulary: {config.model.vocab_size} ({tokenizer.kind} tokenizer, "
+        f"{tokenizer.vocab_size} tokens, trained on the config's data as a run would)"
+    )
     print(f"parameters: {model.num_parameters():,} ({model.num_parameters(True):,} non-embedding)")
     print(f"forward FLOPs/token at context {context}: {model.flops_per_token(context):,.0f}")
     print(f"training FLOPs/token (3x forward): {3 * model.flops_per_token(context):,.0f}")
@@ -216,36 +360,32 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmlab.experiments.compare import plan_compare, run_compare, summary_lines
+    from lmlab.experiments.compare import run_compare, summary_lines
 
     if not args.budget:
         raise LmlabError("give --budget, e.g. --budget tokens=2M (or flops=1e15, time=10m)")
     plan = plan_compare(
         args.configs,
         budget=args.budget,
-        variants=args.variant,
+        variants=args.variants,
         overrides=args.overrides,
         seeds=args.seeds,
         baseline=args.baseline,
         rule=args.rule,
         out=args.out,
-        target=args.target_loss,
+        target=args.target,
         parallel=args.parallel,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
-    if results is None:
-        return 130
-    print("\n".join(summary_lines(results)))
-    return 1 if results["failed"] else 0
+    return 130 if results is None else finish(summary_lines(results), not results["failed"])
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from lmlab.experiments.scale import plan_scale, run_scale, summary_lines
+    from lmlab.experiments.scale import run_scale, summary_lines
 
-    source = one_config(([args.preset] if args.preset else []) + args.configs)
     plan = plan_scale(
-        source,
+        one_config(preset_and_configs(args)),
         args.overrides,
         sizes=args.sizes,
         tokens=args.tokens,
@@ -255,58 +395,26 @@ def cmd_scale(args: argparse.Namespace) -> int:
     )
     print(f"scale folder {plan.out} ({len(plan.runs.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_scale, plan, args)
-    if results is None:
-        return 130
-    print("\n".join(summary_lines(results)))
-    return 1 if results["failed"] else 0
-
-
-def _scale_options(scale: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``lmlab scale``."""
-    scale.add_argument("--preset", help="a preset shipped with lmlab (or give a YAML path)")
-    scale.add_argument(
-        "--sizes",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="model sizes, e.g. d_model=32,48,64 (model.* keys; repeat the flag to grow "
-        "several keys together, e.g. --sizes n_layers=2,3,4)",
-    )
-    scale.add_argument("--tokens", help="training-token budgets, e.g. 200k,400k")
-    scale.add_argument(
-        "--holdout",
-        metavar="'KEY=V tokens=N'",
-        help="a larger run to predict before it trains, e.g. 'd_model=96 tokens=800k'",
-    )
-    scale.add_argument("--seeds", type=int, default=1, help="seeds per grid point (1)")
-    scale.add_argument("--out", help="study folder (default: OUT_DIR/scale-<config>)")
-    scale.add_argument(
-        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
-    )
-    scale.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
-    return scale
+    return 130 if results is None else finish(summary_lines(results), not results["failed"])
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from lmlab.experiments.search import plan_search, run_search, summary_lines
+    from lmlab.experiments.search import run_search, summary_lines
 
     plan = plan_search(
         args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
     )
     print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
     results = run_resumable(run_search, plan, args)
-    if results is None:
-        return 130
-    print("\n".join(summary_lines(results)))
-    return 0 if results["best"] else 1
+    return 130 if results is None else finish(summary_lines(results), bool(results["best"]))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     import json
 
-    from lmlab.train.registry import format_runs, list_runs
+    from lmlab.train.registry import format_runs
 
-    rows, compare = list_runs(args.folder, args.filter, args.compare)
+    rows, compare = list_runs(args.location, args.filters, args.compare)
     if args.json:
         print(json.dumps({"runs": rows, "compare": compare}, indent=2))
     else:
@@ -316,8 +424,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
-    from lmlab.eval.probes import TASKS, ProbeTask
-    from lmlab.experiments.probe import parse_list, run_loss_by_position, run_probe, sweep_table
+    from lmlab.eval.probes import TASKS
+    from lmlab.experiments.probe import parse_list, sweep_table
 
     source = one_config(args.configs, default=None)
     if args.task == "loss_by_position":
@@ -336,9 +444,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     task = ProbeTask(
         args.task,
         args.seq_len,
-        vocab_size=args.vocab,
-        items=args.kv_pairs,
-        num_examples=args.examples,
+        vocab_size=args.vocab_size,
+        items=args.items,
+        num_examples=args.num_examples,
         seed=args.seed,
         eval_lengths=tuple(lengths),
     )
@@ -360,97 +468,151 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmlab",
-        description="Build, train, evaluate and compare small language models.",
-        epilog="Examples:\n"
-        "  lmlab train --preset gpt-tiny train.max_steps=500\n"
-        "  lmlab train my.yaml model.d_model=256 train.lr=3e-3\n"
-        "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
-        "  lmlab eval runs/gpt-tiny-20260101-120000\n"
-        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
-        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser(
+COMMANDS: tuple[Command, ...] = (
+    Command(
         "train",
-        help="train a model (new run or --resume)",
+        cmd_train,
+        "train a model (new run or --resume)",
+        (
+            PRESET,
+            opt("--config", "a YAML config file"),
+            opt("--resume", "continue a run folder exactly", metavar="RUN"),
+            opt("--quiet", "no progress line", action="store_true"),
+        ),
+        items="a preset or YAML file (or use --preset/--config)",
         description="Train a model. Settings come from a preset or YAML file, then key=value "
         "overrides (e.g. model.d_model=256 train.lr=3e-3 data.tokenizer=bpe). "
         f"Without a config the '{DEFAULT_PRESET}' preset is used. The run folder (config, "
         "tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the start.",
-    )
-    train.add_argument("--preset", help="a preset shipped with lmlab (see: lmlab presets)")
-    train.add_argument("--config", help="a YAML config file")
-    train.add_argument("--resume", metavar="RUN", help="continue a run folder exactly")
-    train.add_argument("--quiet", action="store_true", help="no progress line")
-    add_configs_and_overrides(train, "a preset or YAML file (or use --preset/--config)")
-    train.set_defaults(func=cmd_train)
-
-    evaluate = commands.add_parser(
+    ),
+    Command(
         "eval",
-        help="validation loss, perplexity and bits per byte of a run",
+        cmd_eval,
+        "validation loss, perplexity and bits per byte of a run",
+        (
+            RUN,
+            opt("--batches", "evaluation batches", "max_batches", type=at_least(1), default=50),
+            opt("--split", "split to evaluate", "split", choices=["val", "train"]),
+            opt(
+                "--seq-len",
+                "context of the evaluation windows, 0 for the run's",
+                "seq_len",
+                type=at_least(0),
+                default=0,
+            ),
+            DEVICE,
+            JSON,
+        ),
+        library=evaluate,
         description="Evaluate a run's newest valid checkpoint on its validation split.",
-    )
-    evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--batches", type=int, default=50, help="evaluation batches (50)")
-    evaluate.add_argument("--split", choices=["val", "train"], default="val")
-    evaluate.add_argument(
-        "--seq-len", type=int, default=0, help="context of the evaluation windows (the run's)"
-    )
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print JSON")
-    evaluate.set_defaults(func=cmd_eval)
-
-    generate = commands.add_parser(
+    ),
+    Command(
         "generate",
-        help="sample text from a run",
+        cmd_generate,
+        "sample text from a run",
+        (
+            RUN,
+            opt("--prompt", "text to continue", default="\n"),
+            opt(
+                "--max-new-tokens",
+                "tokens to sample",
+                "max_new_tokens",
+                source=stream_tokens,
+                type=at_least(0),
+                default=200,
+            ),
+            opt("--temperature", "0 is greedy", "temperature", type=float),
+            opt("--top-k", "keep the k likeliest, 0 is off", "top_k", type=int),
+            opt("--top-p", "nucleus mass, 1 is off", "top_p", type=float),
+            opt("--min-p", "min-p filter, 0 is off", "min_p", type=float),
+            dataclasses.replace(SAMPLER_SEED, source=stream_tokens),
+            DEVICE,
+        ),
+        library=SamplingSettings,
         description="Sample from a run with its state/KV cache (one prefill, then one token "
         "per step).",
-    )
-    generate.add_argument("run", help="run folder")
-    generate.add_argument("--prompt", default="\n", help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    generate.add_argument("--top-k", type=int, default=0, help="keep the k likeliest (0: off)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")
-    generate.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--device", default="auto")
-    generate.set_defaults(func=cmd_generate)
-
-    export = commands.add_parser(
+    ),
+    Command(
         "export",
-        help="write a trained BitLinear run as packed ternary weights (safetensors)",
+        cmd_export,
+        "write a trained BitLinear run as packed ternary weights (safetensors)",
+        (
+            RUN,
+            opt("--format", "export format: ternary", "fmt"),
+            opt("--out", "file to write (replaced atomically)", "out", required=True),
+        ),
+        library=export_run,
         description="Write a run's newest valid checkpoint as one safetensors file: every\n"
         "BitLinear weight packed (2 bits per weight) with its scale, every other tensor as is,\n"
         "the config and tokenizer in the metadata. Needs a run trained with\n"
         "model.bitlinear=true. See docs/bitlinear.md.",
         epilog="Example:\n"
         "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    export.add_argument("run", help="run folder")
-    export.add_argument("--format", default="ternary", help="export format: ternary (ternary)")
-    export.add_argument("--out", required=True, help="file to write (replaced atomically)")
-    export.set_defaults(func=cmd_export)
-
-    presets = commands.add_parser(
-        "presets", help="list the shipped presets (docs/presets/<name>.md has their figures)"
-    )
-    presets.set_defaults(func=cmd_presets)
-
-    info = commands.add_parser("info", help="parameters and FLOPs of a config without training it")
-    info.add_argument("--preset", help="a preset shipped with lmlab (see: lmlab presets)")
-    add_configs_and_overrides(info, f"a preset or YAML file ({DEFAULT_PRESET})")
-    info.set_defaults(func=cmd_info)
-
-    compare = commands.add_parser(
+    ),
+    Command(
+        "presets",
+        cmd_presets,
+        "list the shipped presets (docs/presets/<name>.md has their figures)",
+    ),
+    Command(
+        "info",
+        cmd_info,
+        "parameters and FLOPs of a config without training it, or the registered mixers",
+        (
+            PRESET,
+            opt(
+                "--mixers",
+                "list every registered token and channel mixer instead",
+                action="store_true",
+            ),
+        ),
+        items=f"a preset or YAML file ({DEFAULT_PRESET})",
+        description="Parameters and FLOPs per token of the model a run of the config would "
+        "train; the vocabulary is resolved as training does (the config's tokenizer is built "
+        "on its data, a BPE one trained). With --mixers, list the registered mixers instead.",
+    ),
+    Command(
         "compare",
-        help="compare configs at a matched budget over several seeds, with a verdict",
+        cmd_compare,
+        "compare configs at a matched budget over several seeds, with a verdict",
+        (
+            BUDGET,
+            SEEDS,
+            opt(
+                "--variant",
+                "add an arm: the first config plus this override (repeatable)",
+                "variants",
+                action="append",
+                metavar="KEY=VALUE",
+            ),
+            opt("--baseline", "arm the others are judged against (the first)", "baseline"),
+            opt(
+                "--rule",
+                "YAML promotion rule: metric, min_effect, confidence, interval, probe_tolerance "
+                "(default val_bits_per_byte, 0.01, 0.95, t, 0.02)",
+                "rule",
+            ),
+            OUT,
+            opt(
+                "--parallel",
+                "train K runs at once, each an 'lmlab train' process sharing the cores "
+                "(0: one after another in this process)",
+                "parallel",
+                type=int,
+                metavar="K",
+            ),
+            opt(
+                "--target-loss",
+                "validation bits per byte for 'time to target' (the baseline's median final)",
+                "target",
+                type=positive_float,
+                metavar="BPB",
+            ),
+            REGISTRY,
+            QUIET,
+        ),
+        library=plan_compare,
+        items="arms (presets or YAML files); overrides apply to every arm",
         description="Train every arm with the same budget and seeds (seed i: same initial\n"
         "seed and batch order in every arm), then report mean ± sd, paired differences with\n"
         "t and bootstrap intervals, and a verdict per candidate against the baseline\n"
@@ -461,51 +623,36 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab compare base.yaml cand.yaml --seeds 3 --budget tokens=2M\n"
         "  lmlab compare gpt-tiny --variant model.mixer=gla --budget time=5m model.d_model=64\n"
         "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    compare.add_argument(
-        "--budget",
-        help="per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
-    )
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm (3)")
-    compare.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="add an arm: the first config plus this override (repeatable)",
-    )
-    compare.add_argument("--baseline", help="arm the others are judged against (the first)")
-    compare.add_argument(
-        "--rule",
-        help="YAML promotion rule: metric, min_effect, confidence, interval, probe_tolerance "
-        "(default val_bits_per_byte, 0.01, 0.95, t, 0.02)",
-    )
-    compare.add_argument("--out", help="compare folder (default: OUT_DIR/compare-<arm>-vs-<arm>)")
-    compare.add_argument(
-        "--parallel",
-        type=int,
-        default=0,
-        metavar="K",
-        help="train K runs at once, each an 'lmlab train' process sharing the cores "
-        "(0: one after another in this process)",
-    )
-    compare.add_argument(
-        "--target-loss",
-        type=float,
-        metavar="BPB",
-        help="validation bits per byte for 'time to target' (the baseline's median final)",
-    )
-    compare.add_argument(
-        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
-    )
-    compare.add_argument("--quiet", action="store_true", help="no progress bars (one line per run)")
-    add_configs_and_overrides(compare, "arms (presets or YAML files); overrides apply to every arm")
-    compare.set_defaults(func=cmd_compare)
-
-    scale = commands.add_parser(
+    ),
+    Command(
         "scale",
-        help="train a size x tokens grid, fit a scaling law, predict a held-out larger run",
+        cmd_scale,
+        "train a size x tokens grid, fit a scaling law, predict a held-out larger run",
+        (
+            PRESET,
+            opt(
+                "--sizes",
+                "model sizes, e.g. d_model=32,48,64 (model.* keys; repeat the flag to grow "
+                "several keys together, e.g. --sizes n_layers=2,3,4)",
+                "sizes",
+                action="append",
+                default=[],
+                metavar="KEY=V1,V2,...",
+            ),
+            opt("--tokens", "training-token budgets, e.g. 200k,400k", "tokens"),
+            opt(
+                "--holdout",
+                "a larger run to predict before it trains, e.g. 'd_model=96 tokens=800k'",
+                "holdout",
+                metavar="'KEY=V tokens=N'",
+            ),
+            SEEDS,
+            OUT,
+            REGISTRY,
+            QUIET,
+        ),
+        library=plan_scale,
+        items=f"a preset or YAML file ({DEFAULT_PRESET}); overrides apply to every run",
         description="Train every model size at every token budget (seeds: --seeds), fit\n"
         "L(N, D) = E + A/N^alpha + B/D^beta to the final validation bits per byte (N:\n"
         "non-embedding parameters, D: training tokens), predict the --holdout run before it\n"
@@ -516,17 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab scale gpt-tiny --sizes d_model=32,48,64 --tokens 200k,400k,800k \\\n"
         "      --holdout 'd_model=96 tokens=800k' model.n_layers=2\n"
         "  lmlab scale my.yaml --sizes d_model=64,128,256 --sizes n_layers=2,4,8 --tokens 1M,4M",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _scale_options(scale)
-    add_configs_and_overrides(
-        scale, f"a preset or YAML file ({DEFAULT_PRESET}); overrides apply to every run"
-    )
-    scale.set_defaults(func=cmd_scale)
-
-    search = commands.add_parser(
+    ),
+    Command(
         "search",
-        help="search a config space with Optuna (TPE, successive-halving pruning)",
+        cmd_search,
+        "search a config space with Optuna (TPE, successive-halving pruning)",
+        (
+            opt("space", "YAML file: base config, fixed overrides, parameter ranges"),
+            opt("--trials", "trials in total", "trials", type=int, default=20),
+            dataclasses.replace(BUDGET, kwargs={"required": True}),
+            dataclasses.replace(SAMPLER_SEED, help="sampler seed"),
+            OUT,
+            REGISTRY,
+            QUIET,
+        ),
+        library=plan_search,
         description="Sample configs from SPACE.yaml with a seeded TPE sampler, train each at\n"
         "--budget, report validation bits per byte at every evaluation and stop trials that\n"
         "successive halving prunes. Writes SEARCH/best.yaml (a config for lmlab train),\n"
@@ -540,47 +691,95 @@ def build_parser() -> argparse.ArgumentParser:
         "    model.d_model: {low: 32, high: 96, step: 16}\n"
         "    model.mixer: [attention, gla]\n\n"
         "  lmlab search space.yaml --trials 20 --budget tokens=400k",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    search.add_argument("space", help="YAML file: base config, fixed overrides, parameter ranges")
-    search.add_argument("--trials", type=int, default=20, help="trials in total (20)")
-    search.add_argument(
-        "--budget", required=True, help="per trial: tokens=N, flops=N or time=N (as compare)"
-    )
-    search.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
-    search.add_argument("--out", help="search folder (default: OUT_DIR/search-<space>)")
-    search.add_argument(
-        "--registry", help="run registry database ($LMLAB_REGISTRY or runs/registry.sqlite)"
-    )
-    search.add_argument("--quiet", action="store_true", help="no progress bars")
-    search.set_defaults(func=cmd_search)
-
-    runs = commands.add_parser(
+    ),
+    Command(
         "runs",
-        help="list runs and comparisons recorded in the run registry",
+        cmd_runs,
+        "list runs and comparisons recorded in the run registry",
+        (
+            opt(
+                "location",
+                "runs folder holding registry.sqlite, or the database file "
+                "(default: $LMLAB_REGISTRY or runs/registry.sqlite)",
+                nargs="?",
+            ),
+            opt(
+                "--filter",
+                "keep rows whose column equals VALUE (* and ? match anything), e.g. arm=base, "
+                "status=failed; repeatable",
+                "filters",
+                action="append",
+                metavar="KEY=VALUE",
+            ),
+            opt("--compare", "only the runs of this comparison", "compare", metavar="NAME"),
+            JSON,
+        ),
+        library=list_runs,
         description="List the runs in the SQLite run registry, newest first.",
-    )
-    runs.add_argument(
-        "folder",
-        nargs="?",
-        help="runs folder holding registry.sqlite, or the database file "
-        "(default: $LMLAB_REGISTRY or runs/registry.sqlite)",
-    )
-    runs.add_argument(
-        "--filter",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keep rows whose column equals VALUE (* and ? match anything), e.g. arm=base, "
-        "status=failed; repeatable",
-    )
-    runs.add_argument("--compare", metavar="NAME", help="only the runs of this comparison")
-    runs.add_argument("--json", action="store_true", help="print JSON")
-    runs.set_defaults(func=cmd_runs)
-
-    probe = commands.add_parser(
+    ),
+    Command(
         "probe",
-        help="synthetic capability probes (MQAR, induction, copying, needle) or loss by position",
+        cmd_probe,
+        "synthetic capability probes (MQAR, induction, copying, needle) or loss by position",
+        (
+            opt(
+                "--task",
+                "mqar, induction, selective_copy, needle or loss_by_position",
+                default="mqar",
+            ),
+            opt("--seq-len", "sequence length", "seq_len", type=at_least(1), default=256),
+            opt(
+                "--kv-pairs",
+                "kv pairs (mqar) or tokens to copy",
+                "items",
+                type=int,
+                aliases=("num_kv_pairs",),
+            ),
+            opt("--vocab", "vocabulary size", "vocab_size", type=at_least(1)),
+            opt("--examples", "training examples", "num_examples", type=at_least(1)),
+            opt(
+                "--epochs",
+                "passes over the examples",
+                "epochs",
+                type=int,
+                default=16,
+                source=run_probe,
+            ),
+            opt("--lrs", "learning-rate sweep", "lrs", default="1e-3,3e-3,1e-2", source=run_probe),
+            opt("--batch-size", "examples per step", "batch_size", type=int, source=run_probe),
+            opt(
+                "--warmup",
+                "fraction of the steps of linear warmup",
+                "warmup",
+                type=float,
+                source=run_probe,
+            ),
+            opt(
+                "--evals-per-epoch",
+                "test-set checks per epoch (screened on 128 examples, confirmed on all); "
+                "training stops at the first that solves",
+                "evals_per_epoch",
+                type=int,
+                source=run_probe,
+            ),
+            opt("--lengths", "needle: test lengths, e.g. 64,128,256 (--seq-len)"),
+            SAMPLER_SEED,
+            opt(
+                "--buckets",
+                "loss_by_position buckets",
+                "buckets",
+                type=at_least(1),
+                source=run_loss_by_position,
+            ),
+            opt(
+                "--out",
+                "folder for probes.json and the per-lr table (e.g. a run)",
+                "out",
+                source=run_probe,
+            ),
+        ),
+        library=ProbeTask,
+        items="a preset or YAML file (a run folder for loss_by_position)",
         description="Train the config's architecture from scratch on a synthetic task at each\n"
         "learning rate and report held-out accuracy (best of the sweep; solved at >= 0.99).\n"
         "With --task loss_by_position, CONFIG is a run folder: mean validation loss per\n"
@@ -589,46 +788,57 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab probe gpt-tiny model.d_model=64 --task mqar --seq-len 256 --kv-pairs 16\n"
         "  lmlab probe my.yaml --task needle --seq-len 256 --lengths 64,128,256 --out runs/x\n"
         "  lmlab probe runs/gpt-tiny-20260101-120000 --task loss_by_position",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="lmlab",
+        description="Build, train, evaluate and compare small language models.",
+        epilog="Examples:\n"
+        "  lmlab train --preset gpt-tiny train.max_steps=500\n"
+        "  lmlab train my.yaml model.d_model=256 train.lr=3e-3\n"
+        "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000\n"
+        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_configs_and_overrides(probe, "a preset or YAML file (a run folder for loss_by_position)")
-    probe.add_argument(
-        "--task",
-        default="mqar",
-        help="mqar, induction, selective_copy, needle or loss_by_position (mqar)",
-    )
-    probe.add_argument("--seq-len", type=int, default=256, help="sequence length (256)")
-    probe.add_argument(
-        "--kv-pairs", type=int, default=16, help="kv pairs (mqar) or tokens to copy (16)"
-    )
-    probe.add_argument("--vocab", type=int, default=8192, help="vocabulary size (8192)")
-    probe.add_argument("--examples", type=int, default=20000, help="training examples (20000)")
-    probe.add_argument("--epochs", type=int, default=16, help="passes over the examples (16)")
-    probe.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate sweep")
-    probe.add_argument("--batch-size", type=int, default=64, help="examples per step (64)")
-    probe.add_argument(
-        "--warmup", type=float, default=0.1, help="fraction of the steps of linear warmup (0.1)"
-    )
-    probe.add_argument(
-        "--evals-per-epoch",
-        type=int,
-        default=16,
-        help="test-set checks per epoch (screened on 128 examples, confirmed on all); "
-        "training stops at the first that solves (16)",
-    )
-    probe.add_argument("--lengths", help="needle: test lengths, e.g. 64,128,256 (--seq-len)")
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--buckets", type=int, default=8, help="loss_by_position buckets (8)")
-    probe.add_argument("--out", help="folder for probes.json and the per-lr table (e.g. a run)")
-    probe.set_defaults(func=cmd_probe)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter
+            if "\n" in (command.description or "") + (command.epilog or "")
+            else argparse.HelpFormatter,
+        )
+        for option in command.options:
+            option.add(sub, command.library)
+        if command.items:
+            sub.add_argument(
+                ITEMS,
+                nargs="*",
+                metavar="CONFIG|KEY=VALUE",
+                help=f"{command.items}, and key=value overrides (e.g. model.d_model=64); "
+                "before, between or after the options",
+            )
+        sub.set_defaults(command_spec=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
+    command: Command = args.command_spec
     try:
-        return args.func(args)
+        return command.run(args)
+    except ParamError as exc:
+        print(f"error: {exc.worded(command.flags())}", file=sys.stderr)
+        return exc.exit_code
     except LmlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmlab.config.schema import DataConfig
+from lmlab.config.schema import Config, DataConfig
 from lmlab.data.corpus import (
     join_documents,
     load_embedded_corpus,
@@ -66,6 +66,21 @@ def prepare_data(
     require_tokens(len(data.train), cfg.seq_len + 1, "training split")
     require_tokens(len(data.val), cfg.seq_len + 1, "validation split")
     return data, tokenizer
+
+
+def resolve_vocab(config: Config) -> Tokenizer:
+    """Set ``config.model.vocab_size`` as a new run of ``config`` will: the tokenizer's size when
+    it is 0 (a char tokenizer's depends on the text, a BPE tokenizer is trained for it), so
+    parameter counts quoted before training match the run's. Returns the tokenizer."""
+    _, tokenizer = prepare_data(config.data, None)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise LmlabError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
+        )
+    return tokenizer
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:

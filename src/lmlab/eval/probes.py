@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
 
 IGNORE = -100
@@ -96,16 +96,19 @@ def mqar(
 
 def _check_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int) -> None:
     if num_kv_pairs < 1:
-        raise LmlabError(f"--kv-pairs={num_kv_pairs} must be at least 1")
+        raise ParamError(f"<num_kv_pairs>={num_kv_pairs} must be at least 1", "num_kv_pairs")
     if seq_len < 4 * num_kv_pairs:
-        raise LmlabError(
-            f"--seq-len={seq_len} is too short for {num_kv_pairs} kv pairs (pairs and queries "
-            f"need 4 x pairs); use --seq-len {4 * num_kv_pairs} or fewer --kv-pairs"
+        raise ParamError(
+            f"<seq_len>={seq_len} is too short for {num_kv_pairs} kv pairs (pairs and queries "
+            f"need 4 x pairs); use <seq_len>={4 * num_kv_pairs} or fewer <num_kv_pairs>",
+            "seq_len",
+            "num_kv_pairs",
         )
     if vocab_size // 2 - 1 < num_kv_pairs:
-        raise LmlabError(
-            f"--vocab={vocab_size} has too few keys for {num_kv_pairs} distinct pairs; "
-            f"use --vocab {2 * num_kv_pairs + 2} or more"
+        raise ParamError(
+            f"<vocab_size>={vocab_size} has too few keys for {num_kv_pairs} distinct pairs; "
+            f"use <vocab_size>={2 * num_kv_pairs + 2} or more",
+            "vocab_size",
         )
 
 
@@ -114,7 +117,9 @@ def induction(vocab_size: int, seq_len: int, num_examples: int, seed: int = 0) -
     ``[1, V)``, then again at the last position; the target there is the token that followed
     the first trigger."""
     if seq_len < 4 or vocab_size < 3:
-        raise LmlabError("induction needs --seq-len >= 4 and --vocab >= 3")
+        raise ParamError(
+            "induction needs <seq_len> >= 4 and <vocab_size> >= 3", "seq_len", "vocab_size"
+        )
     rng = np.random.default_rng(seed)
     inputs = rng.integers(1, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
     rows = np.arange(num_examples)
@@ -134,9 +139,11 @@ def selective_copy(
     from the delimiter on, the targets are the data tokens in order (teacher forcing)."""
     context = seq_len - num_tokens
     if num_tokens < 1 or context < num_tokens or vocab_size < 3:
-        raise LmlabError(
-            f"--seq-len={seq_len} is too short to copy {num_tokens} tokens; use --seq-len "
-            f"{2 * num_tokens} or more (and --vocab >= 3)"
+        raise ParamError(
+            f"<seq_len>={seq_len} is too short to copy {num_tokens} tokens; use <seq_len>="
+            f"{2 * num_tokens} or more (and <vocab_size> >= 3)",
+            "seq_len",
+            "vocab_size",
         )
     rng = np.random.default_rng(seed)
     data = rng.integers(2, vocab_size, size=(num_examples, num_tokens), dtype=np.int64)
@@ -154,7 +161,9 @@ def needle(vocab_size: int, seq_len: int, num_examples: int, seed: int = 0) -> S
     """Needle in a haystack: random filler ``[2, V)`` holding ``0 key value`` at a random depth;
     the sequence ends with ``1 key`` and the target after the key is the value."""
     if seq_len < 6 or vocab_size < 4:
-        raise LmlabError("needle needs --seq-len >= 6 and --vocab >= 4")
+        raise ParamError(
+            "needle needs <seq_len> >= 6 and <vocab_size> >= 4", "seq_len", "vocab_size"
+        )
     rng = np.random.default_rng(seed)
     inputs = rng.integers(2, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
     rows = np.arange(num_examples)
@@ -262,7 +271,7 @@ def loss_by_position(
     result = {}
     for length in lengths:
         if length < buckets:
-            raise LmlabError(f"length {length} is shorter than --buckets={buckets}")
+            raise ParamError(f"length {length} is shorter than <buckets>={buckets}", "buckets")
         total = torch.zeros(length, dtype=torch.float64)
         count = 0
         for x, y in eval_batches(tokens, batch_size, length, math.ceil(max_windows / batch_size)):

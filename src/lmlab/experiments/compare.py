@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.experiments.report import write_report
 from lmlab.experiments.runset import (
     Arm,
@@ -90,16 +90,19 @@ def plan_compare(
     if not sources:
         raise LmlabError("give at least one config (a preset or YAML file) to compare")
     if len(sources) + len(variants) < 2:
-        raise LmlabError(
-            "compare needs two arms: give two configs, or one config and --variant key=value"
+        raise ParamError(
+            "compare needs two arms: give two configs, or one config and <variants> key=value",
+            "variants",
         )
     if seeds < 1:
-        raise LmlabError(f"--seeds {seeds} must be at least 1 (3 or more for a verdict)")
+        raise ParamError(f"<seeds>={seeds} must be at least 1 (3 or more for a verdict)", "seeds")
     if parallel < 0:
-        raise LmlabError(f"--parallel {parallel} must be 0 (in this process) or a process count")
+        raise ParamError(
+            f"<parallel>={parallel} must be 0 (in this process) or a process count", "parallel"
+        )
     for variant in variants:
         if "=" not in variant:
-            raise LmlabError(f"--variant {variant!r} must look like section.key=value")
+            raise ParamError(f"<variants> {variant!r} must look like section.key=value", "variants")
     parsed_budget = parse_budget(budget)
     parsed_rule = load_rule(rule)
     wanted = [(Path(s).stem if s.endswith((".yaml", ".yml")) else s, s, []) for s in sources]
@@ -118,7 +121,9 @@ def plan_compare(
     names = [arm.name for arm in arms]
     chosen = baseline or names[0]
     if chosen not in names:
-        raise LmlabError(f"--baseline {chosen!r} is not an arm; arms: {', '.join(names)}")
+        raise ParamError(
+            f"<baseline>={chosen!r} is not an arm; arms: {', '.join(names)}", "baseline"
+        )
     folder = (
         Path(out) if out else Path(arms[0].config.out_dir) / ("compare-" + "-vs-".join(names))[:120]
     )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.config.schema import Config, ModelConfig, TrainConfig
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.eval.probes import (
     PROBES_FILE,
     SCREEN_EXAMPLES,
@@ -57,11 +57,15 @@ def train_probe(
     epoch ends with a full evaluation. Returns the best accuracy per test set, the epochs and
     steps run, the seconds and whether it solved."""
     if evals_per_epoch < 1:
-        raise LmlabError(f"--evals-per-epoch={evals_per_epoch} must be at least 1")
+        raise ParamError(
+            f"<evals_per_epoch>={evals_per_epoch} must be at least 1", "evals_per_epoch"
+        )
     if batch_size < 1:
-        raise LmlabError(f"--batch-size={batch_size} must be at least 1")
+        raise ParamError(f"<batch_size>={batch_size} must be at least 1", "batch_size")
     if not 0.0 <= warmup < 1.0:
-        raise LmlabError(f"--warmup={warmup} must be a fraction of the steps in [0, 1), e.g. 0.1")
+        raise ParamError(
+            f"<warmup>={warmup} must be a fraction of the steps in [0, 1), e.g. 0.1", "warmup"
+        )
     torch.manual_seed(seed)
     model = LanguageModel(model_cfg)
     optimizers = build_optimizers(
@@ -142,9 +146,9 @@ def run_probe(
     best accuracy over the sweep. Writes ``probes.json`` (merged with any scores already there)
     and ``probe-<name>.md`` (the per-lr table) into ``out`` when given."""
     if epochs < 1:
-        raise LmlabError(f"--epochs={epochs} must be at least 1")
-    if not lrs or any(lr <= 0 for lr in lrs):
-        raise LmlabError("--lrs must list positive learning rates, e.g. --lrs 1e-3,3e-3")
+        raise ParamError(f"<epochs>={epochs} must be at least 1", "epochs")
+    if not lrs or any(not 0 < lr < math.inf for lr in lrs):
+        raise ParamError("<lrs> must list positive learning rates, e.g. 1e-3,3e-3", "lrs")
     tests = task.test_sets()
     train = task.generate(task.num_examples, task.seed)
     model_cfg = probe_model_config(config, task)

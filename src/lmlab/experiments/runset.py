@@ -30,7 +30,7 @@ import torch
 from lmlab.config.load import build_config, dump_config
 from lmlab.config.schema import Config, ModelConfig
 from lmlab.data.dataset import prepare_data
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
@@ -63,16 +63,19 @@ def parse_budget(text: str) -> Budget:
     scales = _SECONDS if kind == "time" else _SCALES
     match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]?)\s*", raw, re.IGNORECASE)
     if kind not in ("tokens", "flops", "time") or not match or match.group(2) not in scales:
-        raise LmlabError(
-            f"--budget {text!r} is malformed; use tokens=N, flops=N or time=N, "
-            "e.g. tokens=2M, flops=1e15, time=10m"
+        raise ParamError(
+            f"<budget> {text!r} is malformed; use tokens=N, flops=N or time=N, "
+            "e.g. tokens=2M, flops=1e15, time=10m",
+            "budget",
         )
     try:
         amount = float(match.group(1)) * scales[match.group(2)]
     except ValueError:
-        raise LmlabError(f"--budget {text!r} has no valid number; e.g. tokens=2M") from None
+        raise ParamError(
+            f"<budget> {text!r} has no valid number; e.g. tokens=2M", "budget"
+        ) from None
     if not math.isfinite(amount) or amount <= 0:
-        raise LmlabError(f"--budget {text!r} must be positive")
+        raise ParamError(f"<budget> {text!r} must be positive", "budget")
     return Budget(kind, amount, text)
 
 
@@ -164,9 +167,10 @@ def build_arm(
     else:
         tokens = int(budget.amount if budget.kind == "tokens" else budget.amount / flops)
         if tokens < per_step:
-            raise LmlabError(
-                f"--budget {budget.text} gives arm {name} {tokens} tokens, less than one "
-                f"training step ({per_step} = batch_size x grad_accum x seq_len); raise the budget"
+            raise ParamError(
+                f"<budget> {budget.text} gives arm {name} {tokens} tokens, less than one "
+                f"training step ({per_step} = batch_size x grad_accum x seq_len); raise the budget",
+                "budget",
             )
         train.max_time, train.max_tokens = 0.0, tokens
         steps = math.ceil(tokens / per_step)
@@ -254,9 +258,10 @@ def _check_plan_file(runset: RunSet) -> None:
     for spec in runset.runs:
         before = saved.get(spec.key)
         if before and before != hashes[spec.key] and (spec.run_dir / CONFIG_FILE).exists():
-            raise LmlabError(
+            raise ParamError(
                 f"{runset.out} already holds {spec.key} trained with other settings (budget or "
-                "config changed); use another --out or delete that folder"
+                "config changed); use another <out> or delete that folder",
+                "out",
             )
     atomic_write_json(path, {**saved, **hashes})
 

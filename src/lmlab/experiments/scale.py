@@ -22,7 +22,7 @@ import numpy as np
 
 from lmlab.config.load import read_source
 from lmlab.config.schema import Config, ModelConfig
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.experiments.compare import RESULTS_FILE
 from lmlab.experiments.runset import (
     Arm,
@@ -73,26 +73,30 @@ def parse_sizes(items: list[str]) -> tuple[list[str], list[list[str]]]:
     (several keys grow together, so they need equally many values). Keys without a section
     are model settings."""
     if not items:
-        raise LmlabError("give --sizes KEY=V1,V2,..., e.g. --sizes d_model=64,96,128")
+        raise ParamError("give <sizes> KEY=V1,V2,..., e.g. d_model=64,96,128", "sizes")
     keys, columns = [], []
     for item in items:
         key, _, values = item.partition("=")
         parts = [v.strip() for v in values.split(",") if v.strip()]
         if not key.strip() or not parts:
-            raise LmlabError(f"--sizes {item!r} must look like d_model=64,96,128")
+            raise ParamError(f"<sizes> {item!r} must look like d_model=64,96,128", "sizes")
         key = key.strip() if "." in key else f"model.{key.strip()}"
         if not key.startswith("model."):
-            raise LmlabError(f"--sizes {item!r}: scale model settings (model.*), not {key}")
+            raise ParamError(
+                f"<sizes> {item!r}: scale model settings (model.*), not {key}", "sizes"
+            )
         if key in keys:
-            raise LmlabError(f"--sizes names {key} twice; give each key once")
+            raise ParamError(f"<sizes> names {key} twice; give each key once", "sizes")
         keys.append(key)
         columns.append(parts)
     if len({len(c) for c in columns}) > 1:
         counts = ", ".join(f"{k}: {len(c)}" for k, c in zip(keys, columns, strict=True))
-        raise LmlabError(f"--sizes keys grow together and need equally many values ({counts})")
+        raise ParamError(
+            f"<sizes> keys grow together and need equally many values ({counts})", "sizes"
+        )
     rows = [list(row) for row in zip(*columns, strict=True)]
     if len({tuple(r) for r in rows}) < len(rows):
-        raise LmlabError("--sizes repeats a size; give distinct values")
+        raise ParamError("<sizes> repeats a size; give distinct values", "sizes")
     return keys, rows
 
 
@@ -100,11 +104,11 @@ def parse_tokens(text: str) -> list[str]:
     """``"200k,400k"`` -> the budgets' texts (each checked like ``--budget tokens=...``)."""
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not items:
-        raise LmlabError("give --tokens N1,N2,..., e.g. --tokens 200k,400k")
+        raise ParamError("give <tokens> N1,N2,..., e.g. 200k,400k", "tokens")
     for item in items:
         parse_budget(f"tokens={item}")
     if len({parse_budget(f"tokens={t}").amount for t in items}) < len(items):
-        raise LmlabError(f"--tokens {text!r} repeats a budget; give distinct values")
+        raise ParamError(f"<tokens> {text!r} repeats a budget; give distinct values", "tokens")
     return items
 
 
@@ -115,16 +119,18 @@ def parse_holdout(text: str, keys: list[str]) -> tuple[dict[str, str], str]:
     for item in text.split():
         key, sep, value = item.partition("=")
         if not sep or not value:
-            raise LmlabError(f"--holdout item {item!r} must look like key=value")
+            raise ParamError(f"<holdout> item {item!r} must look like key=value", "holdout")
         full = "tokens" if key == "tokens" else (key if "." in key else f"model.{key}")
         settings[full] = value
     tokens = settings.pop("tokens", None)
     if tokens is None:
-        raise LmlabError(f"--holdout {text!r} needs a token budget, e.g. tokens=800k")
+        raise ParamError(f"<holdout> {text!r} needs a token budget, e.g. tokens=800k", "holdout")
     parse_budget(f"tokens={tokens}")
     if set(settings) != set(keys):
-        raise LmlabError(
-            f"--holdout {text!r} must set exactly the --sizes keys ({', '.join(keys)}) and tokens"
+        raise ParamError(
+            f"<holdout> {text!r} must set exactly the <sizes> keys ({', '.join(keys)}) and tokens",
+            "holdout",
+            "sizes",
         )
     return {key: settings[key] for key in keys}, tokens
 
@@ -146,7 +152,7 @@ def plan_scale(
 ) -> ScalePlan:
     """Check every input and build every run's config before anything trains."""
     if seeds < 1:
-        raise LmlabError(f"--seeds {seeds} must be at least 1")
+        raise ParamError(f"<seeds>={seeds} must be at least 1", "seeds")
     read_source(source)
     keys, rows = parse_sizes(sizes)
     budgets = parse_tokens(tokens)
@@ -156,7 +162,9 @@ def plan_scale(
         amount = parse_budget(f"tokens={budget}").amount
         for cell_size, cell_tokens, _ in cells:
             if cell_size == size and parse_budget(f"tokens={cell_tokens}").amount == amount:
-                raise LmlabError(f"--holdout {holdout!r} is a grid point; hold out a new one")
+                raise ParamError(
+                    f"<holdout> {holdout!r} is a grid point; hold out a new one", "holdout"
+                )
         cells.append((size, budget, True))
     points: list[Point] = []
     for size, budget, held in cells:
@@ -182,12 +190,13 @@ def _check_design(grid: list[Point]) -> None:
     sizes = {non_embedding_parameters(p.arm.config.model, vocab=256) for p in grid}
     budgets = {p.arm.tokens for p in grid}
     if len(sizes) < 2:
-        raise LmlabError(
-            "the --sizes values give every model the same parameter count; scale a setting that "
-            "changes it (d_model, n_layers, mlp_hidden, ...) with two or more values"
+        raise ParamError(
+            "the <sizes> values give every model the same parameter count; scale a setting that "
+            "changes it (d_model, n_layers, mlp_hidden, ...) with two or more values",
+            "sizes",
         )
     if len(budgets) < 2:
-        raise LmlabError("give two or more token budgets to --tokens, e.g. --tokens 200k,400k")
+        raise ParamError("give two or more token budgets to <tokens>, e.g. 200k,400k", "tokens")
     if len(grid) < PARAMETERS:
         raise LmlabError(
             f"the grid has {len(grid)} points but the law has {PARAMETERS} parameters; "

@@ -88,11 +88,11 @@ def _check_points(n: list[float], d: list[float], loss: list[float]) -> None:
             f"scaling fit needs at least {PARAMETERS} runs for its {PARAMETERS} parameters "
             f"(got {len(n)}); add model sizes or token budgets"
         )
-    for name, values, flag in (("model size", n, "--sizes"), ("token budget", d, "--tokens")):
+    for name, values in (("model size", n), ("token budget", d)):
         if len(set(values)) < 2:
             raise LmlabError(
                 f"scaling fit needs at least two different {name}s (all runs have "
-                f"{values[0]:g}); give two or more values to {flag}"
+                f"{values[0]:g}); give two or more"
             )
 
 

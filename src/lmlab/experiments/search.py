@@ -34,7 +34,7 @@ import yaml
 
 from lmlab.config.load import build_config, dump_config, read_source
 from lmlab.config.schema import Config
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.experiments.runset import (
     Budget,
     build_arm,
@@ -151,7 +151,7 @@ def plan_search(
             f"space file {path} does not exist; give a YAML file (see lmlab search -h)"
         )
     if trials < 1:
-        raise LmlabError(f"--trials {trials} must be at least 1")
+        raise ParamError(f"<trials>={trials} must be at least 1", "trials")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
@@ -236,9 +236,10 @@ def _open_study(plan: SearchPlan):
     if saved is None:
         study.set_user_attr("fingerprint", plan.fingerprint)
     elif saved != plan.fingerprint:
-        raise LmlabError(
-            f"{plan.out} holds a search of another space or budget; use another --out or "
-            "delete that folder"
+        raise ParamError(
+            f"{plan.out} holds a search of another space or budget; use another <out> or "
+            "delete that folder",
+            "out",
         )
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,16 +22,19 @@ class SamplingSettings:
     """Drop tokens whose probability is below min_p times the most likely one."""
 
     def validate(self) -> None:
-        from lmlab.errors import LmlabError
+        from lmlab.errors import ParamError
 
-        if self.temperature < 0:
-            raise LmlabError("--temperature must be >= 0 (0 is greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise ParamError(
+                f"<temperature>={self.temperature} must be finite and >= 0 (0 is greedy)",
+                "temperature",
+            )
         if self.top_k < 0:
-            raise LmlabError("--top-k must be >= 0 (0 disables it)")
+            raise ParamError(f"<top_k>={self.top_k} must be >= 0 (0 disables it)", "top_k")
         if not 0 < self.top_p <= 1:
-            raise LmlabError("--top-p must be in (0, 1]")
+            raise ParamError(f"<top_p>={self.top_p} must be in (0, 1]", "top_p")
         if not 0 <= self.min_p < 1:
-            raise LmlabError("--min-p must be in [0, 1)")
+            raise ParamError(f"<min_p>={self.min_p} must be in [0, 1)", "min_p")
 
 
 def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:

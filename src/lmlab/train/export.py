@@ -26,7 +26,7 @@ import yaml
 from lmlab.config.load import build_config, dump_config
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state, tokenizer_state
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.layers.bitlinear import BitLinear, pack_ternary, unpack_ternary
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import MODEL_FILE, atomic_write_bytes
@@ -83,11 +83,12 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "ternary") -> dict:
         raise LmlabError(f"unknown export format {fmt!r}; use {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
-        raise LmlabError(
-            f"--out {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}"
+        raise ParamError(
+            f"<out> {out} is a folder; give a file name, e.g. {out / 'model.safetensors'}",
+            "out",
         )
     if not out.parent.is_dir():
-        raise LmlabError(f"the folder of --out {out} does not exist; create it first")
+        raise ParamError(f"the folder of <out> {out} does not exist; create it first", "out")
     config, model, tokenizer, checkpoint = load_run_checkpoint(run)
     data = ternary_bytes(model, config, tokenizer, checkpoint.step)
     atomic_write_bytes(out, data)

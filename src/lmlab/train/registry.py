@@ -20,7 +20,7 @@ from typing import Any
 
 from lmlab.config.load import config_to_dict
 from lmlab.config.schema import Config
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 
 DEFAULT_REGISTRY = Path("runs") / "registry.sqlite"
 REGISTRY_ENV = "LMLAB_REGISTRY"
@@ -246,10 +246,14 @@ def _open_for_reading(location: str | Path | None) -> Path:
 
 def _parse_filter(text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise LmlabError(f"--filter {text!r} must look like key=value, e.g. arm=baseline")
+        raise ParamError(
+            f"<filters> {text!r} must look like key=value, e.g. arm=baseline", "filters"
+        )
     key, value = (part.strip() for part in text.split("=", 1))
     if key not in RUN_COLUMNS:
-        raise LmlabError(f"--filter key {key!r} is unknown; use one of {', '.join(RUN_COLUMNS)}")
+        raise ParamError(
+            f"<filters> key {key!r} is unknown; use one of {', '.join(RUN_COLUMNS)}", "filters"
+        )
     return key, value
 
 
