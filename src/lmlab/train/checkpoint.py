@@ -11,7 +11,8 @@ A checkpoint is a folder ``run_dir/checkpoints/step_00000123/``::
 *Safe*: only JSON and safetensors are parsed; nothing is unpickled, so loading cannot run code.
 *Atomic*: the folder is written as ``.tmp-step_...``, fsynced and renamed into place, so every
 ``step_*`` folder is complete; ``.tmp-*`` entries are leftovers of a killed process, ignored by
-readers and removed by the next save. One process writes a run's checkpoints at a time.
+readers and removed by the next save. One process writes a run's checkpoints at a time (the
+run folder's lock, see ``run.RunHold``).
 *Verified*: every file's size and sha256 are checked against the manifest before parsing; a damaged
 checkpoint is reported in one line and the previous one is used.
 *Exact*: tensors keep dtype, shape and bits; the JSON keeps int dict keys, tuples, bools, None and

@@ -95,10 +95,23 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def check_run_name(name: str) -> None:
     """A run name is one plain path component, so a run never lands outside ``out_dir``."""
-    if name in ("", ".", "..") or "/" in name or "\\" in name or os.sep in name:
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise LmlabError(
             f"name={name!r} is not a plain run name; give one folder name without '/', '\\', "
             "'.' or '..' (the run goes in out_dir/name)"
+        )
+
+
+def _refuse_taken(run_dir: Path) -> None:
+    if (run_dir / CONFIG_FILE).exists():
+        raise LmlabError(
+            f"run folder {run_dir} already exists; continue it with --resume {run_dir} "
+            "or choose another name=..."
+        )
+    if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
+        raise LmlabError(
+            f"{run_dir} exists and is not an lmlab run (no {CONFIG_FILE}); lmlab will not write "
+            "into it: choose another name=... or out_dir=..."
         )
 
 
@@ -115,19 +128,13 @@ def claim_new_run(config: Config, label: str) -> RunHold:
             f"cannot create run folder {run_dir} ({exc.strerror}); out_dir={config.out_dir} "
             "must be a writable folder"
         ) from None
+    _refuse_taken(run_dir)  # before locking too: a foreign folder gets not even a lock file
     hold = RunHold(run_dir)
-    if (run_dir / CONFIG_FILE).exists():
+    try:
+        _refuse_taken(run_dir)  # again under the lock: another process may have started it
+    except LmlabError:
         hold.release()
-        raise LmlabError(
-            f"run folder {run_dir} already exists; continue it with --resume {run_dir} "
-            "or choose another name=..."
-        )
-    if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
-        hold.release()
-        raise LmlabError(
-            f"{run_dir} exists and is not an lmlab run (no {CONFIG_FILE}); lmlab will not write "
-            "into it: choose another name=... or out_dir=..."
-        )
+        raise
     hold.fresh = True
     return hold
 
