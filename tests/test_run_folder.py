@@ -286,7 +286,7 @@ def test_resume_refuses_an_edited_config_but_takes_the_documented_overrides(run,
 # ---------------------------------------------------------------- 5: a failed start leaves nothing
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_can_run_again(tmp_path, capsys, monkeypatch):
+def test_a_run_that_fails_before_its_first_result_can_run_again(tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "text.txt")
     argv = train_argv(corpus, tmp_path / "runs", "early", "train.max_steps=2")
     run = tmp_path / "runs" / "early"
@@ -311,6 +311,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_can_run_again(tmp_path, ca
     monkeypatch.setattr(Trainer, "_step", original_step)
     assert main(argv) == 0
     assert train_steps(run) == [1, 2]
+    monkeypatch.setattr(Trainer, "_step", fail_at_step_1)
+    evaluated = train_argv(corpus, tmp_path / "runs", "evaluated", "train.eval_interval=1")
+    one_error_line(capsys, evaluated, "loss became nan")  # a result (step 1's evaluation) stays
+    rows = read_metrics(tmp_path / "runs" / "evaluated" / "metrics.jsonl")
+    assert [(row["kind"], row["step"]) for row in rows] == [("train", 1), ("eval", 1)]
 
 
 # ---------------------------------------------------------------- 6: file modes

@@ -25,6 +25,7 @@ from lmlab.train.checkpoint import (
     list_checkpoints,
     load_latest_checkpoint,
 )
+from lmlab.train.metrics import read_metrics
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -33,7 +34,7 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
 STARTUP_OUTPUTS = (TOKENIZER_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR)
-"""What a run writes before its first checkpoint (summary.json and the rest come after)."""
+"""What a run writes before its first result (summary.json and the rest come after)."""
 
 
 class RunHold:
@@ -44,8 +45,9 @@ class RunHold:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.fresh = False
-        """A new run: if it ends before its first checkpoint, :meth:`release` removes what it
-        wrote, so the same command can run again."""
+        """A new run: if it ends before its first checkpoint or evaluation (so with no result
+        worth keeping, e.g. a failure at step 0), :meth:`release` removes what it wrote, so the
+        same command can run again."""
         path = run_dir / LOCK_FILE
         while True:
             try:
@@ -69,10 +71,10 @@ class RunHold:
         self._fd: int | None = fd
 
     def release(self) -> None:
-        """Unlock (once); a fresh run without a checkpoint first removes what it wrote."""
+        """Unlock (once); a fresh run without a result first removes what it wrote."""
         if self._fd is None:
             return
-        if self.fresh and not list_checkpoints(self.run_dir):
+        if self.fresh and not self._has_results():
             for name in STARTUP_OUTPUTS:
                 path = self.run_dir / name
                 if path.is_dir():
@@ -84,6 +86,13 @@ class RunHold:
             self.run_dir.rmdir()
         os.close(self._fd)
         self._fd = None
+
+    def _has_results(self) -> bool:
+        """A checkpoint or an evaluation (a pruned search trial keeps its folder)."""
+        metrics = self.run_dir / METRICS_FILE
+        return bool(list_checkpoints(self.run_dir)) or (
+            metrics.is_file() and any(row.get("kind") == "eval" for row in read_metrics(metrics))
+        )
 
 
 def _same_file(fd: int, path: Path) -> bool:
