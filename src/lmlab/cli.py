@@ -276,6 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from lmlab.data.tokenizers import warn_unknown
     from lmlab.train.device import pick_device
     from lmlab.train.run import load_trained_model
 
@@ -283,10 +284,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.validate()
     device = pick_device(args.device)
     _, model, tokenizer, _ = load_trained_model(args.run, device)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
+    ids = tokenizer.encode_array(args.prompt)
+    warn_unknown(tokenizer, [ids], "the prompt")
+    if not len(ids):
         raise LmlabError("--prompt is empty after tokenisation; give at least one character")
-    prompt = torch.tensor([ids], device=device)
+    prompt = torch.tensor([ids.tolist()], device=device)
     sys.stdout.write(args.prompt)
     new_ids: list[int] = []
     printed = ""
@@ -842,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lmlab.data.corpus import (
     split_documents,
 )
 from lmlab.data.shards import is_shard_dir, read_shards
-from lmlab.data.tokenizers import Tokenizer, train_tokenizer
+from lmlab.data.tokenizers import Tokenizer, train_tokenizer, warn_unknown
 from lmlab.data.tokens import TokenData
 from lmlab.errors import LmlabError
 
@@ -63,6 +63,7 @@ def prepare_data(
             train_bytes=len(train_text.encode("utf-8")),
             val_bytes=len(val_text.encode("utf-8")),
         )
+        warn_unknown(tokenizer, [data.train, data.val], "the data")
     require_tokens(len(data.train), cfg.seq_len + 1, "training split")
     require_tokens(len(data.val), cfg.seq_len + 1, "validation split")
     return data, tokenizer

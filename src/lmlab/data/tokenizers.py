@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,11 @@ class Tokenizer(ABC):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
+
+    def unknown_count(self, ids: np.ndarray) -> int:
+        """How many of ``ids`` stand for text the tokenizer could not represent (lossless
+        tokenizers: none)."""
+        return 0
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -138,6 +144,9 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._points[np.asarray(ids, dtype=np.int64)].tobytes().decode("utf-32-le")
 
+    def unknown_count(self, ids: np.ndarray) -> int:
+        return int(np.count_nonzero(np.asarray(ids) == self.unknown_id))
+
     def _state(self) -> str:
         return json.dumps({"kind": self.kind, "unknown_id": self.unknown_id, "chars": self.chars})
 
@@ -193,6 +202,18 @@ _CLASSES: dict[str, type[Tokenizer]] = {
     "char": CharTokenizer,
     "bpe": BpeTokenizer,
 }
+
+
+def warn_unknown(tokenizer: Tokenizer, encoded: Sequence[np.ndarray], what: str) -> None:
+    """One stderr line when ``encoded`` (the arrays encoding ``what``) holds unknown ids: they
+    would otherwise silently stand for every character the vocabulary lacks."""
+    count = sum(tokenizer.unknown_count(ids) for ids in encoded)
+    if count:
+        print(
+            f"warning: {count} character(s) of {what} are not in the {tokenizer.kind} "
+            "tokenizer's vocabulary; they all become its one unknown id",
+            file=sys.stderr,
+        )
 
 
 def tokenizer_state(tokenizer: Tokenizer) -> tuple[str, str]:

@@ -11,7 +11,8 @@ A checkpoint is a folder ``run_dir/checkpoints/step_00000123/``::
 *Safe*: only JSON and safetensors are parsed; nothing is unpickled, so loading cannot run code.
 *Atomic*: the folder is written as ``.tmp-step_...``, fsynced and renamed into place, so every
 ``step_*`` folder is complete; ``.tmp-*`` entries are leftovers of a killed process, ignored by
-readers and removed by the next save. One process writes a run's checkpoints at a time.
+readers and removed by the next save. One process writes a run's checkpoints at a time (the
+run folder's lock, see ``run.RunHold``).
 *Verified*: every file's size and sha256 are checked against the manifest before parsing; a damaged
 checkpoint is reported in one line and the previous one is used.
 *Exact*: tensors keep dtype, shape and bits; the JSON keeps int dict keys, tuples, bools, None and
@@ -25,6 +26,7 @@ not kept). Non-contiguous tensors are stored contiguous.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -34,7 +36,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +45,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.torch
 import torch
+
+from lmlab.errors import LmlabError
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -100,12 +105,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def disk_full_is_an_error(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``path`` into one line; the writers undo their
+    partial write before this is raised, so what the line promises holds."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise LmlabError(
+            f"no space left on the device while writing {path}; the write was undone, so the "
+            "files on disk are consistent (as before it): free space, then try again "
+            "(lmlab train --resume RUN continues a run from its last checkpoint)"
+        ) from None
+
+
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask (mkstemp's is 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` so that readers see the old or the new content, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as file:
+        with disk_full_is_an_error(path), os.fdopen(fd, "wb") as file:
+            os.chmod(tmp, _new_file_mode())
             _write_synced(file, data)
         os.replace(tmp, path)
     except BaseException:
@@ -387,10 +416,15 @@ def save_checkpoint(
     final = root / _step_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
     tmp.mkdir()
-    for name, data in files.items():
-        with open(tmp / name, "xb") as file:
-            _write_synced(file, data)
-    _fsync_dir(tmp)
+    try:
+        with disk_full_is_an_error(tmp):
+            for name, data in files.items():
+                with open(tmp / name, "xb") as file:
+                    _write_synced(file, data)
+            _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         _discard(final)
     os.replace(tmp, final)

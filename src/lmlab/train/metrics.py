@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
 from lmlab.errors import LmlabError
-from lmlab.train.checkpoint import atomic_write_text
+from lmlab.train.checkpoint import disk_full_is_an_error
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are dropped so
-    the log reads as one uninterrupted run. With ``tensorboard_dir`` the scalars also go to
+    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint's step are cut off in
+    place so the log reads as one uninterrupted run. The file is never replaced: a rewrite would
+    orphan rows that an open handle adds later. With ``tensorboard_dir`` the scalars also go to
     TensorBoard."""
 
     def __init__(
@@ -23,18 +25,21 @@ class MetricsLog:
     ) -> None:
         self.path = path
         self.tensorboard = _tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
-        if path.exists():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if _row_step(line) <= keep_through_step
-            ]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("ab", buffering=0)
+        with disk_full_is_an_error(path):
+            self._file.truncate(_end_of_rows_through(path, keep_through_step))
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        data = (json.dumps(row) + "\n").encode("utf-8")
+        end = os.fstat(self._file.fileno()).st_size
+        try:
+            with disk_full_is_an_error(self.path):
+                written = 0
+                while written < len(data):
+                    written += self._file.write(data[written:])
+        except BaseException:
+            self._file.truncate(end)
+            raise
         if self.tensorboard is not None:
             for key, value in _scalars(row):
                 self.tensorboard.add_scalar(f"{row['kind']}/{key}", value, row["step"])
@@ -43,6 +48,17 @@ class MetricsLog:
         self._file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _end_of_rows_through(path: Path, step: int) -> int:
+    """Bytes of the leading rows up to ``step``; a torn or foreign line ends them, as it counts
+    as infinitely late (rows are in step order, so later ones are past ``step`` too)."""
+    end = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.endswith(b"\n") or _row_step(line) > step:
+            break
+        end += len(line)
+    return end
 
 
 def _tensorboard_writer(directory: Path):
@@ -65,7 +81,7 @@ def _scalars(row: dict, prefix: str = ""):
             yield prefix + key, value
 
 
-def _row_step(line: str) -> float:
+def _row_step(line: bytes) -> float:
     """A row's step; a torn or foreign line counts as infinitely late, so it is dropped."""
     try:
         return int(json.loads(line)["step"])

@@ -1,37 +1,150 @@
 """A run is a folder: ``config.yaml``, ``tokenizer/``, ``metrics.jsonl``, ``checkpoints/`` and
-``summary.json``. These helpers create, open and load runs for every command."""
+``summary.json``. These helpers create, open, lock and load runs for every command."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from lmlab.config.load import build_config, dump_config, read_yaml_file
+from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config
-from lmlab.data.tokenizers import Tokenizer, load_tokenizer
+from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import Checkpoint, atomic_write_text, load_latest_checkpoint
+from lmlab.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    atomic_write_text,
+    list_checkpoints,
+    load_latest_checkpoint,
+)
+from lmlab.train.metrics import read_metrics
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"
+TENSORBOARD_DIR = "tensorboard"
+STARTUP_OUTPUTS = (TOKENIZER_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR)
+"""What a run writes before its first result (summary.json and the rest come after)."""
 
 
-def new_run_dir(config: Config, label: str) -> Path:
-    """A fresh folder for a new run; refuses to reuse one that already holds a run."""
-    name = config.name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.out_dir) / name
+class RunHold:
+    """This process's exclusive hold on a run folder: an OS lock (``flock``) on its lock file,
+    so two processes never write one run, and the OS drops it when the process dies, so even
+    ``kill -9`` leaves no stale lock. The lock file holds the holder's pid for the message."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.fresh = False
+        """A new run: if it ends before its first checkpoint or evaluation (so with no result
+        worth keeping, e.g. a failure at step 0), :meth:`release` removes what it wrote, so the
+        same command can run again."""
+        path = run_dir / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise LmlabError(f"cannot write in run folder {run_dir} ({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise LmlabError(
+                    f"run folder {run_dir} is in use by another lmlab process (pid {holder}); "
+                    "wait for it to finish or stop it, then resume"
+                ) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # the holder released and removed that file meanwhile: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock (once); a fresh run without a result first removes what it wrote."""
+        if self._fd is None:
+            return
+        if self.fresh and not self._has_results():
+            for name in STARTUP_OUTPUTS:
+                path = self.run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        if self.fresh and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+    def _has_results(self) -> bool:
+        """A checkpoint or an evaluation (a pruned search trial keeps its folder)."""
+        metrics = self.run_dir / METRICS_FILE
+        return bool(list_checkpoints(self.run_dir)) or (
+            metrics.is_file() and any(row.get("kind") == "eval" for row in read_metrics(metrics))
+        )
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain path component, so a run never lands outside ``out_dir``."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise LmlabError(
+            f"name={name!r} is not a plain run name; give one folder name without '/', '\\', "
+            "'.' or '..' (the run goes in out_dir/name)"
+        )
+
+
+def _refuse_taken(run_dir: Path) -> None:
     if (run_dir / CONFIG_FILE).exists():
         raise LmlabError(
             f"run folder {run_dir} already exists; continue it with --resume {run_dir} "
             "or choose another name=..."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
+        raise LmlabError(
+            f"{run_dir} exists and is not an lmlab run (no {CONFIG_FILE}); lmlab will not write "
+            "into it: choose another name=... or out_dir=..."
+        )
+
+
+def claim_new_run(config: Config, label: str) -> RunHold:
+    """A fresh, locked folder for a new run; refuses a folder that holds a run or anything else
+    (lmlab never writes into a folder it did not make)."""
+    name = config.name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name)
+    run_dir = Path(config.out_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmlabError(
+            f"cannot create run folder {run_dir} ({exc.strerror}); out_dir={config.out_dir} "
+            "must be a writable folder"
+        ) from None
+    _refuse_taken(run_dir)  # before locking too: a foreign folder gets not even a lock file
+    hold = RunHold(run_dir)
+    try:
+        _refuse_taken(run_dir)  # again under the lock: another process may have started it
+    except LmlabError:
+        hold.release()
+        raise
+    hold.fresh = True
+    return hold
 
 
 def save_run_config(run_dir: Path, config: Config) -> None:
@@ -50,10 +163,40 @@ def open_run(path: str | Path) -> tuple[Path, Config]:
     return run_dir, build_config(base=read_yaml_file(run_dir / CONFIG_FILE))
 
 
-def run_tokenizer(run_dir: Path) -> Tokenizer:
+def run_tokenizer(run_dir: Path, config: Config) -> Tokenizer:
+    """The run's tokenizer, refused if the model's embedding cannot hold its ids."""
     if not (run_dir / TOKENIZER_DIR).is_dir():
         raise LmlabError(f"{run_dir} has no tokenizer/ folder; the run never started training")
-    return load_tokenizer(run_dir / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise LmlabError(
+            f"the tokenizer in {run_dir / TOKENIZER_DIR} has {tokenizer.vocab_size} tokens but "
+            f"the run's model.vocab_size is {config.model.vocab_size}; it is another run's "
+            "tokenizer: restore this run's tokenizer/ folder"
+        )
+    return tokenizer
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    kind, state = tokenizer_state(tokenizer)
+    return hashlib.sha256(f"{kind}\n{state}".encode()).hexdigest()
+
+
+def run_origin(config: Config, tokenizer: Tokenizer) -> dict:
+    """What a checkpoint was trained with, stored in it so a resume or load can tell when the
+    folder's config.yaml or tokenizer/ was edited or swapped afterwards."""
+    return {"config": config_to_dict(config), "tokenizer": tokenizer_digest(tokenizer)}
+
+
+def check_tokenizer_origin(run_dir: Path, tokenizer: Tokenizer, checkpoint: Checkpoint) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was trained with (checkpoints
+    written before lmlab stored their origin carry none and pass)."""
+    origin = checkpoint.trainer.get("origin")
+    if origin is not None and origin["tokenizer"] != tokenizer_digest(tokenizer):
+        raise LmlabError(
+            f"the tokenizer in {run_dir / TOKENIZER_DIR} is not the one {checkpoint.path.name} "
+            "was trained with (another run's?); restore this run's tokenizer/ folder"
+        )
 
 
 def load_trained_model(
@@ -69,10 +212,11 @@ def load_run_checkpoint(
 ) -> tuple[Config, LanguageModel, Tokenizer, Checkpoint]:
     """As ``load_trained_model``, with the checkpoint itself (its folder, step and tensors)."""
     run_dir, config = open_run(path)
-    tokenizer = run_tokenizer(run_dir)
+    tokenizer = run_tokenizer(run_dir, config)
     checkpoint = load_latest_checkpoint(run_dir)
     if checkpoint is None:
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
+    check_tokenizer_origin(run_dir, tokenizer, checkpoint)
     model = LanguageModel(config.model)
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()

@@ -37,7 +37,7 @@ from lmlab.train.checkpoint import (
 from lmlab.train.device import autocast, peak_memory_bytes, pick_device, resolve_precision
 from lmlab.train.metrics import MetricsLog, Progress
 from lmlab.train.optim import build_optimizers
-from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, load_weights
+from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, RunHold, load_weights, run_origin
 from lmlab.train.schedule import lr_multiplier
 
 
@@ -118,8 +118,11 @@ class Trainer:
         tokenizer: Tokenizer,
         resume_from: Checkpoint | None = None,
         show_progress: bool = True,
+        hold: RunHold | None = None,
     ) -> None:
         self.config = config
+        self.hold = hold
+        """The lock on ``run_dir``, released when :meth:`train` ends."""
         self.run_dir = run_dir
         self.data = data
         self.tokenizer = tokenizer
@@ -166,6 +169,7 @@ class Trainer:
             ) from None
         saved = dict(checkpoint.trainer)
         carried = saved.pop("carried_state", None)
+        saved.pop("origin", None)
         self.state = TrainerState(**saved)
         if carried is not None:
             self.carried = ModelState(carried["layers"], carried["position"])
@@ -223,7 +227,7 @@ class Trainer:
         )
 
     def save(self) -> Path:
-        trainer_state = dict(vars(self.state))
+        trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
         if self.carried is not None:
             trainer_state["carried_state"] = vars(self.carried)
         return save_checkpoint(
@@ -251,13 +255,15 @@ class Trainer:
             if not state.last_eval or state.last_eval.get("step") != state.step:
                 self._evaluate_now()  # a resumed run whose budget was already spent
                 self.save()
+            return self._write_summary()
         except KeyboardInterrupt:
             self.save()
             raise
         finally:
             self.progress.close()
             self.metrics.close()
-        return self._write_summary()
+            if self.hold is not None:
+                self.hold.release()
 
     def _step(self) -> None:
         train, state = self.config.train, self.state
