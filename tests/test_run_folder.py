@@ -340,8 +340,8 @@ def test_files_keep_the_normal_mode_after_a_resume(run):
 @pytest.mark.parametrize(
     ("argv", "target"),
     [
-        (["generate", "{run}", "--max-new-tokens", "5"], "lmlab.model.generate.stream_tokens"),
-        (["eval", "{run}", "--batches", "1"], "lmlab.eval.evaluate.evaluate"),
+        (["generate", "{run}", "--max-new-tokens", "5"], "lmlab.cli.stream_tokens"),
+        (["eval", "{run}", "--batches", "1"], "lmlab.cli.evaluate"),
     ],
 )
 def test_ctrl_c_in_generate_and_eval_is_one_line_exit_130(run, capsys, monkeypatch, argv, target):
