@@ -18,8 +18,10 @@ LAYERS = [
     ("layers",),
     ("model",),
     ("eval",),
+    ("distributed",),
     ("train",),
-    ("experiments",),
+    ("posttrain", "interop", "memory"),
+    ("serve", "experiments"),
     ("cli",),
     ("__main__",),
 ]
