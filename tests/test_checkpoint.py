@@ -6,14 +6,17 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from run_settings import TINY_RUN
 from torch import nn
 
 from lmlab.train.checkpoint import (
@@ -398,6 +401,57 @@ def test_sigkill_at_a_random_moment_leaves_a_valid_checkpoint(tmp_path):
         assert checkpoint.model["tied"] is checkpoint.model["w"]
         save_step(run_dir, checkpoint.step + 1, keep_last=2)
         assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def logged_lines(run_dir: Path) -> int:
+    """Complete lines in a run's metrics (a line being written is not counted)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [row["loss"] for row in map(json.loads, lines) if row["kind"] == "train"]
+
+
+def test_sigint_at_random_moments_then_resume_matches_uninterrupted(tmp_path, corpus):
+    """Ctrl-C at random moments of a Muon run (often inside ``optimizer.step()``): each process
+    finishes and saves the step it was in and exits 130; resuming after every interrupt gives
+    the losses of an uninterrupted run of the same config bit for bit."""
+    from lmlab.cli import main
+
+    settings = [
+        *TINY_RUN,
+        "model.d_model=64",
+        "train.optimizer=muon",
+        "train.deterministic=true",
+        "train.max_steps=80",
+        "train.max_time=0",
+        "train.eval_interval=1000",
+        "train.checkpoint_interval=1000",  # only the interrupts save before the end
+        f"data.path={corpus}",
+        f"out_dir={tmp_path}",
+    ]
+    assert main(["train", "--quiet", *settings, "name=whole"]) == 0
+    run_dir, rng, interrupted_at = tmp_path / "part", random.Random(0), []
+    start = [sys.executable, "-m", "lmlab.cli", "train", "--quiet", *settings, "name=part"]
+    resume = [sys.executable, "-m", "lmlab.cli", "train", "--quiet", "--resume", str(run_dir)]
+    for command in [start, resume, resume, resume]:
+        done = logged_lines(run_dir)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while logged_lines(run_dir) <= done and process.poll() is None:
+            time.sleep(0.002)  # the handler is in place once a step has been logged
+        time.sleep(rng.uniform(0.0, 0.05))
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130, err
+        steps = len(train_losses(run_dir))
+        assert load_latest_checkpoint(run_dir).step == steps
+        interrupted_at.append(steps)
+    assert interrupted_at == sorted(set(interrupted_at)) and interrupted_at[-1] < 80
+    subprocess.run(resume, check=True, capture_output=True, timeout=60)
+    assert train_losses(run_dir) == train_losses(tmp_path / "whole")
 
 
 def test_atomic_writes_replace_and_leave_no_temporaries(tmp_path):

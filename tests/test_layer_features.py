@@ -248,13 +248,30 @@ def test_checkpointing_keeps_gradients_statistics_and_counters():
     assert all(torch.equal(a, b) for a, b in zip(counts_a, counts_b, strict=True))
 
 
-def test_checkpointing_is_off_in_eval_and_without_gradients():
+def test_checkpointing_is_off_in_eval_and_without_gradients(monkeypatch):
+    """Each block goes through torch.utils.checkpoint only when training with gradients; in
+    eval, or without gradients, the blocks run directly and give the same logits."""
+    import lmlab.model.lm as lm
+
+    calls = []
+
+    def counted(function, *args, **kwargs):
+        calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "checkpoint", counted)
     model = model_of()
     model.set_activation_checkpointing(True)
     tokens = torch.randint(0, 50, (1, 5))
+    trained, _ = model.train()(tokens)
+    assert len(calls) == 4  # one per block
     with torch.no_grad():
-        logits, state = model.train()(tokens)
-    assert state.layers[0]["length"] == 5 and logits.shape == (1, 5, 50)
+        no_grad, state = model.train()(tokens)
+    evaluated, _ = model.eval()(tokens)
+    assert len(calls) == 4
+    assert state.layers[0]["length"] == 5
+    torch.testing.assert_close(no_grad, trained.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.detach(), trained.detach(), rtol=0, atol=0)
 
 
 # --- Muon / AdamW split ----------------------------------------------------------------------

@@ -175,3 +175,58 @@ def test_cli_rejects_bad_probe_input(argv, message, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err
+
+
+def test_probe_trains_with_the_shared_step_aux_loss_and_feature_check(monkeypatch):
+    """The probe trainer runs the Trainer's step: an MoE's aux loss is part of every step, and
+    a feature switched on that never runs stops the probe at its first step."""
+    from lmlab.layers.features import FeatureCounter, feature_modules
+    from lmlab.train.step import TrainStep
+
+    config = build_config(
+        "gpt-tiny",
+        ["model.d_model=16", "model.n_layers=1", "model.n_heads=1", "model.channel_mixer=moe"],
+    )
+    task = ProbeTask("mqar", 16, vocab_size=16, items=2, num_examples=64, test_examples=64)
+    model_cfg = probe_model_config(config, task)
+    train, tests = task.generate(64, 0), task.test_sets()
+    results = []
+    original = TrainStep.__call__
+
+    def recorded(self, *args):
+        results.append(original(self, *args))
+        return results[-1]
+
+    monkeypatch.setattr(TrainStep, "__call__", recorded)
+    outcome = train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, batch_size=16)
+    assert outcome["steps"] == len(results) == 4
+    assert all(r.aux_loss > 0 and r.feature_calls == {"moe": 1} for r in results)
+
+    class SilentFeature(FeatureCounter, torch.nn.Module):
+        feature = "never_runs"
+
+    original_init = LanguageModel.__init__
+
+    def with_idle_feature(self, cfg):
+        original_init(self, cfg)
+        self.idle = SilentFeature()
+        self._feature_modules = feature_modules(self)
+
+    monkeypatch.setattr(LanguageModel, "__init__", with_idle_feature)
+    with pytest.raises(LmlabError, match="never_runs switched on but never ran in step 1"):
+        train_probe(model_cfg, train, tests, lr=1e-3, epochs=1, batch_size=16)
+
+
+def test_probe_with_an_out_folder_is_recorded_in_the_run_registry(tmp_path, monkeypatch):
+    from lmlab.train import registry
+
+    monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
+    config = build_config("gpt-tiny", ["model.d_model=16", "model.n_layers=1", "model.n_heads=1"])
+    task = ProbeTask("mqar", 16, vocab_size=16, items=2, num_examples=32, test_examples=32)
+    out = tmp_path / "runs" / "r"
+    report = run_probe(config, task, epochs=1, lrs=[1e-3], batch_size=16, out=out)
+    (row,) = registry.list_runs(tmp_path / "runs")[0]
+    assert row["path"] == str((out / "probe-mqar_s16_kv2.md").resolve())
+    assert row["arm"] == "probe:mqar_s16_kv2" and row["status"] == "finished"
+    assert row["seconds"] == pytest.approx(report["sweep"][0]["seconds"])
+    assert row["config_hash"] == registry.config_hash(config)

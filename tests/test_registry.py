@@ -9,11 +9,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.errors import LmlabError
 from lmlab.train import registry
+from lmlab.train.run import open_run
 
 
 def make_row(tmp_path: Path, name: str, **fields) -> dict:
@@ -162,3 +164,40 @@ def test_runs_command(tmp_path, db, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_lmlab_train_records_its_run_and_lmlab_runs_lists_it(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
+    runs = tmp_path / "runs"
+    settings = [*TINY_RUN, f"data.path={corpus}", "train.max_steps=2", "train.max_time=0"]
+    assert main(["train", "--quiet", *settings, f"out_dir={runs}", "name=r"]) == 0
+    summary = json.loads((runs / "r" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["runs", str(runs), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    assert row["path"] == str((runs / "r").resolve()) and row["status"] == "finished"
+    assert row["final_bpb"] == summary["val_bits_per_byte"] and row["tokens"] == 2 * 8 * 32
+    _, config = open_run(runs / "r")  # the tokenizer's vocabulary filled in
+    assert row["config_hash"] == registry.config_hash(config) and row["seed"] == 0
+    assert main(["runs", str(runs)]) == 0
+    assert f"finished  {summary['val_bits_per_byte']:.4f}" in capsys.readouterr().out
+
+
+def test_a_runs_own_record_keeps_what_a_comparison_recorded(tmp_path, db):
+    config = build_config("gpt-tiny", ["train.seed=3"])
+    registry.record_runs([make_row(tmp_path, "r", arm="a", seed=3, preset="p", compare="c")])
+    with pytest.raises(KeyboardInterrupt), registry.recording(tmp_path / "r", None, config):
+        (running,) = registry.list_runs()[0]
+        assert running["status"] == "running"
+        raise KeyboardInterrupt
+    (row,) = registry.list_runs()[0]
+    kept = (row["arm"], row["seed"], row["preset"], row["compare"])
+    assert row["status"] == "interrupted" and kept == ("a", 3, "p", "c")
+    with pytest.raises(RuntimeError), registry.recording(tmp_path / "r", None, config):
+        raise RuntimeError("boom")
+    assert registry.list_runs()[0][0]["status"] == "failed"
+    with registry.recording(tmp_path / "r", None, config) as record:
+        record["summary"] = {"val_bits_per_byte": 1.25, "tokens": 7}
+    (row,) = registry.list_runs()[0]
+    assert (row["status"], row["final_bpb"], row["tokens"]) == ("finished", 1.25, 7)
+    assert (row["arm"], row["compare"]) == ("a", "c")

@@ -4,6 +4,7 @@ carried state, auxiliary losses and integrity counters."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,129 @@ def test_training_end_writes_the_moe_specialisation_table(tmp_path, corpus):
     assert set(table) == {"blocks.0.channel", "blocks.1.channel"}
     rows = table["blocks.0.channel"]["rows"]
     assert sum(row["total"] for row in rows) == 2 * 4 * 16 * 2  # steps, rows, tokens, top_k
+
+
+MOE = ["model.channel_mixer=moe", "model.mixer_options.moe.n_experts=4"]
+NO_AUX = ["model.mixer_options.moe.aux_loss_coef=0", "model.mixer_options.moe.z_loss_coef=0"]
+
+
+def test_moe_auxiliary_loss_reaches_the_backward_pass(tmp_path, corpus):
+    """The coefficients change only the loss, not the forward pass: the first step's loss is
+    the same to the bit, and only the gradients show whether the aux loss was backpropagated."""
+    with_aux = two_step_trainer(tmp_path, corpus, "aux", *MOE)
+    with_aux.train()
+    two_step_trainer(tmp_path, corpus, "none", *MOE, *NO_AUX).train()
+    first, plain = rows(tmp_path / "aux")[0], rows(tmp_path / "none")[0]
+    assert first["loss"] == plain["loss"]
+    assert first["aux_loss"] > 0 and plain["aux_loss"] == 0.0
+    assert first["grad_norm"] != plain["grad_norm"]
+    assert first["grad_norm_layers"] != plain["grad_norm_layers"]
+
+
+def test_shared_step_backpropagates_loss_plus_aux_loss():
+    """With plain SGD at rate 1 and no clipping, a step moves every weight by minus its
+    gradient, so the update is compared with the gradient of loss + aux computed directly."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lmlab.config.schema import ModelConfig
+    from lmlab.model.lm import LanguageModel
+    from lmlab.train.optim import OptimizerSet
+    from lmlab.train.step import TrainStep
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, channel_mixer="moe")
+    model = LanguageModel(cfg)
+    reference, without_aux = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+
+    def loss(model):
+        return lambda x, y: F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+
+    logits_loss = loss(reference)(x, y)
+    aux = reference.auxiliary_loss()
+    (logits_loss + aux).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd = OptimizerSet({"sgd": torch.optim.SGD(model.parameters(), lr=1.0)})
+    result = TrainStep(model, sgd, grad_clip=0)(1, 1.0, lambda _: (x, y), loss(model))
+    assert result.loss == pytest.approx(logits_loss.item(), rel=1e-6)
+    assert result.aux_loss == pytest.approx(aux.item(), rel=1e-6) and result.aux_loss > 0
+    assert result.feature_calls == {"moe": 1}
+    for name, param in reference.named_parameters():
+        moved = before[name] - dict(model.named_parameters())[name].detach()
+        torch.testing.assert_close(moved, param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    loss(without_aux)(x, y).backward()
+    routers = [n for n, _ in reference.named_parameters() if "router" in n]
+    grads = dict(without_aux.named_parameters())
+    assert routers and all(
+        not torch.allclose(p.grad, grads[n].grad)
+        for n, p in reference.named_parameters()
+        if n in routers
+    )
+
+
+def test_torch_settings_apply_while_training_and_are_restored(tmp_path, corpus):
+    threads = torch.get_num_threads()
+    seen = []
+
+    def note(result):
+        seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+
+    trainer = two_step_trainer(tmp_path, corpus, "s", f"train.threads={threads + 1}")
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    trainer.eval_listeners.append(note)
+    trainer.train()
+    assert seen == [(threads + 1, True)]
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+
+    def fail(result):
+        raise RuntimeError("listener failed")
+
+    trainer = two_step_trainer(tmp_path, corpus, "f", f"train.threads={threads + 1}")
+    trainer.eval_listeners.append(fail)
+    with pytest.raises(RuntimeError, match="listener failed"):
+        trainer.train()
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_sigint_stops_after_the_step_saves_it_and_resumes_exactly(tmp_path, corpus, monkeypatch):
+    """A SIGINT that arrives inside step 5 only sets a flag: step 5 completes, is saved (not
+    a checkpoint interval), the previous handler is back, and the registry says interrupted."""
+    import os
+    import signal
+
+    from lmlab.train import registry
+    from lmlab.train.checkpoint import load_latest_checkpoint
+    from lmlab.train.trainer import Trainer
+
+    monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
+    settings = [
+        *TINY,
+        f"data.path={corpus}",
+        "data.seq_len=16",
+        "train.optimizer=muon",
+        "train.max_steps=8",
+        "train.checkpoint_interval=100",
+        f"out_dir={tmp_path}",
+    ]
+    assert main(["train", "--quiet", *settings, "name=whole"]) == 0
+    original = Trainer._step
+
+    def interrupted_inside_step_5(trainer):
+        if trainer.state.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(trainer)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_inside_step_5)
+    assert main(["train", "--quiet", *settings, "name=part"]) == 130
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert load_latest_checkpoint(tmp_path / "part").step == 5
+    status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}
+    assert status == {"whole": "finished", "part": "interrupted"}
+    assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
+    part = [r["loss"] for r in rows(tmp_path / "part") if r["kind"] == "train"]
+    assert part == [r["loss"] for r in rows(tmp_path / "whole") if r["kind"] == "train"]
+    status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}
+    assert status == {"whole": "finished", "part": "finished"}

@@ -5,11 +5,12 @@ test set is solved, and the probe files a run folder keeps (``probes.json``, ``p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -29,8 +30,10 @@ from lmlab.eval.probes import (
     scored_logits,
 )
 from lmlab.model.lm import LanguageModel
+from lmlab.train import registry
 from lmlab.train.optim import build_optimizers
 from lmlab.train.schedule import lr_multiplier
+from lmlab.train.step import TrainStep
 
 
 def train_probe(
@@ -47,7 +50,8 @@ def train_probe(
     evals_per_epoch: int = 16,
 ) -> dict:
     """Train a fresh model with AdamW (linear warmup over the first ``warmup`` fraction of the
-    steps, then cosine decay) for up to ``epochs`` passes over ``train``, evaluating
+    steps, then cosine decay; the Trainer's step, so auxiliary losses and the feature check
+    apply) for up to ``epochs`` passes over ``train``, evaluating
     ``evals_per_epoch`` times per epoch and stopping at the first evaluation where every test
     set is solved.
 
@@ -76,6 +80,11 @@ def train_probe(
     warmup_steps = int(warmup * total_steps)
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
     generator = torch.Generator().manual_seed(seed)
+    train_step = TrainStep(model, optimizers, grad_clip=1.0)
+
+    def scored_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(*scored_logits(model, x, y))
+
     best = dict.fromkeys(tests, 0.0)
     step, started = 0, time.perf_counter()
     model.train()
@@ -83,14 +92,13 @@ def train_probe(
         order = torch.randperm(len(train[0]), generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            loss = F.cross_entropy(*scored_logits(model, train[0][index], train[1][index]))
-            optimizers.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizers.set_lr_multiplier(
-                lr_multiplier("cosine", step, step / total_steps, warmup_steps, 0.0, 0.0)
+            batch = (train[0][index], train[1][index])
+            train_step(
+                step + 1,
+                lr_multiplier("cosine", step, step / total_steps, warmup_steps, 0.0, 0.0),
+                lambda _micro, batch=batch: batch,
+                scored_loss,
             )
-            optimizers.step()
             step += 1
             full = step % steps_per_epoch == 0 or step == total_steps
             if (full or step % eval_every == 0) and evaluate(model, tests, best, full):
@@ -153,25 +161,43 @@ def run_probe(
     train = task.generate(task.num_examples, task.seed)
     model_cfg = probe_model_config(config, task)
     sweep = []
-    for lr in lrs:
-        result = train_probe(
-            model_cfg,
-            train,
-            tests,
-            lr=lr,
-            epochs=epochs,
-            batch_size=batch_size,
-            warmup=warmup,
-            seed=task.seed,
-            evals_per_epoch=evals_per_epoch,
-        )
-        sweep.append(result)
-        log(format_result(result))
-    scores = {name: max(r["accuracy"][name] for r in sweep) for name in tests}
-    report = {"task": task.task, "scores": scores, "sweep": sweep}
-    if out is not None:
-        write_probe_files(out, task.name(), report)
+    with recorded_probe(out, task.name(), config) as record:
+        for lr in lrs:
+            result = train_probe(
+                model_cfg,
+                train,
+                tests,
+                lr=lr,
+                epochs=epochs,
+                batch_size=batch_size,
+                warmup=warmup,
+                seed=task.seed,
+                evals_per_epoch=evals_per_epoch,
+            )
+            sweep.append(result)
+            log(format_result(result))
+        scores = {name: max(r["accuracy"][name] for r in sweep) for name in tests}
+        report = {"task": task.task, "scores": scores, "sweep": sweep}
+        if out is not None:
+            write_probe_files(out, task.name(), report)
+        record["summary"] = {"train_seconds": sum(r["seconds"] for r in sweep)}
     return report
+
+
+@contextlib.contextmanager
+def recorded_probe(out: Path | None, name: str, config: Config) -> Iterator[dict]:
+    """Index a probe sweep written to ``out`` in the run registry of the folder holding ``out``
+    (as a run in it would be), from start to end; nothing without ``out``. Its row is keyed by
+    the sweep's table ``probe-<name>.md``, not by ``out``: ``out`` is often a trained run whose
+    own row (status, results) must stay as it is."""
+    if out is None:
+        yield {}
+        return
+    location = registry.run_registry(out.resolve().parent)
+    with registry.recording(
+        out / f"probe-{name}.md", location, config, arm=f"probe:{name}"
+    ) as record:
+        yield record
 
 
 def parse_list(text: str, kind: type, option: str) -> list:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,18 +197,6 @@ def error_line(exc: BaseException) -> str:
     return detail if isinstance(exc, LmlabError) else f"{type(exc).__name__}: {detail}"
 
 
-@contextlib.contextmanager
-def torch_settings_restored() -> Iterator[None]:
-    """Restore torch's process-wide settings that a run may change (threads, deterministic
-    algorithms), so one run's settings never slow down or alter the next run in this process."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-
-
 def model_skeleton(model: ModelConfig) -> LanguageModel:
     """The model of ``model`` built on the meta device (no memory, no time) to count its
     parameters and FLOPs; a layer that computes values while constructed is built for real."""
@@ -284,16 +272,18 @@ def _threads_override(spec: RunSpec) -> list[str]:
     return [f"train.threads={spec.config.train.threads}"]
 
 
-def _train_in_process(runset: RunSet, spec: RunSpec, how: str, show_progress: bool) -> None:
-    """Train one run here (torch's settings restored afterwards); a crash is written to its log
+def _train_in_process(
+    runset: RunSet, spec: RunSpec, how: str, show_progress: bool, registry_file: Path
+) -> None:
+    """Train one run here, recording itself in ``registry_file``; a crash is written to its log
     and re-raised for the caller."""
     try:
-        with torch_settings_restored():
-            if how == "resumed":
-                trainer = resume_trainer(str(spec.run_dir), _threads_override(spec), show_progress)
-            else:
-                trainer = new_trainer(copy.deepcopy(spec.config), spec.arm.name, show_progress)
-            trainer.train()
+        if how == "resumed":
+            trainer = resume_trainer(str(spec.run_dir), _threads_override(spec), show_progress)
+        else:
+            trainer = new_trainer(copy.deepcopy(spec.config), spec.arm.name, show_progress)
+        trainer.registry = registry_file
+        trainer.train()
     except Exception:
         log = _log_path(runset, spec)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -315,9 +305,14 @@ def _last_line(path: Path) -> str:
 
 
 def _run_parallel(
-    runset: RunSet, todo: list[tuple[RunSpec, str]], report: Callable[[Outcome], None]
+    runset: RunSet,
+    todo: list[tuple[RunSpec, str]],
+    report: Callable[[Outcome], None],
+    registry_file: Path,
 ) -> list[Outcome]:
-    """Train in ``runset.parallel`` child processes at once (each ``lmlab train``)."""
+    """Train in ``runset.parallel`` child processes at once (each ``lmlab train``, recording
+    itself in ``registry_file``)."""
+    env = {**os.environ, registry.REGISTRY_ENV: str(registry_file)}
     pending = list(todo)
     running: dict[subprocess.Popen, tuple[RunSpec, str, float]] = {}
     outcomes = []
@@ -332,6 +327,7 @@ def _run_parallel(
                         _subprocess_command(runset, spec, how),
                         stdout=stream,
                         stderr=subprocess.STDOUT,
+                        env=env,
                         start_new_session=True,
                     )
                 running[process] = (spec, how, time.perf_counter())
@@ -356,6 +352,7 @@ def _run_parallel(
 def _execute(
     runset: RunSet, show_progress: bool, registry_location: str | Path | None
 ) -> list[Outcome]:
+    registry_file = registry.registry_path(registry_location).resolve()
     todo = [(spec, _how(spec)) for spec in runset.runs]
     total = len(todo)
     done = [Outcome(spec, how) for spec, how in todo if how == "reused"]
@@ -375,13 +372,13 @@ def _execute(
     if runset.parallel:
         for spec, how in todo:
             print(f"{spec.key}: {how} run in {spec.run_dir}", file=sys.stderr)
-        return done + _run_parallel(runset, todo, report)
+        return done + _run_parallel(runset, todo, report, registry_file)
     for index, (spec, how) in enumerate(todo, start=len(done) + 1):
         print(f"[{index}/{total}] {spec.key}: {how} run in {spec.run_dir}", file=sys.stderr)
         started = time.perf_counter()
         error = None
         try:
-            _train_in_process(runset, spec, how, show_progress)
+            _train_in_process(runset, spec, how, show_progress, registry_file)
         except Exception as exc:
             error = error_line(exc)
         outcome = Outcome(spec, how, error, time.perf_counter() - started)

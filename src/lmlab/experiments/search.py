@@ -40,7 +40,6 @@ from lmlab.experiments.runset import (
     build_arm,
     error_line,
     parse_budget,
-    torch_settings_restored,
 )
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
@@ -287,8 +286,7 @@ def _train_trial(
     plan: SearchPlan, config: Config, trial, show_progress: bool, registry_location
 ) -> float:
     """Train a trial's run folder, reporting each evaluation to the pruner (never the final one
-    of a token budget); record the run in the registry however it ends. Torch's process-wide
-    settings are restored for the next trial."""
+    of a token budget); record the run in the registry however it ends."""
     import optuna
 
     def report(result: dict) -> None:
@@ -302,10 +300,10 @@ def _train_trial(
     trial.set_user_attr("run", str(run_dir))
     status, summary = "failed", None
     try:
-        with torch_settings_restored():
-            trainer = new_trainer(config, config.name, show_progress)
-            trainer.eval_listeners.append(report)
-            summary = trainer.train()
+        trainer = new_trainer(config, config.name, show_progress)
+        trainer.registry = registry.registry_path(registry_location)
+        trainer.eval_listeners.append(report)
+        summary = trainer.train()
         status = "finished"
         return summary[FINAL_METRIC]
     except optuna.TrialPruned:

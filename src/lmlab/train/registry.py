@@ -117,6 +117,13 @@ def registry_path(location: str | Path | None = None) -> Path:
     return chosen / DEFAULT_REGISTRY.name if chosen.is_dir() else chosen
 
 
+def run_registry(out_dir: str | Path) -> Path:
+    """Where a run in ``out_dir`` records itself: ``$LMLAB_REGISTRY`` when set (how compare,
+    scale and search share theirs with the runs they start), else ``out_dir/registry.sqlite``,
+    which ``lmlab runs`` reads for the default ``out_dir``."""
+    return registry_path(os.environ.get(REGISTRY_ENV) or Path(out_dir) / DEFAULT_REGISTRY.name)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
@@ -201,6 +208,29 @@ def run_row(
 def record_runs(rows: list[dict[str, Any]], location: str | Path | None = None) -> bool:
     """Record runs (rows from :func:`run_row`); never raises, warns instead."""
     return _write(registry_path(location), "runs", rows)
+
+
+@contextlib.contextmanager
+def recording(
+    run_dir: str | Path, location: str | Path | None, config: Config, **fields: Any
+) -> Iterator[dict]:
+    """Record a run as ``running`` while the block runs, then as ``finished``, ``interrupted``
+    (KeyboardInterrupt) or ``failed`` however it ends, with the summary the block puts in the
+    yielded dict under ``summary``; ``fields`` as :func:`run_row`."""
+    result: dict = {}
+    record_runs([run_row(run_dir, status="running", config=config, **fields)], location)
+    status = "failed"
+    try:
+        yield result
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        row = run_row(
+            run_dir, status=status, config=config, summary=result.get("summary"), **fields
+        )
+        record_runs([row], location)
 
 
 def record_compare(

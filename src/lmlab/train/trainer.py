@@ -3,22 +3,27 @@
 Exact resume rests on one rule: everything a step consumes is a function of the step number
 (the batch is drawn from a generator seeded by ``(seed, step)``, the learning rate from the
 schedule at that step), and everything a step changes (weights, optimiser moments, RNG, the
-carried recurrent state) is in the checkpoint. A resumed run therefore replays the same steps.
+carried recurrent state) is in the checkpoint, which is only written between steps (Ctrl-C
+included). A resumed run therefore replays the same steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, TrainConfig
 from lmlab.data.dataset import random_batch, sequential_batch, stream_length
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.data.tokens import TokenData
@@ -27,6 +32,7 @@ from lmlab.eval.evaluate import evaluate
 from lmlab.layers.base import TokenMixer
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
+from lmlab.train import registry
 from lmlab.train.checkpoint import (
     Checkpoint,
     atomic_write_json,
@@ -39,6 +45,7 @@ from lmlab.train.metrics import MetricsLog, Progress
 from lmlab.train.optim import build_optimizers
 from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, RunHold, load_weights, run_origin
 from lmlab.train.schedule import lr_multiplier
+from lmlab.train.step import Batch, StepResult, TrainStep
 
 
 @dataclass
@@ -95,14 +102,101 @@ def refuse_growing_caches(model: nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def torch_settings(train: TrainConfig) -> Iterator[None]:
+    """Apply a run's process-wide torch settings (threads, deterministic algorithms) while it
+    trains and restore the caller's afterwards, so one run never slows down or alters the next
+    one (or the caller's own work) in this process."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        if train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training only set :attr:`requested`; the loop reads it
+    between steps, saves and raises KeyboardInterrupt. Interrupting inside a step could save an
+    optimiser state from the middle of ``optimizer.step()`` (Muon's momentum updated for some
+    parameters only), and the resumed run would then differ. A second signal raises at once,
+    without saving, for a user who cannot wait for the step to end."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers while training, the previous ones afterwards (only the main thread may
+        install handlers, and only it receives signals)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@dataclass
+class CarriedState:
+    """Truncated BPTT's memory across steps, in one place: the offset every batch row has
+    reached in its stream and the recurrent state carried from the previous segment."""
+
+    position: int = 0
+    state: ModelState | None = None
+
+    def segment(self, tokens: np.ndarray, batch_size: int, seq_len: int) -> Batch:
+        """The next ``seq_len`` tokens of every row; at the end of the streams every row wraps
+        to its start and the state, which belongs to the old text, is forgotten."""
+        if self.position + seq_len + 1 > stream_length(len(tokens), batch_size, seq_len):
+            self.position, self.state = 0, None
+        x, y = sequential_batch(tokens, self.position, batch_size, seq_len)
+        self.position += seq_len
+        return x, y
+
+    def forward(self, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` continuing the carried state, whose graph is then cut."""
+        logits, state = forward(x, self.state)
+        self.state = state.detach()
+        return logits
+
+    def checkpoint(self) -> dict:
+        saved: dict = {"stream_position": self.position}
+        if self.state is not None:
+            saved["carried_state"] = vars(self.state)
+        return saved
+
+    @classmethod
+    def restored(cls, saved: dict) -> CarriedState:
+        state = saved.get("carried_state")
+        return cls(
+            saved.get("stream_position", 0),
+            None if state is None else ModelState(state["layers"], state["position"]),
+        )
+
+
 @dataclass
 class TrainerState:
-    """What the loop needs besides weights and optimiser state to continue exactly."""
+    """What the loop needs besides weights, optimiser state and the carried state to continue
+    exactly."""
 
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
-    stream_position: int = 0
     best_val_loss: float = math.inf
     last_eval: dict = field(default_factory=dict)
 
@@ -127,10 +221,6 @@ class Trainer:
         self.data = data
         self.tokenizer = tokenizer
         train = config.train
-        if train.threads:
-            torch.set_num_threads(train.threads)
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.device = pick_device(train.device)
         self.precision = resolve_precision(train.precision, self.device)
         torch.manual_seed(train.seed)
@@ -140,10 +230,11 @@ class Trainer:
             refuse_growing_caches(self.model)
         self.optimizers = build_optimizers(self.model, train, self.device)
         self.state = TrainerState()
-        self.carried: ModelState | None = None
+        self.carried = CarriedState() if train.tbptt else None
         if resume_from is not None:
             self._restore(resume_from)
         self.forward = torch.compile(self.model) if train.compile else self.model
+        self.train_step = TrainStep(self.model, self.optimizers, train.grad_accum, train.grad_clip)
         self.budget = budget_for(config)
         self.metrics = MetricsLog(
             run_dir / METRICS_FILE,
@@ -152,8 +243,10 @@ class Trainer:
         )
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
-        self.feature_totals = self.model.feature_counters()
-        self.features_checked = False
+        self.stop = StopRequest()
+        self.registry = registry.run_registry(run_dir.parent)
+        """The run registry this run records itself in (compare, scale and search point it at
+        theirs)."""
         self.eval_listeners: list[Callable[[dict], None]] = []
         """Called with each evaluation's result (step, tokens, loss, bits_per_byte, ...) after
         it is logged; an exception raised there stops training (e.g. a search pruning a trial)."""
@@ -168,51 +261,32 @@ class Trainer:
                 f"{self.config.train.optimizer} ({exc}); resume with the original optimizer"
             ) from None
         saved = dict(checkpoint.trainer)
-        carried = saved.pop("carried_state", None)
         saved.pop("origin", None)
+        carried = {
+            key: saved.pop(key) for key in ("stream_position", "carried_state") if key in saved
+        }
         self.state = TrainerState(**saved)
-        if carried is not None:
-            self.carried = ModelState(carried["layers"], carried["position"])
+        if self.carried is not None:
+            self.carried = CarriedState.restored(carried)
         restore_rng_state(checkpoint.rng)
 
-    def _batch(self, step: int, micro: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, step: int, micro: int, seq_len: int) -> Batch:
         train = self.config.train
-        if train.tbptt:
-            stream = stream_length(len(self.data.train), train.batch_size, seq_len)
-            if self.state.stream_position + seq_len + 1 > stream:
-                self.state.stream_position = 0  # every row wraps to its start: forget the state
-                self.carried = None
-            x, y = sequential_batch(
-                self.data.train, self.state.stream_position, train.batch_size, seq_len
-            )
-            self.state.stream_position += seq_len
+        if self.carried is not None:
+            x, y = self.carried.segment(self.data.train, train.batch_size, seq_len)
         else:
             index = step * train.grad_accum + micro
             x, y = random_batch(self.data.train, index, train.batch_size, seq_len, train.seed)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next-token cross-entropy and the model's auxiliary loss (None if it has none)."""
-        state = self.carried if self.config.train.tbptt else None
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy (the shared step adds the model's auxiliary loss)."""
         with autocast(self.device, self.precision):
-            logits, new_state = self.forward(x, state)
-        if self.config.train.tbptt:
-            self.carried = new_state.detach()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        return loss, self.model.auxiliary_loss()
-
-    def _layer_grad_norms(self) -> list[float]:
-        norms = []
-        for block in self.model.blocks:
-            grads = [p.grad for p in block.parameters() if p.grad is not None]
-            norms.append(
-                torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                ).item()
-                if grads
-                else 0.0
-            )
-        return norms
+            if self.carried is not None:
+                logits = self.carried.forward(self.forward, x)
+            else:
+                logits, _ = self.forward(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     def evaluate(self) -> dict[str, float]:
         train = self.config.train
@@ -229,7 +303,7 @@ class Trainer:
     def save(self) -> Path:
         trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
         if self.carried is not None:
-            trainer_state["carried_state"] = vars(self.carried)
+            trainer_state.update(self.carried.checkpoint())
         return save_checkpoint(
             self.run_dir,
             self.state.step,
@@ -241,34 +315,76 @@ class Trainer:
         )
 
     def train(self) -> dict:
-        """Run until the budget is spent; returns the summary (also written to summary.json)."""
+        """Run until the budget is spent; returns the summary (also written to summary.json).
+
+        Torch's process-wide settings apply only meanwhile. SIGINT or SIGTERM stops training
+        after the current step: that step is saved, then KeyboardInterrupt is raised, and
+        ``lmlab train --resume`` continues exactly. The run is recorded in the run registry
+        when it starts and however it ends."""
+        with registry.recording(self.run_dir, self.registry, self.config) as record:
+            try:
+                with torch_settings(self.config.train), self.stop.installed():
+                    self._loop()
+                record["summary"] = self._write_summary()  # while the run folder is held
+            finally:
+                self.progress.close()
+                self.metrics.close()
+                if self.hold is not None:
+                    self.hold.release()
+        return record["summary"]
+
+    def _loop(self) -> None:
         train, budget, state = self.config.train, self.budget, self.state
         self.model.train()
-        try:
-            while not budget.done(state.step, state.elapsed):
-                self._step()
-                last = budget.done(state.step, state.elapsed)
-                if state.step % train.eval_interval == 0 or last:
-                    self._evaluate_now()
-                if state.step % train.checkpoint_interval == 0 or last:
-                    self.save()
-            if not state.last_eval or state.last_eval.get("step") != state.step:
-                self._evaluate_now()  # a resumed run whose budget was already spent
+        while not budget.done(state.step, state.elapsed):
+            if self.stop.requested:
                 self.save()
-            return self._write_summary()
-        except KeyboardInterrupt:
+                raise KeyboardInterrupt
+            self._step()
+            last = budget.done(state.step, state.elapsed)
+            if state.step % train.eval_interval == 0 or last:
+                self._evaluate_now()
+            if state.step % train.checkpoint_interval == 0 or last:
+                self.save()
+        if not state.last_eval or state.last_eval.get("step") != state.step:
+            self._evaluate_now()  # a resumed run whose budget was already spent
             self.save()
-            raise
-        finally:
-            self.progress.close()
-            self.metrics.close()
-            if self.hold is not None:
-                self.hold.release()
 
     def _step(self) -> None:
+        """One optimiser step at the schedule's rate, then its metrics row."""
         train, state = self.config.train, self.state
         seq_len = seq_len_at(self.config, state.step)
-        multiplier = lr_multiplier(
+        started = time.perf_counter()
+        result = self.train_step(
+            state.step + 1,
+            self._lr_multiplier(),
+            lambda micro: self._batch(state.step, micro, seq_len),
+            self._loss,
+        )
+        if not math.isfinite(result.loss):
+            raise LmlabError(
+                f"loss became {result.loss} at step {state.step}; lower train.lr or raise "
+                "train.warmup_steps, then resume from the last checkpoint"
+            )
+        step_time = time.perf_counter() - started
+        tokens = train.batch_size * train.grad_accum * seq_len
+        state.step += 1
+        state.tokens += tokens
+        state.elapsed += step_time
+        row = self._metrics_row(result, seq_len, tokens, step_time)
+        self.metrics.write(row)
+        self.progress.update(
+            state.step,
+            self.budget,
+            state.elapsed,
+            result.loss,
+            row["tokens_per_s"],
+            state.last_eval.get("loss"),
+        )
+
+    def _lr_multiplier(self) -> float:
+        train, state = self.config.train, self.state
+        return lr_multiplier(
             train.schedule,
             state.step,
             self.budget.progress(state.step, state.elapsed),
@@ -276,80 +392,34 @@ class Trainer:
             train.min_lr_ratio,
             train.decay_fraction,
         )
-        self.optimizers.set_lr_multiplier(multiplier)
-        started = time.perf_counter()
-        data_time = compute_time = 0.0
-        loss_sum = aux_sum = 0.0
-        for micro in range(train.grad_accum):
-            t0 = time.perf_counter()
-            x, y = self._batch(state.step, micro, seq_len)
-            t1 = time.perf_counter()
-            loss, aux = self._loss(x, y)
-            total = loss if aux is None else loss + aux
-            (total / train.grad_accum).backward()
-            loss_sum += loss.item()
-            aux_sum += 0.0 if aux is None else aux.item()
-            data_time += t1 - t0
-            compute_time += time.perf_counter() - t1
-        loss_value = loss_sum / train.grad_accum
-        if not math.isfinite(loss_value):
-            raise LmlabError(
-                f"loss became {loss_value} at step {state.step}; lower train.lr or raise "
-                "train.warmup_steps, then resume from the last checkpoint"
-            )
-        t2 = time.perf_counter()
-        layer_norms = self._layer_grad_norms()
-        clip = train.grad_clip if train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        self.optimizers.step()
-        self.optimizers.zero_grad()
-        optim_time = time.perf_counter() - t2
-        step_time = time.perf_counter() - started
-        tokens = train.batch_size * train.grad_accum * seq_len
-        state.step += 1
-        state.tokens += tokens
-        state.elapsed += step_time
+
+    def _metrics_row(self, result: StepResult, seq_len: int, tokens: int, step_time: float) -> dict:
+        """The ``train`` row of the step just taken (the model's statistics since the last
+        row included)."""
         row = {
             "kind": "train",
-            "step": state.step,
-            "tokens": state.tokens,
-            "loss": loss_value,
-            "aux_loss": aux_sum / train.grad_accum,
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loss": result.loss,
+            "aux_loss": result.aux_loss,
             "lr": self.optimizers.learning_rates(),
-            "grad_norm": grad_norm,
-            "grad_norm_layers": layer_norms,
+            "grad_norm": result.grad_norm,
+            "grad_norm_layers": result.grad_norm_layers,
             "seq_len": seq_len,
             "tokens_per_s": tokens / step_time,
             "step_ms": 1000 * step_time,
             "time_ms": {
-                "data": 1000 * data_time,
-                "forward_backward": 1000 * compute_time,
-                "optimizer": 1000 * optim_time,
+                "data": 1000 * result.data_s,
+                "forward_backward": 1000 * result.forward_backward_s,
+                "optimizer": 1000 * result.optimizer_s,
             },
             "peak_memory_mb": peak_memory_bytes(self.device) / 2**20,
         }
         statistics = self.model.pop_statistics()
         if statistics:
             row["statistics"] = statistics
-        totals = self.model.feature_counters()
-        row["feature_calls"] = {k: v - self.feature_totals.get(k, 0) for k, v in totals.items()}
-        self.feature_totals = totals
-        idle = sorted(name for name, calls in row["feature_calls"].items() if calls == 0)
-        if idle and not self.features_checked:
-            raise LmlabError(
-                f"feature(s) {', '.join(idle)} switched on but never ran in step {state.step}; "
-                "check the config (e.g. a pattern or capacity that skips every layer)"
-            )
-        self.features_checked = True
-        self.metrics.write(row)
-        self.progress.update(
-            state.step,
-            self.budget,
-            state.elapsed,
-            loss_value,
-            row["tokens_per_s"],
-            self.state.last_eval.get("loss"),
-        )
+        row["feature_calls"] = result.feature_calls
+        return row
 
     def _evaluate_now(self) -> None:
         started = time.perf_counter()
