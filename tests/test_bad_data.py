@@ -1,4 +1,4 @@
-"""Bad data files through ``lmlab train``: one line on stderr, exit 2, no traceback, and no run
+"""Bad data files through ``lmlab train``: one error line, exit 2, no traceback, and no run
 folder left behind (the failure happens before training, so nothing is worth keeping)."""
 
 from __future__ import annotations
@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import expect_one_error, tiny_run_args
 
-from lmlab.cli import main
 from lmlab.data.shards import write_shards
 from lmlab.data.tokenizers import train_tokenizer
 from lmlab.data.tokens import TokenData
-
-TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32"]
 
 
 def _shards(root: Path, damage: str) -> Path:
@@ -73,19 +71,6 @@ def test_bad_data_is_one_line(tmp_path, capsys, kind):
     expected, make = CASES[kind]
     source = make(tmp_path, kind)
     runs = tmp_path / "runs"
-    code = main(
-        [
-            "train",
-            "--quiet",
-            *TINY,
-            f"data.path={source}",
-            f"out_dir={runs}",
-            "name=r",
-            "train.max_steps=1",
-            "train.max_time=0",
-        ]
-    )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    argv = tiny_run_args(source, runs, "r", "train.max_steps=1")
+    expect_one_error(capsys, argv, expected)
     assert not (runs / "r").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from run_settings import TINY_RUN
+from conftest import TINY_RUN, train_losses
 from torch import nn
 
 from lmlab.train.checkpoint import (
@@ -407,12 +407,6 @@ def logged_lines(run_dir: Path) -> int:
     """Complete lines in a run's metrics (a line being written is not counted)."""
     path = run_dir / "metrics.jsonl"
     return path.read_bytes().count(b"\n") if path.is_file() else 0
-
-
-def train_losses(run_dir: Path) -> list[float]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [row["loss"] for row in map(json.loads, lines) if row["kind"] == "train"]
 
 
 def test_sigint_at_random_moments_then_resume_matches_uninterrupted(tmp_path, corpus):

@@ -12,37 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import expect_one_error, metrics_rows, tiny_run_args, train_losses
 
 from lmlab.cli import build_parser, main, parse_args
 from lmlab.train.trainer import Trainer
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.max_time=0",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-]
-
 
 def train_args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--quiet",
-        *TINY,
-        f"data.path={corpus}",
-        f"out_dir={tmp_path / 'runs'}",
-        f"name={name}",
-        *extra,
-    ]
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return tiny_run_args(corpus, tmp_path / "runs", name, *extra)
 
 
 def test_train_eval_generate(tmp_path, corpus, capsys):
@@ -54,14 +31,13 @@ def test_train_eval_generate(tmp_path, corpus, capsys):
         assert (run / item).exists(), item
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["kind"] == "train"]
+    train_rows = metrics_rows(run)
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     first = train_rows[0]
     assert len(first["grad_norm_layers"]) == 2
     assert set(first["time_ms"]) == {"data", "forward_backward", "optimizer"}
     assert first["tokens_per_s"] > 0 and first["peak_memory_mb"] > 0
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [5, 10, 12]
+    assert [r["step"] for r in metrics_rows(run, "eval")] == [5, 10, 12]
     capsys.readouterr()
     assert main(["eval", str(run), "--batches", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -72,7 +48,7 @@ def test_train_eval_generate(tmp_path, corpus, capsys):
 
 def test_token_budget_sets_the_number_of_steps(tmp_path, corpus):
     assert main(train_args(tmp_path, corpus, "t", "train.max_tokens=1000")) == 0
-    assert len(losses(tmp_path / "runs" / "t")) == 8  # ceil(1000 / (4 * 32))
+    assert len(train_losses(tmp_path / "runs" / "t")) == 8  # ceil(1000 / (4 * 32))
 
 
 def test_muon_and_wsd_train(tmp_path, corpus):
@@ -86,7 +62,7 @@ def test_muon_and_wsd_train(tmp_path, corpus):
         "train.grad_accum=2",
     )
     assert main(args) == 0
-    values = losses(tmp_path / "runs" / "m")
+    values = train_losses(tmp_path / "runs" / "m")
     assert len(values) == 6 and all(v == v for v in values.values())
 
 
@@ -109,9 +85,9 @@ def test_interrupt_then_resume_continues_exactly(tmp_path, corpus, monkeypatch):
     assert main(train_args(tmp_path, corpus, "part", *common)) == 130
     monkeypatch.setattr(Trainer, "_step", original_step)
     part = tmp_path / "runs" / "part"
-    assert len(losses(part)) == 10
+    assert len(train_losses(part)) == 10
     assert main(["train", "--quiet", "--resume", str(part)]) == 0
-    assert losses(part) == losses(tmp_path / "runs" / "whole")
+    assert train_losses(part) == train_losses(tmp_path / "runs" / "whole")
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, corpus):
@@ -127,10 +103,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, corpus):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = len(losses(tmp_path / "runs" / "killed"))
+    killed_at = len(train_losses(tmp_path / "runs" / "killed"))
     assert 10 < killed_at < 40, "the kill must land mid-run"
     assert main(["train", "--quiet", "--resume", str(tmp_path / "runs" / "killed")]) == 0
-    assert losses(tmp_path / "runs" / "killed") == losses(tmp_path / "runs" / "whole")
+    assert train_losses(tmp_path / "runs" / "killed") == train_losses(tmp_path / "runs" / "whole")
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, corpus, capsys):
@@ -147,29 +123,23 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, corpus, capsys):
     assert len([line for line in captured.err.splitlines() if "corrupt" in line]) == 1
 
 
-def expect_error(capsys, argv: list[str], fragment: str) -> None:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert fragment in err, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-
-
 def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
     out = f"out_dir={tmp_path / 'runs'}"
-    expect_error(capsys, ["train", "data.path=/nonexistent/x.txt", out], "does not exist")
+    expect_one_error(capsys, ["train", "data.path=/nonexistent/x.txt", out], "does not exist")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    expect_error(capsys, ["train", f"data.path={empty}", out], "empty")
+    expect_one_error(capsys, ["train", f"data.path={empty}", out], "empty")
     binary = tmp_path / "latin1.txt"
     binary.write_bytes("caf\xe9 au lait".encode("latin-1") * 100)
-    expect_error(capsys, ["train", f"data.path={binary}", out], "UTF-8")
-    expect_error(capsys, ["train", "--preset", "nope", out], "unknown preset")
-    expect_error(capsys, ["train", "model.d_model=100", "model.n_heads=3", out], "not divisible")
-    expect_error(capsys, ["train", "train.lr=-0.1", out], "must be positive")
-    expect_error(capsys, ["train", "model.widht=3", out], "unknown config key")
-    expect_error(capsys, ["eval", str(tmp_path)], "not an lmlab run")
-    expect_error(capsys, ["generate", str(tmp_path / "missing")], "does not exist")
+    expect_one_error(capsys, ["train", f"data.path={binary}", out], "UTF-8")
+    expect_one_error(capsys, ["train", "--preset", "nope", out], "unknown preset")
+    expect_one_error(
+        capsys, ["train", "model.d_model=100", "model.n_heads=3", out], "not divisible"
+    )
+    expect_one_error(capsys, ["train", "train.lr=-0.1", out], "must be positive")
+    expect_one_error(capsys, ["train", "model.widht=3", out], "unknown config key")
+    expect_one_error(capsys, ["eval", str(tmp_path)], "not an lmlab run")
+    expect_one_error(capsys, ["generate", str(tmp_path / "missing")], "does not exist")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -177,9 +147,9 @@ def test_resume_rejects_incompatible_changes(tmp_path, corpus, capsys):
     assert main(train_args(tmp_path, corpus, "r", "train.max_steps=2")) == 0
     run = tmp_path / "runs" / "r"
     before = (run / "config.yaml").read_text()
-    expect_error(capsys, ["train", "--resume", str(run), "model.d_model=64"], "cannot change")
+    expect_one_error(capsys, ["train", "--resume", str(run), "model.d_model=64"], "cannot change")
     assert (run / "config.yaml").read_text() == before
-    expect_error(
+    expect_one_error(
         capsys,
         ["train", str(run / "config.yaml"), f"out_dir={tmp_path / 'runs'}", "name=r"],
         "already exists",
@@ -233,11 +203,11 @@ def test_overrides_after_options_reach_each_command(tmp_path, capsys):
     """On gpt-tiny (d_model 192, 4 heads) d_model=100 alone and n_heads=3 alone are valid and
     together not, so each error proves that the override after an option was read."""
     pair = ["model.d_model=100", "--quiet", "model.n_heads=3"]
-    expect_error(capsys, ["train", *pair, f"out_dir={tmp_path / 'runs'}"], "not divisible")
-    expect_error(capsys, ["info", "model.d_model=100", "model.n_heads=3"], "not divisible")
+    expect_one_error(capsys, ["train", *pair, f"out_dir={tmp_path / 'runs'}"], "not divisible")
+    expect_one_error(capsys, ["info", "model.d_model=100", "model.n_heads=3"], "not divisible")
     probe = ["probe", "gpt-tiny", "model.d_model=100", "--task", "mqar", "model.n_heads=3"]
-    expect_error(capsys, probe, "not divisible")
+    expect_one_error(capsys, probe, "not divisible")
     compare = ["compare", "gpt-tiny", "--variant", "train.lr=1e-2", "--budget", "tokens=4k", *pair]
-    expect_error(capsys, compare, "not divisible")
-    expect_error(capsys, ["probe", "--task", "mqar"], "give a config")
-    expect_error(capsys, ["info", "gpt-tiny", "other"], "unexpected argument 'other'")
+    expect_one_error(capsys, compare, "not divisible")
+    expect_one_error(capsys, ["probe", "--task", "mqar"], "give a config")
+    expect_one_error(capsys, ["info", "gpt-tiny", "other"], "unexpected argument 'other'")

@@ -7,24 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN
 
 from lmlab.cli import COMMANDS, main
 from lmlab.errors import ParamError
 from lmlab.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, import_builtin_layers
 from lmlab.train.run import load_trained_model
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.max_steps=2",
-    "train.max_time=0",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-    "train.threads=1",
-]
+TINY = [*TINY_RUN, "model.n_layers=1", "train.max_steps=2", "train.eval_batches=1"]
 ARMS = ["gpt-tiny", "--variant", "model.d_model=32", "--budget", "tokens=4k"]
 SCALE = ["gpt-tiny", "--sizes", "d_model=32,48", "--tokens", "2k,4k"]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RUN, metrics_rows
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -17,16 +18,8 @@ from lmlab.experiments.runset import curve_area, parse_budget, read_probes
 from lmlab.train import registry
 from lmlab.train.trainer import Trainer
 
-TINY = [
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=8",
-    "train.eval_batches=2",
-    "train.warmup_steps=5",
-    "train.threads=1",
-]
+TINY = [*TINY_RUN, "model.d_model=16", "model.n_layers=1", "train.batch_size=8"]
+"""Wider batches than the shared tiny run: the budgets below are counted in these steps."""
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +46,7 @@ def results_of(tmp_path: Path) -> dict:
 
 
 def steps_of(run: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if r["kind"] == "train"]
+    return [row["step"] for row in metrics_rows(run)]
 
 
 def test_parse_budget():

@@ -4,10 +4,10 @@ checkpointing (side records counted once), and the Muon/AdamW parameter split.""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
+from conftest import metrics_rows, train_losses
 from torch import nn
 
 from lmlab.cli import main
@@ -157,11 +157,11 @@ def test_mod_flops_count_the_routed_share_of_tokens_and_context():
     )
 
 
-def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(tmp_path, monkeypatch):
+def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(
+    tmp_path, corpus, monkeypatch
+):
     from lmlab.train.trainer import Trainer
 
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps.\n" for i in range(400)))
     settings = [
         "model.d_model=32",
         "model.n_layers=2",
@@ -197,12 +197,8 @@ def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(tmp_pat
     monkeypatch.setattr(Trainer, "_step", original)
     assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
 
-    def train_rows(name):
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["kind"] == "train"]
-
-    whole = train_rows("whole")
-    assert [r["loss"] for r in train_rows("part")] == [r["loss"] for r in whole]
+    whole = metrics_rows(tmp_path / "whole")
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "whole")
     first = whole[0]
     assert first["feature_calls"] == {"moe": 1, "sliding_window": 1, "mixture_of_depths": 64}
     assert first["statistics"]["blocks.1.router"]["routed_fraction"] == 0.5

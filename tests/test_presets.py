@@ -3,10 +3,8 @@ optional features proven to run (integrity counters, carried state, curriculum, 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from conftest import metrics_rows
 
 from lmlab.cli import main
 from lmlab.config.load import build_config, preset_names
@@ -35,13 +33,6 @@ SHRINK = [
 """Overrides that keep every preset's structure (layers, mixers, features) at a tiny size."""
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps.\n" for i in range(600)))
-    return path
-
-
 def test_presets_are_listed_with_a_description(capsys):
     assert preset_names() == SHIPPED
     assert main(["presets"]) == 0
@@ -61,8 +52,7 @@ def test_preset_trains_two_steps_with_its_features_running(name, tmp_path, corpu
     config = build_config(name, [*shrink, f"data.path={corpus}", f"out_dir={tmp_path}", "name=r"])
     trainer = new_trainer(config, name, show_progress=False)
     trainer.train()
-    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
-    steps = [row for row in map(json.loads, lines) if row["kind"] == "train"]
+    steps = metrics_rows(trainer.run_dir)
     assert len(steps) == 2
     calls = steps[0]["feature_calls"]
     assert FEATURES.get(name, set()) <= set(calls)

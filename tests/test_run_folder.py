@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN, expect_one_error, tiny_run_args, train_losses, write_corpus
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
@@ -25,42 +26,19 @@ from lmlab.train.metrics import MetricsLog, read_metrics
 from lmlab.train.run import LOCK_FILE, RunHold
 from lmlab.train.trainer import Trainer
 
-TINY = [
-    "model.d_model=16",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=16",
-    "train.batch_size=2",
-    "train.max_time=0",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-    "train.threads=1",
-    "train.precision=fp32",
-]
-
-
-def write_corpus(path: Path, extra: str = "") -> Path:
-    path.write_text("".join(f"line {i}: the quick brown fox{extra}.\n" for i in range(300)))
-    return path
+TINY = [*TINY_RUN, "model.d_model=16", "model.n_layers=1", "data.seq_len=16", "train.batch_size=2"]
+"""Smaller than the shared tiny run: these tests train many runs of a few steps."""
 
 
 def train_argv(corpus: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--quiet",
-        *TINY,
-        f"data.path={corpus}",
-        f"out_dir={out}",
-        f"name={name}",
-        *extra,
-    ]
+    return tiny_run_args(corpus, out, name, *TINY[len(TINY_RUN) :], *extra)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4 (tests work on copies)."""
     root = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(root / "text.txt")
+    corpus = write_corpus(root / "text")
     argv = train_argv(corpus, root / "runs", "base", "train.max_steps=4")
     assert main([*argv, "train.checkpoint_interval=2", "train.eval_interval=2"]) == 0
     return root / "runs" / "base"
@@ -81,32 +59,15 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
-def one_error_line(capsys, argv: list[str], fragment: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == lines[-1:] and "Traceback" not in "".join(lines), lines
-    assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-def train_steps(run: Path) -> list[int]:
-    return [row["step"] for row in read_metrics(run / "metrics.jsonl") if row["kind"] == "train"]
-
-
-# ---------------------------------------------------------------- 1: one writer per run folder
-
-
 def test_a_second_writer_is_refused_with_the_holders_pid(run, capsys):
     before = snapshot(run)
     hold = RunHold(run)
-    err = one_error_line(capsys, ["train", "--resume", str(run)], f"pid {os.getpid()}")
+    err = expect_one_error(capsys, ["train", "--resume", str(run)], f"pid {os.getpid()}")
     assert "in use" in err
     hold.release()
     assert snapshot(run) == before
     assert main(["train", "--quiet", "--resume", str(run), "train.max_steps=6"]) == 0
-    assert train_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert list(train_losses(run)) == [1, 2, 3, 4, 5, 6]
     assert not (run / LOCK_FILE).exists()
 
 
@@ -154,7 +115,7 @@ def test_metrics_are_cut_in_place_so_another_handles_rows_survive(tmp_path):
 
 
 def test_run_names_are_plain_and_foreign_folders_are_never_written(tmp_path, capsys):
-    corpus = write_corpus(tmp_path / "text.txt")
+    corpus = write_corpus(tmp_path / "text")
     out = tmp_path / "runs"
     victim = tmp_path / "victim"
     (victim / "sub").mkdir(parents=True)
@@ -162,11 +123,11 @@ def test_run_names_are_plain_and_foreign_folders_are_never_written(tmp_path, cap
     (victim / "sub" / "data.txt").write_text("also mine")
     before = snapshot(victim)
     for name in ("../victim", str(victim), "a/b", ".", ".."):
-        one_error_line(capsys, train_argv(corpus, out, name), "not a plain run name")
+        expect_one_error(capsys, train_argv(corpus, out, name), "not a plain run name")
     yaml_config = tmp_path / "evil.yaml"
     yaml_config.write_text(f"name: ../victim\nout_dir: {out}\ndata:\n  path: {corpus}\n")
-    one_error_line(capsys, ["train", str(yaml_config), *TINY], "not a plain run name")
-    one_error_line(capsys, train_argv(corpus, tmp_path, "victim"), "is not an lmlab run")
+    expect_one_error(capsys, ["train", str(yaml_config), *TINY], "not a plain run name")
+    expect_one_error(capsys, train_argv(corpus, tmp_path, "victim"), "is not an lmlab run")
     assert snapshot(victim) == before and sorted(os.listdir(victim)) == ["notes.txt", "sub"]
 
 
@@ -174,17 +135,19 @@ def test_run_names_are_plain_and_foreign_folders_are_never_written(tmp_path, cap
 
 
 def test_an_unusable_out_dir_is_one_line(tmp_path, capsys, monkeypatch):
-    corpus = write_corpus(tmp_path / "text.txt")
+    corpus = write_corpus(tmp_path / "text")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    one_error_line(capsys, train_argv(corpus, a_file, "r"), "must be a writable folder")
-    one_error_line(capsys, train_argv(corpus, a_file / "below", "r"), "must be a writable folder")
+    expect_one_error(capsys, train_argv(corpus, a_file, "r"), "must be a writable folder")
+    expect_one_error(capsys, train_argv(corpus, a_file / "below", "r"), "must be a writable folder")
 
     def read_only(self, *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    err = one_error_line(capsys, train_argv(corpus, tmp_path / "ro", "r"), "Read-only file system")
+    err = expect_one_error(
+        capsys, train_argv(corpus, tmp_path / "ro", "r"), "Read-only file system"
+    )
     assert "must be a writable folder" in err
 
 
@@ -211,16 +174,16 @@ def test_a_full_disk_while_logging_metrics_is_one_line_and_undone(run, capsys, m
         original_step(trainer)
 
     monkeypatch.setattr(Trainer, "_step", fill_disk_at_step_5)
-    err = one_error_line(
+    err = expect_one_error(
         capsys, ["train", "--resume", str(run), "train.max_steps=6"], "no space left on the device"
     )
     assert "metrics.jsonl" in err and "consistent" in err
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     assert all(line.endswith("\n") and json.loads(line) for line in lines)
-    assert train_steps(run) == [1, 2, 3, 4]
+    assert list(train_losses(run)) == [1, 2, 3, 4]
     monkeypatch.setattr(Trainer, "_step", original_step)
     assert main(["train", "--quiet", "--resume", str(run), "train.max_steps=6"]) == 0
-    assert train_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert list(train_losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_undone(run, capsys, monkeypatch):
@@ -233,7 +196,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_undone(run, capsys, mon
 
     monkeypatch.setattr(checkpoint_module, "_write_synced", full_on_step_6)
     argv = ["train", "--resume", str(run), "train.max_steps=6", "train.checkpoint_interval=2"]
-    one_error_line(capsys, argv, "no space left on the device")
+    expect_one_error(capsys, argv, "no space left on the device")
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000004"]
     monkeypatch.setattr(checkpoint_module, "_write_synced", original)
     assert main(["train", "--quiet", "--resume", str(run), "train.max_steps=6"]) == 0
@@ -275,19 +238,19 @@ def test_resume_refuses_an_edited_config_but_takes_the_documented_overrides(run,
     edited = original.replace("lr: 0.004", "lr: 0.01")
     assert edited != original
     config.write_text(edited)
-    err = one_error_line(capsys, ["train", "--resume", str(run)], "train.lr is 0.01")
+    err = expect_one_error(capsys, ["train", "--resume", str(run)], "train.lr is 0.01")
     assert "trained with 0.004" in err
     config.write_text(original.replace("eval_batches: 1", "eval_batches: 2"))
     extend = ["train.max_steps=6", "train.threads=1", "train.checkpoint_interval=3"]
     assert main(["train", "--quiet", "--resume", str(run), *extend]) == 0
-    assert train_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert list(train_losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------- 5: a failed start leaves nothing
 
 
 def test_a_run_that_fails_before_its_first_result_can_run_again(tmp_path, capsys, monkeypatch):
-    corpus = write_corpus(tmp_path / "text.txt")
+    corpus = write_corpus(tmp_path / "text")
     argv = train_argv(corpus, tmp_path / "runs", "early", "train.max_steps=2")
     run = tmp_path / "runs" / "early"
     original_step = Trainer._step
@@ -302,18 +265,18 @@ def test_a_run_that_fails_before_its_first_result_can_run_again(tmp_path, capsys
         raise LmlabError("loss became nan at step 0")
 
     monkeypatch.setattr(Trainer, "_step", fail_with_a_callers_file)
-    one_error_line(capsys, argv, "loss became nan")
+    expect_one_error(capsys, argv, "loss became nan")
     assert os.listdir(run) == ["caller.log"]
     (run / "caller.log").unlink()
     monkeypatch.setattr(Trainer, "_step", fail_at_step_1)
-    one_error_line(capsys, argv, "loss became nan")
+    expect_one_error(capsys, argv, "loss became nan")
     assert not run.exists()
     monkeypatch.setattr(Trainer, "_step", original_step)
     assert main(argv) == 0
-    assert train_steps(run) == [1, 2]
+    assert list(train_losses(run)) == [1, 2]
     monkeypatch.setattr(Trainer, "_step", fail_at_step_1)
     evaluated = train_argv(corpus, tmp_path / "runs", "evaluated", "train.eval_interval=1")
-    one_error_line(capsys, evaluated, "loss became nan")  # a result (step 1's evaluation) stays
+    expect_one_error(capsys, evaluated, "loss became nan")  # a result (step 1's evaluation) stays
     rows = read_metrics(tmp_path / "runs" / "evaluated" / "metrics.jsonl")
     assert [(row["kind"], row["step"]) for row in rows] == [("train", 1), ("eval", 1)]
 
@@ -361,27 +324,28 @@ def test_ctrl_c_in_generate_and_eval_is_one_line_exit_130(run, capsys, monkeypat
 
 def test_a_tokenizer_from_another_run_is_one_line(run, tmp_path, capsys):
     other = tmp_path / "runs" / "other"
-    corpus = write_corpus(tmp_path / "other.txt", extra=" jumps over the lazy dog")
+    corpus = write_corpus(tmp_path / "other", extra=" jumps over the lazy dog")
     assert main(train_argv(corpus, tmp_path / "runs", "other", "train.max_steps=1")) == 0
     chars = json.loads((run / "tokenizer" / "tokenizer.json").read_text())["chars"]
     shutil.rmtree(run / "tokenizer")
     CharTokenizer("".join(chr(ord("A") + i) for i in range(len(chars)))).save(run / "tokenizer")
-    one_error_line(capsys, ["eval", str(run)], "is not the one step_00000004 was trained with")
-    one_error_line(capsys, ["train", "--resume", str(run)], "(another run's?)")
+    expect_one_error(capsys, ["eval", str(run)], "is not the one step_00000004 was trained with")
+    expect_one_error(capsys, ["train", "--resume", str(run)], "(another run's?)")
     shutil.rmtree(run / "tokenizer")
     shutil.copytree(other / "tokenizer", run / "tokenizer")
-    err = one_error_line(capsys, ["generate", str(run)], "another run's tokenizer")
+    err = expect_one_error(capsys, ["generate", str(run)], "another run's tokenizer")
     assert f"model.vocab_size is {len(chars) + 1}" in err
 
 
 def test_unknown_characters_are_warned_once_with_their_count(run, capsys):
-    assert main(["generate", str(run), "--prompt", "ΩxΩ€", "--max-new-tokens", "1"]) == 0
+    assert main(["generate", str(run), "--prompt", "ΩtΩ€", "--max-new-tokens", "1"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "3 character(s) of the prompt" in warnings[0]
-    text = write_corpus(run.parent / "x.txt", extra="Ω")
+    text = write_corpus(run.parent / "x", extra="Ω")
     config = build_config(None, [*TINY, f"data.path={text}"])
-    prepare_data(config.data, CharTokenizer("".join(set(text.read_text()) - {"Ω"})))
+    chars = {c for work in text.iterdir() for c in work.read_text()} - {"Ω"}
+    prepare_data(config.data, CharTokenizer("".join(chars)))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "300 character(s) of the data" in warnings[0]
-    assert main(["generate", str(run), "--prompt", "the fox", "--max-new-tokens", "1"]) == 0
+    assert len(warnings) == 1 and "900 character(s) of the data" in warnings[0]  # 3 x 300 lines
+    assert main(["generate", str(run), "--prompt", "to be", "--max-new-tokens", "1"]) == 0
     assert "warning" not in capsys.readouterr().err

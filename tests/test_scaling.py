@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from run_settings import TINY_RUN
+from conftest import TINY_GRID
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -108,7 +108,7 @@ def test_parsers():
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, options, message):
-    code = main(["scale", "--quiet", "--out", str(tmp_path / "s"), *options, *TINY_RUN])
+    code = main(["scale", "--quiet", "--out", str(tmp_path / "s"), *options, *TINY_GRID])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
@@ -130,7 +130,7 @@ def test_scale_end_to_end_and_resume(tmp_path, corpus, monkeypatch, capsys):
         "--quiet",
         "--out",
         str(out),
-        *TINY_RUN,
+        *TINY_GRID,
         f"data.path={corpus}",
     ]
     assert main(args) == 0

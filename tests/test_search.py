@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from run_settings import TINY_RUN
+from conftest import TINY_GRID
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
@@ -36,7 +36,7 @@ def space(tmp_path: Path, monkeypatch) -> Path:
 
 def write_space(path: Path, **params) -> None:
     """A space over the tiny corpus next to ``path``; ``params`` replace or add entries."""
-    overrides = [*TINY_RUN, f"data.path={path.parent / 'corpus'}"]
+    overrides = [*TINY_GRID, f"data.path={path.parent / 'corpus'}"]
     spec = {
         "train.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True},
         "model.d_model": {"low": 16, "high": 32, "step": 16},

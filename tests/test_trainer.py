@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, metrics_rows, train_losses
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
@@ -55,23 +56,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "train.batch_size=4",
-    "train.max_time=0",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.deterministic=true",
-]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps.\n" for i in range(800)))
-    return path
+TINY = [*TINY_RUN, "train.deterministic=true"]
 
 
 def two_step_trainer(tmp_path, corpus, name: str, *extra: str):
@@ -81,10 +66,6 @@ def two_step_trainer(tmp_path, corpus, name: str, *extra: str):
     settings = [*TINY, f"data.path={corpus}", "data.seq_len=16", "train.max_steps=2", *extra]
     config = build_config(None, [*settings, f"out_dir={tmp_path}", f"name={name}"])
     return new_trainer(config, name, show_progress=False)
-
-
-def rows(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
@@ -103,7 +84,7 @@ def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
         f"out_dir={tmp_path}",
     ]
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
-    whole = [r for r in rows(tmp_path / "whole") if r["kind"] == "train"]
+    whole = metrics_rows(tmp_path / "whole")
     assert [r["seq_len"] for r in whole][:3] == [8, 8, 16]
     original = Trainer._step
 
@@ -116,7 +97,7 @@ def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
     assert main(["train", "--quiet", *settings, "name=part"]) == 130
     monkeypatch.setattr(Trainer, "_step", original)
     assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
-    part = [r for r in rows(tmp_path / "part") if r["kind"] == "train"]
+    part = metrics_rows(tmp_path / "part")
     assert [r["loss"] for r in part] == [r["loss"] for r in whole]
 
 
@@ -144,7 +125,7 @@ def test_auxiliary_loss_is_added_but_logged_apart(tmp_path, corpus, monkeypatch)
 
     monkeypatch.setattr(LanguageModel, "auxiliary_loss", lambda self: torch.tensor(0.25))
     two_step_trainer(tmp_path, corpus, "a").train()
-    first = rows(tmp_path / "a")[0]
+    first = metrics_rows(tmp_path / "a")[0]
     assert first["aux_loss"] == 0.25 and first["loss"] > 1.0
 
 
@@ -152,8 +133,7 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     for name, compiled in (("eager", "false"), ("compiled", "true")):
         two_step_trainer(tmp_path, corpus, name, f"train.compile={compiled}").train()
     eager, compiled = (
-        [r["loss"] for r in rows(tmp_path / name) if r["kind"] == "train"]
-        for name in ("eager", "compiled")
+        list(train_losses(tmp_path / name).values()) for name in ("eager", "compiled")
     )
     assert len(eager) == 2
     assert compiled == pytest.approx(eager, rel=1e-4)
@@ -214,7 +194,7 @@ def test_moe_auxiliary_loss_reaches_the_backward_pass(tmp_path, corpus):
     with_aux = two_step_trainer(tmp_path, corpus, "aux", *MOE)
     with_aux.train()
     two_step_trainer(tmp_path, corpus, "none", *MOE, *NO_AUX).train()
-    first, plain = rows(tmp_path / "aux")[0], rows(tmp_path / "none")[0]
+    first, plain = metrics_rows(tmp_path / "aux")[0], metrics_rows(tmp_path / "none")[0]
     assert first["loss"] == plain["loss"]
     assert first["aux_loss"] > 0 and plain["aux_loss"] == 0.0
     assert first["grad_norm"] != plain["grad_norm"]
@@ -324,7 +304,7 @@ def test_sigint_stops_after_the_step_saves_it_and_resumes_exactly(tmp_path, corp
     status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}
     assert status == {"whole": "finished", "part": "interrupted"}
     assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
-    part = [r["loss"] for r in rows(tmp_path / "part") if r["kind"] == "train"]
-    assert part == [r["loss"] for r in rows(tmp_path / "whole") if r["kind"] == "train"]
+    part = list(train_losses(tmp_path / "part").values())
+    assert part == list(train_losses(tmp_path / "whole").values())
     status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}
     assert status == {"whole": "finished", "part": "finished"}

@@ -11,8 +11,8 @@ import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
+from conftest import expect_one_error, metrics_rows, tiny_run_args, write_corpus
 from mixer_checks import check_learns
-from test_cli import expect_error, train_args
 from torch import nn
 
 from lmlab.cli import main
@@ -126,20 +126,18 @@ def test_learns():
 def runs(tmp_path_factory) -> Path:
     """Two tiny trained runs, ``bit`` (BitLinear) and ``plain``, under one folder."""
     root = tmp_path_factory.mktemp("bitlinear")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    lines = [f"Line {j}: to be or not to be, that is the question." for j in range(600)]
-    for i in range(3):
-        (corpus / f"work{i}.txt").write_text("\n".join(lines[i::3]), encoding="utf-8")
+    corpus = write_corpus(root / "corpus")
     for name, extra in (("bit", ["model.bitlinear=true"]), ("plain", [])):
-        argv = train_args(root, corpus, name, "train.max_steps=3", "model.tie_embeddings=false")
+        argv = tiny_run_args(
+            corpus, root / "runs", name, "train.max_steps=3", "model.tie_embeddings=false"
+        )
         assert main([*argv, *extra]) == 0
     return root
 
 
 def test_trainer_reports_bitlinear_calls(runs):
-    rows = [json.loads(line) for line in (runs / "runs" / "bit" / "metrics.jsonl").open()]
-    calls = [r["feature_calls"].get("bitlinear") for r in rows if r["kind"] == "train"]
+    rows = metrics_rows(runs / "runs" / "bit")
+    calls = [r["feature_calls"].get("bitlinear") for r in rows]
     assert len(calls) == 3 and all(c and c > 0 for c in calls), calls
 
 
@@ -168,11 +166,13 @@ def test_export_then_load_gives_the_same_logits(runs, capsys):
 def test_export_errors_are_one_line(runs, capsys):
     bit, plain = str(runs / "runs" / "bit"), str(runs / "runs" / "plain")
     out = str(runs / "x.safetensors")
-    expect_error(capsys, ["export", str(runs), "--out", out], "not an lmlab run")
-    expect_error(capsys, ["export", plain, "--out", out], "no BitLinear layers")
-    expect_error(capsys, ["export", bit, "--format", "gguf", "--out", out], "unknown export format")
-    expect_error(capsys, ["export", bit, "--out", str(runs / "no" / "x")], "does not exist")
-    expect_error(capsys, ["export", bit, "--out", str(runs)], "is a folder")
+    expect_one_error(capsys, ["export", str(runs), "--out", out], "not an lmlab run")
+    expect_one_error(capsys, ["export", plain, "--out", out], "no BitLinear layers")
+    expect_one_error(
+        capsys, ["export", bit, "--format", "gguf", "--out", out], "unknown export format"
+    )
+    expect_one_error(capsys, ["export", bit, "--out", str(runs / "no" / "x")], "does not exist")
+    expect_one_error(capsys, ["export", bit, "--out", str(runs)], "is a folder")
     assert not (runs / "x.safetensors").exists()
     (runs / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LmlabError, match="not a safetensors file"):

@@ -18,10 +18,14 @@ from lmlab.errors import LmlabError
 NAME = "deltanet"
 
 
-def reference_layer(mixer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def reference_layer(
+    mixer: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The layer as the papers write it, one token at a time, with the state ``S [V, K]`` per
     head (keys as columns): ``S <- S diag(alpha)``; ``S <- S + beta (v - S k) k^T``;
-    ``o = S q / sqrt(K)``; then the per-head output norm and gate and the output projection."""
+    ``o = S q / sqrt(K)``; then the per-head output norm and gate and the output projection.
+    Returns the output and the decode state: the last inputs of the short convolution and the
+    final ``S`` in the core's layout ``[B, H, K, V]``."""
     name, heads, kd, vd = mixer.mixer_name, mixer.n_heads, mixer.key_dim, mixer.value_dim
     batch, time, _ = x.shape
     slices = F.linear(x, mixer.proj.weight).split(mixer.widths, -1)
@@ -54,7 +58,8 @@ def reference_layer(mixer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if name == "kda":
         gate = parts["gate"] @ mixer.gate_up.weight.T + mixer.gate_up.bias
         o = o * torch.sigmoid(gate.reshape(o.shape))
-    return o.reshape(batch, time, -1) @ mixer.out.weight.T
+    tail = parts["qkv"][:, -(size - 1) :]
+    return o.reshape(batch, time, -1) @ mixer.out.weight.T, {"conv": tail, "recurrent": state.mT}
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "kda"])
@@ -65,7 +70,7 @@ def test_family_matches_reference(name: str, options: dict) -> None:
     with torch.no_grad():
         y, _ = mixer(x)
         # 1e-6, not float64's 1e-12: GatedRMSNorm normalises in float32.
-        assert_close(y, reference_layer(mixer, x), 1e-6, f"{name} vs reference")
+        assert_close(y, reference_layer(mixer, x)[0], 1e-6, f"{name} vs reference")
 
 
 def test_negative_eigenvalues_chunk_matches_recurrent() -> None:
@@ -73,11 +78,14 @@ def test_negative_eigenvalues_chunk_matches_recurrent() -> None:
     check_modes_agree(mixer, clone_with(mixer, mode="recurrent"), time=37)
 
 
-def test_state_layout() -> None:
+def test_state_holds_the_convolution_tail_and_the_final_matrix_state() -> None:
     mixer = make_mixer(NAME, head_dim=8, expand_v=2.0, conv_size=3)
-    _, state = mixer(random_input(3, 5, 32))
-    assert state["recurrent"].shape == (3, 2, 8, 16)
-    assert state["conv"].shape[0] == 3
+    x = random_input(3, 5, 32)
+    _, state = mixer(x)
+    _, expected = reference_layer(mixer, x)
+    assert state["recurrent"].shape == (3, 2, 8, 16)  # [B, H, K, V]
+    torch.testing.assert_close(state["recurrent"], expected["recurrent"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state["conv"], expected["conv"])
 
 
 @pytest.mark.parametrize(
