@@ -6,10 +6,13 @@ start-up and synchronisation dominate), and it keeps subprocess tests from overs
 cores. Set before torch is imported so child processes inherit it.
 """
 
+import contextlib
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,26 @@ def metrics_rows(run: Path, kind: str | None = "train") -> list[dict]:
 def train_losses(run: Path) -> dict[int, float]:
     """Training loss by step: two runs that match here took the same steps."""
     return {row["step"]: row["loss"] for row in metrics_rows(run)}
+
+
+@contextlib.contextmanager
+def ctrl_c_in_step(step: int) -> Iterator[None]:
+    """Meanwhile, a Ctrl-C (SIGINT to this process) arrives while a trainer runs step ``step``:
+    as for a user's, the trainer finishes and saves that step, then stops (exit code 130)."""
+    from lmlab.train.trainer import Trainer
+
+    original = Trainer._step
+
+    def interrupted(trainer: Trainer) -> None:
+        if trainer.state.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(trainer)
+
+    Trainer._step = interrupted
+    try:
+        yield
+    finally:
+        Trainer._step = original
 
 
 def expect_one_error(capsys: pytest.CaptureFixture, argv: list[str], fragment: str) -> str:

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import expect_one_error, metrics_rows, tiny_run_args, train_losses
+from conftest import ctrl_c_in_step, expect_one_error, metrics_rows, tiny_run_args, train_losses
 
 from lmlab.cli import build_parser, main, parse_args
-from lmlab.train.trainer import Trainer
 
 
 def train_args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
@@ -66,7 +65,7 @@ def test_muon_and_wsd_train(tmp_path, corpus):
     assert len(values) == 6 and all(v == v for v in values.values())
 
 
-def test_interrupt_then_resume_continues_exactly(tmp_path, corpus, monkeypatch):
+def test_interrupt_then_resume_continues_exactly(tmp_path, corpus):
     common = [
         "train.max_steps=16",
         "train.checkpoint_interval=4",
@@ -74,18 +73,10 @@ def test_interrupt_then_resume_continues_exactly(tmp_path, corpus, monkeypatch):
         "train.optimizer=muon",
     ]
     assert main(train_args(tmp_path, corpus, "whole", *common)) == 0
-    original_step = Trainer._step
-
-    def interrupted_step(trainer):
-        if trainer.state.step == 10:
-            raise KeyboardInterrupt  # as Ctrl-C between steps: the trainer saves step 10
-        original_step(trainer)
-
-    monkeypatch.setattr(Trainer, "_step", interrupted_step)
-    assert main(train_args(tmp_path, corpus, "part", *common)) == 130
-    monkeypatch.setattr(Trainer, "_step", original_step)
+    with ctrl_c_in_step(11):
+        assert main(train_args(tmp_path, corpus, "part", *common)) == 130
     part = tmp_path / "runs" / "part"
-    assert len(train_losses(part)) == 10
+    assert len(train_losses(part)) == 11
     assert main(["train", "--quiet", "--resume", str(part)]) == 0
     assert train_losses(part) == train_losses(tmp_path / "runs" / "whole")
 
@@ -123,7 +114,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, corpus, capsys):
     assert len([line for line in captured.err.splitlines() if "corrupt" in line]) == 1
 
 
-def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     out = f"out_dir={tmp_path / 'runs'}"
     expect_one_error(capsys, ["train", "data.path=/nonexistent/x.txt", out], "does not exist")
     empty = tmp_path / "empty.txt"

@@ -13,7 +13,7 @@ import pytest
 
 from lmlab.cli import DEFAULT_PRESET, build_parser, parse_args
 from lmlab.config.load import build_config, preset_names
-from lmlab.data.dataset import resolve_vocab
+from lmlab.data.dataset import fit_vocab, prepare_data
 from lmlab.model.lm import LanguageModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_every_documented_command_parses(doc, command):
 @functools.cache
 def preset_parameters(name: str) -> int:
     config = build_config(name, [])
-    resolve_vocab(config)
+    fit_vocab(config, prepare_data(config.data, None)[1])
     return LanguageModel(config.model).num_parameters()
 
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import metrics_rows, train_losses
+from conftest import ctrl_c_in_step, metrics_rows, train_losses
 from torch import nn
 
 from lmlab.cli import main
@@ -157,10 +157,7 @@ def test_mod_flops_count_the_routed_share_of_tokens_and_context():
     )
 
 
-def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(
-    tmp_path, corpus, monkeypatch
-):
-    from lmlab.train.trainer import Trainer
+def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(tmp_path, corpus):
 
     settings = [
         "model.d_model=32",
@@ -185,16 +182,8 @@ def test_mod_trains_with_carried_state_checkpointing_and_resumes_exactly(
         f"out_dir={tmp_path}",
     ]
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
-    original = Trainer._step
-
-    def stop_at_4(trainer):
-        if trainer.state.step == 4:
-            raise KeyboardInterrupt
-        original(trainer)
-
-    monkeypatch.setattr(Trainer, "_step", stop_at_4)
-    assert main(["train", "--quiet", *settings, "name=part"]) == 130
-    monkeypatch.setattr(Trainer, "_step", original)
+    with ctrl_c_in_step(4):
+        assert main(["train", "--quiet", *settings, "name=part"]) == 130
     assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
 
     whole = metrics_rows(tmp_path / "whole")

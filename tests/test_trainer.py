@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, metrics_rows, train_losses
+from conftest import TINY_RUN, ctrl_c_in_step, metrics_rows, train_losses
 
 from lmlab.cli import main
 from lmlab.config.load import build_config
@@ -68,8 +68,7 @@ def two_step_trainer(tmp_path, corpus, name: str, *extra: str):
     return new_trainer(config, name, show_progress=False)
 
 
-def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
-    from lmlab.train.trainer import Trainer
+def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus):
 
     settings = [
         *TINY,
@@ -86,16 +85,8 @@ def test_tbptt_with_curriculum_resumes_exactly(tmp_path, corpus, monkeypatch):
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
     whole = metrics_rows(tmp_path / "whole")
     assert [r["seq_len"] for r in whole][:3] == [8, 8, 16]
-    original = Trainer._step
-
-    def stop_at_7(trainer):
-        if trainer.state.step == 7:
-            raise KeyboardInterrupt
-        original(trainer)
-
-    monkeypatch.setattr(Trainer, "_step", stop_at_7)
-    assert main(["train", "--quiet", *settings, "name=part"]) == 130
-    monkeypatch.setattr(Trainer, "_step", original)
+    with ctrl_c_in_step(7):
+        assert main(["train", "--quiet", *settings, "name=part"]) == 130
     assert main(["train", "--quiet", "--resume", str(tmp_path / "part")]) == 0
     part = metrics_rows(tmp_path / "part")
     assert [r["loss"] for r in part] == [r["loss"] for r in whole]
@@ -271,12 +262,10 @@ def test_torch_settings_apply_while_training_and_are_restored(tmp_path, corpus):
 def test_sigint_stops_after_the_step_saves_it_and_resumes_exactly(tmp_path, corpus, monkeypatch):
     """A SIGINT that arrives inside step 5 only sets a flag: step 5 completes, is saved (not
     a checkpoint interval), the previous handler is back, and the registry says interrupted."""
-    import os
     import signal
 
     from lmlab.train import registry
     from lmlab.train.checkpoint import load_latest_checkpoint
-    from lmlab.train.trainer import Trainer
 
     monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
     settings = [
@@ -289,16 +278,8 @@ def test_sigint_stops_after_the_step_saves_it_and_resumes_exactly(tmp_path, corp
         f"out_dir={tmp_path}",
     ]
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
-    original = Trainer._step
-
-    def interrupted_inside_step_5(trainer):
-        if trainer.state.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        original(trainer)
-
-    monkeypatch.setattr(Trainer, "_step", interrupted_inside_step_5)
-    assert main(["train", "--quiet", *settings, "name=part"]) == 130
-    monkeypatch.setattr(Trainer, "_step", original)
+    with ctrl_c_in_step(5):
+        assert main(["train", "--quiet", *settings, "name=part"]) == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert load_latest_checkpoint(tmp_path / "part").step == 5
     status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}

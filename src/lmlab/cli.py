@@ -340,14 +340,15 @@ def mixer_lines() -> list[str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.config.load import build_config
-    from lmlab.data.dataset import resolve_vocab
+    from lmlab.data.dataset import fit_vocab, prepare_data
     from lmlab.model.lm import LanguageModel
 
     if args.mixers:
         print("\n".join(mixer_lines()))
         return 0
     config = build_config(one_config(preset_and_configs(args)), args.overrides)
-    tokenizer = resolve_vocab(config)
+    _, tokenizer = prepare_data(config.data, None)
+    fit_vocab(config, tokenizer)
     model = LanguageModel(config.model)
     context = config.data.seq_len
     print(f"layers: {', '.join(config.model.layer_mixers())}")

@@ -69,11 +69,10 @@ def prepare_data(
     return data, tokenizer
 
 
-def resolve_vocab(config: Config) -> Tokenizer:
-    """Set ``config.model.vocab_size`` as a new run of ``config`` will: the tokenizer's size when
+def fit_vocab(config: Config, tokenizer: Tokenizer) -> None:
+    """Set ``config.model.vocab_size`` as a new run of ``config`` does: the tokenizer's size when
     it is 0 (a char tokenizer's depends on the text, a BPE tokenizer is trained for it), so
-    parameter counts quoted before training match the run's. Returns the tokenizer."""
-    _, tokenizer = prepare_data(config.data, None)
+    parameter counts quoted before training match the run's."""
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -81,7 +80,6 @@ def resolve_vocab(config: Config) -> Tokenizer:
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
         )
-    return tokenizer
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:

@@ -26,7 +26,7 @@ from lmlab.experiments.runset import (
     RunSet,
     arm_name,
     build_arm,
-    collect_run,
+    outcome_record,
     parse_budget,
     seed_runs,
     train_runs,
@@ -167,24 +167,8 @@ def time_to_target(xs: list[float], ys: list[float], target: float) -> float | N
 
 def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
     """Per-run records, per-arm statistics and one verdict per candidate."""
-    records = []
-    for outcome in sorted(outcomes, key=lambda o: (plan.arms.index(o.spec.arm), o.spec.seed)):
-        spec = outcome.spec
-        record = {
-            "arm": spec.arm.name,
-            "seed": spec.seed,
-            "path": str(spec.run_dir),
-            "how": outcome.how,
-            "wall_seconds": outcome.wall_seconds,
-            "status": "failed" if outcome.error else "finished",
-            "error": outcome.error,
-        }
-        if outcome.error is None:
-            try:
-                record.update(collect_run(spec.run_dir))
-            except (OSError, KeyError, ValueError) as exc:
-                record.update(status="failed", error=f"unreadable results: {exc}")
-        records.append(record)
+    ordered = sorted(outcomes, key=lambda o: (plan.arms.index(o.spec.arm), o.spec.seed))
+    records = [outcome_record(outcome) for outcome in ordered]
     finished = [r for r in records if r["status"] == "finished"]
     by_arm = {
         arm.name: {r["seed"]: r for r in finished if r["arm"] == arm.name} for arm in plan.arms

@@ -455,6 +455,30 @@ def read_probes(run_dir: Path) -> dict[str, float]:
     return scores
 
 
+def outcome_record(outcome: Outcome, keys: tuple[str, ...] | None = None) -> dict:
+    """One run's record for a study's results: how it ended, and ``keys`` (all by default) of
+    what :func:`collect_run` reads from its folder; a folder that cannot be read makes it a
+    failed run, not a crash of the study."""
+    spec = outcome.spec
+    record = {
+        "arm": spec.arm.name,
+        "seed": spec.seed,
+        "path": str(spec.run_dir),
+        "how": outcome.how,
+        "wall_seconds": outcome.wall_seconds,
+        "status": "failed" if outcome.error else "finished",
+        "error": outcome.error,
+    }
+    if outcome.error is None:
+        try:
+            collected = collect_run(spec.run_dir)
+        except (OSError, KeyError, ValueError) as exc:
+            record.update(status="failed", error=f"unreadable results: {exc}")
+        else:
+            record.update({key: collected[key] for key in keys or collected})
+    return record
+
+
 def collect_run(run_dir: Path) -> dict:
     """The numbers a comparison needs from one finished run folder."""
     summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))

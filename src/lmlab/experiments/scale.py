@@ -26,12 +26,11 @@ from lmlab.errors import LmlabError, ParamError
 from lmlab.experiments.compare import RESULTS_FILE
 from lmlab.experiments.runset import (
     Arm,
-    Outcome,
     RunSet,
     RunSpec,
     build_arm,
-    collect_run,
     model_skeleton,
+    outcome_record,
     parse_budget,
     seed_runs,
     train_runs,
@@ -213,29 +212,8 @@ def non_embedding_parameters(model: ModelConfig, vocab: int = 0) -> int:
     return built.num_parameters(non_embedding=True)
 
 
-def _run_records(plan: ScalePlan, outcomes: list[Outcome]) -> list[dict]:
-    records = []
-    for outcome in outcomes:
-        spec = outcome.spec
-        record = {
-            "arm": spec.arm.name,
-            "seed": spec.seed,
-            "path": str(spec.run_dir),
-            "how": outcome.how,
-            "status": "failed" if outcome.error else "finished",
-            "error": outcome.error,
-        }
-        if outcome.error is None:
-            try:
-                collected = collect_run(spec.run_dir)
-                record.update(
-                    {key: collected[key] for key in (METRIC, "val_loss", "tokens", "train_seconds")}
-                )
-                record["parameters"] = collected["parameters"]
-            except (OSError, KeyError, ValueError) as exc:
-                record.update(status="failed", error=f"unreadable results: {exc}")
-        records.append(record)
-    return records
+RECORD_KEYS = (METRIC, "val_loss", "tokens", "train_seconds", "parameters")
+"""What the study keeps of each run's results."""
 
 
 def _point_rows(plan: ScalePlan, records: list[dict], vocab: int) -> list[dict]:
@@ -332,7 +310,7 @@ def run_scale(
     grid_specs = [s for s in plan.runs.runs if not _is_holdout(plan, s)]
     held_specs = [s for s in plan.runs.runs if _is_holdout(plan, s)]
     outcomes = train_runs(replace(plan.runs, runs=grid_specs), show_progress, registry_location)
-    records = _run_records(plan, outcomes)
+    records = [outcome_record(o, RECORD_KEYS) for o in outcomes]
     vocabs = [open_run(r["path"])[1].model.vocab_size for r in records if r["status"] == "finished"]
     if not vocabs:
         raise LmlabError(f"every grid run failed; see {plan.out / 'logs'}")
@@ -342,7 +320,7 @@ def run_scale(
     atomic_write_json(plan.out / RESULTS_FILE, results)  # the prediction, before the held-out run
     if held_specs:
         held = train_runs(replace(plan.runs, runs=held_specs), show_progress, registry_location)
-        records += _run_records(plan, held)
+        records += [outcome_record(o, RECORD_KEYS) for o in held]
         rows = _with_fitted(_point_rows(plan, records, vocabs[0]), fit)
         results = _results(plan, records, rows, fit)
     results["wall_seconds"] = time.perf_counter() - started

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmlab.config.load import build_config, config_to_dict
 from lmlab.config.schema import Config
-from lmlab.data.dataset import prepare_data
+from lmlab.data.dataset import fit_vocab, prepare_data
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
 from lmlab.train.run import (
@@ -53,13 +53,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def new_trainer(config: Config, label: str, show_progress: bool = True) -> Trainer:
     """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time)."""
     data, tokenizer = prepare_data(config.data, None)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise LmlabError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
-        )
+    fit_vocab(config, tokenizer)
     config.validate()
     hold = claim_new_run(config, label)
     run_dir = hold.run_dir
