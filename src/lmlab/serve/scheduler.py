@@ -37,7 +37,7 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.model.cache import ModelState
 from lmlab.model.generate import SamplingSettings, sample_next
 from lmlab.model.lm import LanguageModel
-from lmlab.serve.batching import repeat, rows_are_stackable, select, signature, stack
+from lmlab.serve.batching import Batcher, repeat, select, signature, stack_equal
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.decoder = decoder or Decoder(model)
         self.device = next(model.parameters()).device
-        self.batching = rows_are_stackable(model, tokenizer.vocab_size)
+        self.batcher = Batcher(model, tokenizer.vocab_size)
         self._queue: queue.Queue[Request] = queue.Queue()
         self._waiting: list[Request] = []
         self._prefilling: list[Request] = []
@@ -170,7 +170,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="lmlab-scheduler", daemon=True)
         self.steps = 0
         """Decode steps so far (tests and benchmarks read it)."""
-        self.max_rows_in_a_forward = 0
+        self.widest_decode = 0
+        """The most rows decoded in one forward so far."""
 
     # ---- the public side ----
     def start(self) -> None:
@@ -245,16 +246,16 @@ class Scheduler:
                 break
             size = min(len(request.prompt) - request.prefilled, budget)
             budget -= size
-            key = (size, None if request.state is None else signature(request.state))
-            batches[key].append((request, size))
-        for (size, _), members in batches.items():
+            key = (size, None if request.state is None else signature(request.state.layers))
+            batches[key if self.batcher.enabled else id(request)].append((request, size))
+        for members in batches.values():
+            size = members[0][1]
             ids = torch.tensor(
                 [r.prompt[r.prefilled : r.prefilled + size] for r, _ in members], device=self.device
             )
             states = [r.state for r, _ in members]
-            state = None if states[0] is None else stack(states)
+            state = None if states[0] is None else stack_equal(states)
             logits, state = self.decoder.prefill(ids, state)
-            self.max_rows_in_a_forward = max(self.max_rows_in_a_forward, len(members))
             for row, (request, _) in enumerate(members):
                 request.prefilled += size
                 request.state = select(state, [row]) if len(members) > 1 else state
@@ -276,7 +277,7 @@ class Scheduler:
             last = torch.tensor([[row.choice.ids[-1]] for row in group.rows], device=self.device)
             samplers = [row.choice.sampler for row in group.rows]
             new, group.state = self.decoder.step(last, group.state, samplers)
-            self.max_rows_in_a_forward = max(self.max_rows_in_a_forward, len(group.rows))
+            self.widest_decode = max(self.widest_decode, len(group.rows))
             self._accept(group, new)
         self.steps += 1
         self._groups = [group for group in self._groups if group.rows]
@@ -318,13 +319,13 @@ class Scheduler:
             group.state = select(group.state, rows)
 
     def _merge_groups(self) -> None:
-        """Groups whose states have come to match (e.g. recurrent states, attention caches of
-        one length) become one, up to ``max_batch`` rows."""
-        if not self.batching or len(self._groups) < 2:
+        """Groups whose states stack (``batching.Batcher``: attention caches of any lengths,
+        recurrent states of one shape) become one, up to ``max_batch`` rows."""
+        if not self.batcher.enabled or len(self._groups) < 2:
             return
         by_signature: dict[object, list[Group]] = defaultdict(list)
         for group in self._groups:
-            by_signature[signature(group.state)].append(group)
+            by_signature[self.batcher.key(group.state)].append(group)
         merged = []
         for groups in by_signature.values():
             current = groups[0]
@@ -333,7 +334,8 @@ class Scheduler:
                     merged.append(current)
                     current = group
                     continue
-                current = Group(current.rows + group.rows, stack([current.state, group.state]))
+                state = self.batcher.stack([current.state, group.state])
+                current = Group(current.rows + group.rows, state)
             merged.append(current)
         self._groups = merged
 

@@ -159,7 +159,7 @@ def serve(
         print(
             f"serving {service.name} on http://{bound_host}:{bound_port}/v1 "
             f"(batch {max_batch}, auth {'on' if api_key else 'off'}, "
-            f"batching {'stacked' if service.scheduler.batching else 'per request'})",
+            f"batching {'stacked' if service.scheduler.batcher.enabled else 'per request'})",
             file=sys.stderr,
             flush=True,
         )
