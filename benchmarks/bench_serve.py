@@ -189,6 +189,7 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
     run = train_run(folder, mixer)
     server = Server(run, args.threads, args.clients)
     try:
+        asyncio.run(load(server, 1, 1, 8, args.max_seconds))  # warm-up, not reported
         lone = asyncio.run(load(server, 1, args.requests, args.tokens, args.max_seconds))
         many = asyncio.run(load(server, args.clients, args.requests, args.tokens, args.max_seconds))
         served, direct = [], []

@@ -4,7 +4,7 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream=true``: server-sent events in OpenAI's chunk format,
 ending with ``data: [DONE]``). Every failure is OpenAI-style JSON (``protocol.ApiError``), never
 a traceback. The event loop only parses, checks and forwards: the model runs on the
-scheduler's thread, whose events come back through :meth:`Call.deliver`.
+scheduler's thread, whose events come back through a :class:`Call`'s queue.
 """
 
 from __future__ import annotations
@@ -66,17 +66,18 @@ class Call:
     arrive on as ``(prompt index, event)``: the scheduler thread hands them over through
     ``loop.call_soon_threadsafe``, so the queue is only touched on the event loop."""
 
-    def __init__(self, make_jobs: Callable[[Callable[[int], Callable[[Event], None]]], list[Job]]):
-        loop = asyncio.get_running_loop()
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.jobs: list[Job] = []
 
-        def emitter(index: int) -> Callable[[Event], None]:
-            def emit(event: Event) -> None:
-                loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+    def emitter(self, index: int) -> Callable[[Event], None]:
+        """The ``emit`` of prompt ``index``'s request (called on the scheduler's thread)."""
 
-            return emit
+        def emit(event: Event) -> None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
 
-        self.jobs = make_jobs(emitter)
+        return emit
 
     async def updates(self) -> AsyncIterator[tuple[int, Event]]:
         """Every event until each choice of each prompt has finished (or one failed)."""
@@ -204,20 +205,19 @@ class Completion:
         self.seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
 
     def submit(self) -> Call:
-        call = Call(
-            lambda emitter: [
-                Job(
-                    prompt,
-                    self.settings,
-                    self.max_tokens,
-                    emitter(index),
-                    n=self.body.n,
-                    seed=self.seed,
-                    stop=self.stops,
-                )
-                for index, prompt in enumerate(self.prompts)
-            ]
-        )
+        call = Call()
+        call.jobs = [
+            Job(
+                prompt,
+                self.settings,
+                self.max_tokens,
+                call.emitter(index),
+                n=self.body.n,
+                seed=self.seed,
+                stop=self.stops,
+            )
+            for index, prompt in enumerate(self.prompts)
+        ]
         for job in call.jobs:
             self.service.scheduler.submit(job)
         return call
