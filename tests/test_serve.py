@@ -43,6 +43,8 @@ TINY = [
     "train.precision=fp32",
 ]
 FAMILIES = ["attention", "gla"]
+ROUTED = "mod"
+"""Attention under Mixture-of-Depths: its eval-mode state keeps a list of per-row states."""
 TEMPLATE = (
     "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
@@ -60,8 +62,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for mixer in FAMILIES:
         argv = ["train", "--quiet", *TINY, f"model.mixer={mixer}", f"out_dir={out}"]
         assert main([*argv, f"name={mixer}"]) == 0
+    assert (
+        main(["train", "--quiet", *TINY, "model.mod_capacity=0.5", f"out_dir={out}", "name=mod"])
+        == 0
+    )
     (out / "attention" / "tokenizer" / "chat_template.jinja").write_text(TEMPLATE)
-    return {mixer: out / mixer for mixer in FAMILIES}
+    return {name: out / name for name in [*FAMILIES, ROUTED]}
 
 
 def client(base_url: str, api_key: str = "none") -> openai.OpenAI:
@@ -201,12 +207,12 @@ class Collector:
                 self.done.set()
 
 
-@pytest.mark.parametrize("mixer", FAMILIES)
+@pytest.mark.parametrize("mixer", [*FAMILIES, ROUTED])
 def test_a_request_decodes_the_same_in_a_batch_as_alone(runs, mixer):
     """Greedy requests of different lengths, two joining while the others run and a long
     prompt prefilled in chunks, each equal ``lmlab generate`` on it alone, while they decode in
     shared forwards (attention caches of different lengths padded and masked, recurrent states
-    stacked)."""
+    stacked), or in forwards of their own (Mixture-of-Depths)."""
     run = runs[mixer]
     _, model, tokenizer, _ = load_trained_model(run)
     scheduler = Scheduler(model, tokenizer, max_batch=8, prefill_chunk=16)
@@ -232,9 +238,10 @@ def test_a_request_decodes_the_same_in_a_batch_as_alone(runs, mixer):
         scheduler.stop(DEADLINE)
     for (prompt, tokens, _), sink in sinks.items():
         assert sink.texts[0] == expected(run, prompt, tokens), prompt
-    assert scheduler.batcher.enabled
-    # the first four overlap for at least 12 steps, whatever their (different) lengths
-    assert scheduler.widest_decode >= 4
+    if mixer == ROUTED:  # its rows cannot be stacked: each request decodes on its own
+        assert not scheduler.batcher.enabled and scheduler.widest_decode == 1
+    else:  # the first four overlap for at least 12 steps, whatever their (different) lengths
+        assert scheduler.batcher.enabled and scheduler.widest_decode >= 4
 
 
 def test_concurrent_streams_through_http_equal_alone(runs):
