@@ -244,6 +244,34 @@ def test_a_request_decodes_the_same_in_a_batch_as_alone(runs, mixer):
         assert scheduler.batcher.enabled and scheduler.widest_decode >= 4
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(runs):
+    """While a 200-token prompt is prefilled 16 tokens per iteration, a running stream gets a
+    token at every iteration: the stall per token is one chunk, not the whole prompt."""
+    _, model, tokenizer, _ = load_trained_model(runs["attention"])
+    scheduler = Scheduler(model, tokenizer, max_batch=4, prefill_chunk=16)
+    running, long = Collector(), Collector()
+    greedy = SamplingSettings(temperature=0.0)
+    tokens_at_first_long_token: list[int] = []
+
+    def on_long(event: Event) -> None:
+        if not tokens_at_first_long_token:
+            tokens_at_first_long_token.append(len(running.texts.get(0, "")))
+        long(event)
+
+    scheduler.submit(Request(tokenizer.encode("ROMEO:"), greedy, 100, running))
+    scheduler.start()
+    try:
+        assert wait_for(lambda: scheduler.steps >= 2)
+        before = len(running.texts.get(0, ""))
+        scheduler.submit(Request(tokenizer.encode("ab" * 100), greedy, 5, on_long))
+        assert long.done.wait(DEADLINE) and running.done.wait(DEADLINE)
+    finally:
+        scheduler.stop(DEADLINE)
+    # 200 / 16 = 13 iterations of prefill, each followed by a decode step of the running row
+    assert tokens_at_first_long_token[0] - before >= 12
+    assert long.texts[0] == expected(runs["attention"], "ab" * 100, 5)
+
+
 def test_concurrent_streams_through_http_equal_alone(runs):
     run = runs["gla"]
     results: dict[int, str] = {}

@@ -73,10 +73,12 @@ def stack_kv(states: list[KVState]) -> KVState:
         ]
     ).to(states[0]["k"].device)
     longest = max(state["length"] for state in states)
+    # the largest buffer's room, so that the next tokens do not have to grow it at once
+    capacity = max(state["k"].shape[1] for state in states)
     stacked = {}
     for name in ("k", "v"):
         first = states[0][name]
-        buffer = first.new_zeros(len(lengths), longest, *first.shape[2:])
+        buffer = first.new_zeros(len(lengths), capacity, *first.shape[2:])
         row = 0
         for state in states:
             rows = state[name].shape[0]

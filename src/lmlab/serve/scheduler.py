@@ -320,23 +320,27 @@ class Scheduler:
 
     def _merge_groups(self) -> None:
         """Groups whose states stack (``batching.Batcher``: attention caches of any lengths,
-        recurrent states of one shape) become one, up to ``max_batch`` rows."""
+        recurrent states of one shape) become one, up to ``max_batch`` rows; each new group's
+        state is built in one stacking (one copy of its rows' states)."""
         if not self.batcher.enabled or len(self._groups) < 2:
             return
-        by_signature: dict[object, list[Group]] = defaultdict(list)
+        by_key: dict[object, list[Group]] = defaultdict(list)
         for group in self._groups:
-            by_signature[self.batcher.key(group.state)].append(group)
+            by_key[self.batcher.key(group.state)].append(group)
         merged = []
-        for groups in by_signature.values():
-            current = groups[0]
-            for group in groups[1:]:
-                if len(current.rows) + len(group.rows) > self.max_batch:
-                    merged.append(current)
-                    current = group
+        for groups in by_key.values():
+            bins: list[list[Group]] = []
+            for group in groups:
+                if bins and sum(len(g.rows) for g in bins[-1]) + len(group.rows) <= self.max_batch:
+                    bins[-1].append(group)
+                else:
+                    bins.append([group])
+            for members in bins:
+                if len(members) == 1:
+                    merged.append(members[0])
                     continue
-                state = self.batcher.stack([current.state, group.state])
-                current = Group(current.rows + group.rows, state)
-            merged.append(current)
+                state = self.batcher.stack([group.state for group in members])
+                merged.append(Group([row for group in members for row in group.rows], state))
         self._groups = merged
 
     def _fail_everything(self) -> None:
