@@ -8,6 +8,7 @@ SIGTERM test, which starts ``python -m lmlab serve`` and signals it. Every loop 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,10 @@ import pytest
 import torch
 
 from lmlab.cli import main
+from lmlab.config.schema import ModelConfig
 from lmlab.model.generate import SamplingSettings, generate
+from lmlab.model.lm import LanguageModel
+from lmlab.serve.batching import Batcher
 from lmlab.serve.limits import Limits
 from lmlab.serve.scheduler import Event, Request, Scheduler, first_stop, safe_end
 from lmlab.serve.server import open_service, serving_in_thread
@@ -272,6 +276,40 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(runs):
     assert long.texts[0] == expected(runs["attention"], "ab" * 100, 5)
 
 
+def test_a_hybrid_models_states_stack_layer_by_layer():
+    """Attention + GLA + MLA layers: the attention cache pads and masks, the GLA state
+    concatenates, and MLA's cache (no ``stack_states``) makes rows of different lengths
+    unstackable, while rows of one length stack and decode as they do alone."""
+    config = ModelConfig(
+        d_model=32, n_layers=3, n_heads=2, pattern=["attention", "gla", "mla"], vocab_size=20
+    )
+    torch.manual_seed(0)
+    model = LanguageModel(config).eval()
+    batcher = Batcher(model, 20)
+    assert batcher.enabled and batcher.ragged == [True, False, False]
+    prompts = [torch.randint(0, 20, (1, length)) for length in (5, 5, 8)]
+    with torch.inference_mode():
+        states = [model(prompt)[1] for prompt in prompts]
+        assert batcher.key(states[0]) == batcher.key(states[1]) != batcher.key(states[2])
+        two_layers = dataclasses.replace(config, n_layers=2, pattern=["attention", "gla"])
+        plain = LanguageModel(two_layers).eval()
+        plain_batcher = Batcher(plain, 20)
+        plain_states = [plain(prompt)[1] for prompt in prompts]
+        assert len({plain_batcher.key(state) for state in plain_states}) == 1
+        for net, chosen, stacker in (
+            (model, states[:2], batcher),
+            (plain, plain_states, plain_batcher),
+        ):
+            tokens = torch.randint(0, 20, (len(chosen), 6))
+            batch = stacker.stack(chosen)
+            alone = list(chosen)
+            for t in range(6):
+                logits, batch = net(tokens[:, t : t + 1], batch)
+                for row in range(len(chosen)):
+                    single, alone[row] = net(tokens[row : row + 1, t : t + 1], alone[row])
+                    torch.testing.assert_close(logits[row], single[0], atol=1e-5, rtol=1e-5)
+
+
 def test_concurrent_streams_through_http_equal_alone(runs):
     run = runs["gla"]
     results: dict[int, str] = {}
@@ -356,6 +394,10 @@ def test_limits_and_bad_input_are_openai_style_4xx(runs):
                 client(url).completions.create(model="gla", prompt="a", max_tokens=2)
         assert wait_for(lambda: service.in_flight == 0)
         assert client(url).completions.create(model="gla", prompt="a", max_tokens=2).choices
+        service.draining = True  # as after SIGTERM, for requests on kept-alive connections
+        refused = httpx.post(f"{url}/completions", json={"model": "gla", "prompt": "a"})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 503
 
 
 def wait_for(condition, timeout: float = DEADLINE) -> bool:
