@@ -27,6 +27,7 @@ from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.serve.server import serve
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
 
@@ -302,6 +303,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent=args.max_concurrent,
+        max_body_bytes=args.max_body_bytes,
+        prefill_chunk=args.prefill_chunk,
+        device=args.device,
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     result = export_run(args.run, args.out, args.fmt)
     print(
@@ -534,6 +552,63 @@ COMMANDS: tuple[Command, ...] = (
         library=SamplingSettings,
         description="Sample from a run with its state/KV cache (one prefill, then one token "
         "per step).",
+    ),
+    Command(
+        "serve",
+        cmd_serve,
+        "serve a run over an OpenAI-compatible HTTP API (continuous batching)",
+        (
+            RUN,
+            opt("--host", "address to listen on (loopback only by default)", "host"),
+            opt("--port", "TCP port (0: any free one)", "port", type=at_least(0)),
+            opt(
+                "--api-key",
+                "require 'Authorization: Bearer KEY' (default: $LMLAB_API_KEY; none: no auth)",
+                "api_key",
+                metavar="KEY",
+            ),
+            opt("--max-batch", "rows decoded together", "max_batch", type=at_least(1)),
+            opt(
+                "--max-tokens-limit",
+                "largest max_tokens a request may ask for",
+                "max_tokens_limit",
+                type=at_least(1),
+            ),
+            opt(
+                "--max-prompt-tokens",
+                "longest prompt in tokens",
+                "max_prompt_tokens",
+                type=at_least(1),
+            ),
+            opt(
+                "--max-concurrent",
+                "requests in flight (running or queued) before 429",
+                "max_concurrent",
+                type=at_least(1),
+            ),
+            opt(
+                "--max-body-bytes",
+                "largest request body before 413",
+                "max_body_bytes",
+                type=at_least(1),
+            ),
+            opt(
+                "--prefill-chunk",
+                "prompt tokens prefilled between two decode steps (bounds the stall)",
+                "prefill_chunk",
+                type=at_least(1),
+            ),
+            DEVICE,
+        ),
+        library=serve,
+        description="Serve a run's newest valid checkpoint over an OpenAI-compatible HTTP API:\n"
+        "GET /v1/models, POST /v1/completions and /v1/chat/completions (stream=true for\n"
+        "server-sent events), GET /health. Requests join and leave one running batch between\n"
+        "decode steps. Chat needs the run's tokenizer/chat_template.jinja. SIGTERM or Ctrl-C\n"
+        "lets running requests finish, then exits. See docs/serving.md.",
+        epilog="Examples:\n"
+        "  lmlab serve runs/gpt-tiny-20260101-120000\n"
+        "  lmlab serve runs/gpt-tiny-20260101-120000 --port 8080 --api-key secret --max-batch 16",
     ),
     Command(
         "export",

@@ -62,6 +62,51 @@ def append_kv(state: KVState | None, k: torch.Tensor, v: torch.Tensor) -> KVStat
     return {"k": buf_k, "v": buf_v, "length": length + new}
 
 
+def stack_kv(states: list[KVState]) -> KVState:
+    """One cache for the rows of ``states`` (caches of any lengths, themselves stacked or not):
+    row ``b``'s keys at ``0 .. lengths[b] - 1``, zeros after (masked, and finite so that a zero
+    attention weight times them stays zero), and the per-row ``lengths``."""
+    lengths = torch.cat(
+        [
+            state.get("lengths", torch.full((state["k"].shape[0],), state["length"]))
+            for state in states
+        ]
+    ).to(states[0]["k"].device)
+    longest = max(state["length"] for state in states)
+    # the largest buffer's room, so that the next tokens do not have to grow it at once
+    capacity = max(state["k"].shape[1] for state in states)
+    stacked = {}
+    for name in ("k", "v"):
+        first = states[0][name]
+        buffer = first.new_zeros(len(lengths), capacity, *first.shape[2:])
+        row = 0
+        for state in states:
+            rows = state[name].shape[0]
+            buffer[row : row + rows, : state["length"]] = state[name][:, : state["length"]]
+            row += rows
+        stacked[name] = buffer
+    return stacked | {"length": longest, "lengths": lengths}
+
+
+def append_kv_rows(state: KVState, k: torch.Tensor, v: torch.Tensor) -> KVState:
+    """A :func:`stack_kv` cache after appending one token ``k, v [B, 1, H, D]`` to each row at
+    that row's own length; the buffer doubles when the longest row reaches its end."""
+    lengths = state["lengths"]
+    longest = int(lengths.max()) + 1
+    buf_k, buf_v = state["k"], state["v"]
+    if longest > buf_k.shape[1]:
+        capacity = max(longest, 2 * buf_k.shape[1])
+        grown_k = k.new_zeros(k.shape[0], capacity, *k.shape[2:])
+        grown_v = v.new_zeros(v.shape[0], capacity, *v.shape[2:])
+        grown_k[:, : state["length"]] = buf_k[:, : state["length"]]
+        grown_v[:, : state["length"]] = buf_v[:, : state["length"]]
+        buf_k, buf_v = grown_k, grown_v
+    rows = torch.arange(k.shape[0], device=k.device)
+    buf_k[rows, lengths] = k[:, 0]
+    buf_v[rows, lengths] = v[:, 0]
+    return {"k": buf_k, "v": buf_v, "length": longest, "lengths": lengths + 1}
+
+
 def append_window(state: KVState | None, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple:
     """Keys and values visible to the new queries, and the trimmed cache that the next call
     needs (its last ``window - 1`` entries): the cache never exceeds the window."""
@@ -179,6 +224,8 @@ class Attention(FeatureCounter, TokenMixer):
         q = q.view(batch, time, self.n_heads, self.head_dim)
         k = k.view(batch, time, self.n_kv_heads, self.head_dim)
         v = v.view(batch, time, self.n_kv_heads, self.head_dim)
+        if state is not None and "lengths" in state:
+            return self._attend_rows(q, k, v, state)
         offset = 0 if state is None else state["length"]
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
@@ -199,6 +246,38 @@ class Attention(FeatureCounter, TokenMixer):
         if conv_tail is not None:
             state = state | {"conv": conv_tail}
         return y, state
+
+    def stack_states(self, states: list[KVState]) -> KVState | None:
+        """Caches of any lengths as one (:func:`stack_kv`) for the plain configurations
+        (RoPE or no positions, no window, no CoPE, no ALiBi, exact decode, no q/k/v
+        convolution); None for the others, whose caches then stack only at equal lengths."""
+        plain = not (self.window or self.decode_top_k or self.alibi_slopes.numel())
+        if not plain or self.cope is not None or self.qkv_conv is not None:
+            return None
+        return stack_kv(states)
+
+    def _attend_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: KVState
+    ) -> tuple[torch.Tensor, KVState]:
+        """One decode step over a :func:`stack_kv` cache: each row's token at its own
+        position, attending to its own keys only."""
+        if q.shape[1] != 1:
+            raise ValueError("a cache of rows with different lengths decodes one token at a time")
+        lengths = state["lengths"]
+        if self.rotary is not None:
+            q, k = self.rotary(q, lengths), self.rotary(k, lengths)
+        state = append_kv_rows(state, k, v)
+        keys, values = state["k"][:, : state["length"]], state["v"][:, : state["length"]]
+        visible = torch.arange(keys.shape[1], device=q.device)[None, :] < state["lengths"][:, None]
+        q, keys, values = (t.transpose(1, 2) for t in (q, keys, values))
+        y = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=visible[:, None, None, :],
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )
+        return y.transpose(1, 2), state
 
     def _alibi_bias(self, tq: int, tk: int, offset: int, key_start: int) -> torch.Tensor | None:
         """``-slope_h * (i - j)`` for each head, query ``i`` and key ``j``; None without ALiBi."""

@@ -18,7 +18,7 @@ import dataclasses
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -100,6 +100,15 @@ class TokenMixer(Mixer):
     """True when the decode state keeps something per past token (an attention cache without a
     window, Hyena's past inputs): truncated BPTT, which carries the state across the whole
     stream, refuses such a mixer."""
+
+    def stack_states(self, states: list[Any]) -> Any | None:
+        """One decode state holding the rows of ``states`` (each a batch of rows) although
+        they differ in more than the batch size (e.g. attention caches of different lengths),
+        so that requests at different points decode in one forward (``lmlab serve``'s
+        continuous batching); the result must decode one token at a time and its rows be
+        selectable along dim 0 of every tensor. None (the default): the server stacks only
+        states whose shapes match exactly."""
+        return None
 
 
 class ChannelMixer(Mixer):

@@ -27,8 +27,13 @@ class Rotary(nn.Module):
             self._cos, self._sin = rope_tables(positions, self.head_dim, self.theta)
         return self._cos, self._sin
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x [B, T, H, D]`` whose first token sits at position ``offset``."""
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Rotate ``x [B, T, H, D]`` whose first token sits at position ``offset``, or at
+        ``offset[b]`` in row ``b`` for a tensor ``offset [B]`` (rows of different lengths)."""
+        if isinstance(offset, torch.Tensor):
+            positions = offset[:, None] + torch.arange(x.shape[1], device=offset.device)
+            cos, sin = self._table(int(positions.max()) + 1, x.device)
+            return apply_rope(x, cos[positions], sin[positions])
         cos, sin = self._table(offset + x.shape[1], x.device)
         span = slice(offset, offset + x.shape[1])
         return apply_rope(x, cos[span], sin[span])

@@ -1,0 +1,267 @@
+"""Load test of ``lmlab serve`` on loopback, and its overhead against ``lmlab generate``.
+
+For each mixer family (attention, and GLA as the recurrent one) at the ``gpt-tiny`` preset's
+size, a run is trained for ONE step (so its weights are in effect random: decode speed does
+not depend on them) and served by ``python -m lmlab serve`` in a child process. Then:
+
+1. one streaming client alone: tokens/s, time to first token (TTFT), inter-token latency (ITL);
+2. ``--clients`` concurrent streaming clients (prompts of different lengths), each making
+   ``--requests`` requests of ``--tokens`` tokens: errors, complete streams, aggregate tokens/s
+   and its ratio to the lone stream's, p50/p99 TTFT and ITL;
+3. decode tokens/s at batch 1 (greedy, timed from the first token to the last, so prefill is
+   left out) through the server against ``lmlab generate``'s path (``stream_tokens`` in this
+   process, same threads), in alternating rounds: the server's overhead.
+
+Everything is bounded: a fixed number of requests, and ``--max-seconds`` per phase.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_serve.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from lmlab.cli import main as lmlab_main
+from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.train.run import load_trained_model
+
+LINES = [
+    "ROMEO:",
+    "But, soft! what light through yonder window breaks?",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
+    "To be, or not to be, that is the question:",
+    "Now is the winter of our discontent",
+    "Friends, Romans, countrymen, lend me your ears;",
+    "All the world's a stage,\nAnd all the men and women merely players;",
+    "HAMLET:",
+]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def train_run(folder: Path, mixer: str) -> Path:
+    """The gpt-tiny preset with ``mixer``, trained one step (weights in effect random)."""
+    argv = ["train", "--quiet", "--preset", "gpt-tiny", f"model.mixer={mixer}"]
+    argv += ["train.max_steps=1", "train.max_time=0", "train.eval_batches=1"]
+    with contextlib.redirect_stdout(sys.stderr):
+        assert lmlab_main([*argv, f"out_dir={folder}", f"name={mixer}"]) == 0
+    return folder / mixer
+
+
+class Server:
+    """``python -m lmlab serve RUN --port 0`` in a child process, stopped with SIGTERM."""
+
+    def __init__(self, run: Path, threads: int, max_batch: int) -> None:
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = os.environ | {"PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
+        command = [sys.executable, "-m", "lmlab", "serve", str(run), "--port", "0"]
+        command += ["--max-batch", str(max_batch), "--max-tokens-limit", "4096"]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        banner = self.process.stderr.readline()
+        if not banner.startswith("serving "):
+            raise RuntimeError(f"the server did not start: {banner}")
+        self.url = banner.split()[3]
+        self.model = run.name
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+async def one_stream(
+    http: httpx.AsyncClient, server: Server, prompt: str, tokens: int, temperature: float = 0.8
+) -> dict:
+    """One streaming request: when its pieces of text arrived, its token count (the usage
+    chunk) and whether it completed (all ``tokens``, finish reason ``length``, ``[DONE]``).
+    Read as raw server-sent events: the clients share the server's two cores, so they parse
+    as little as they can (the tests use the ``openai`` client)."""
+    body = {
+        "model": server.model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    finish, used, done = None, 0, False
+    async with http.stream("POST", f"{server.url}/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            for choice in chunk["choices"]:
+                if choice["text"]:
+                    arrivals.append(time.perf_counter())
+                finish = choice["finish_reason"] or finish
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+    return {
+        "ttft": arrivals[0] - start if arrivals else float("nan"),
+        "gaps": [b - a for a, b in itertools.pairwise(arrivals)],
+        "arrivals": arrivals,
+        "tokens": used,
+        "complete": done and finish == "length" and used == tokens,
+    }
+
+
+async def load(server: Server, clients: int, requests: int, tokens: int, limit: float) -> dict:
+    """``clients`` concurrent clients, each making ``requests`` streaming requests in turn."""
+    results: list[dict] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=limit, limits=limits) as http:
+
+        async def client(i: int) -> None:
+            for r in range(requests):
+                try:
+                    prompt = LINES[(i + r) % len(LINES)]
+                    results.append(await one_stream(http, server, prompt, tokens))
+                except Exception as exc:  # counted and reported, never hidden
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), limit)
+        wall = time.perf_counter() - start
+    gaps = [gap for result in results for gap in result["gaps"]]
+    ttfts = [result["ttft"] for result in results]
+    return {
+        "requests": clients * requests,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "complete": sum(result["complete"] for result in results),
+        "tokens_per_s": sum(result["tokens"] for result in results) / wall,
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p99": percentile(ttfts, 0.99),
+        "itl_p50": percentile(gaps, 0.5),
+        "itl_p99": percentile(gaps, 0.99),
+    }
+
+
+def decode_rate_server(server: Server, tokens: int) -> float:
+    """Greedy decode tokens/s of one stream through the server, first token to last."""
+
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(timeout=300) as http:
+            return (await one_stream(http, server, LINES[1], tokens, temperature=0.0))["arrivals"]
+
+    arrivals = asyncio.run(run())
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+def decode_rate_generate(run: Path, tokens: int) -> float:
+    """The same through ``lmlab generate``'s path (``stream_tokens``), first token to last."""
+    _, model, tokenizer, _ = load_trained_model(run)
+    prompt = torch.tensor([tokenizer.encode(LINES[1])])
+    arrivals = []
+    for _ in stream_tokens(model, prompt, tokens, SamplingSettings(temperature=0.0)):
+        arrivals.append(time.perf_counter())
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[list[object]]:
+    run = train_run(folder, mixer)
+    server = Server(run, args.threads, args.clients)
+    try:
+        asyncio.run(load(server, 1, 1, 8, args.max_seconds))  # warm-up, not reported
+        lone = asyncio.run(load(server, 1, args.requests, args.tokens, args.max_seconds))
+        many = asyncio.run(load(server, args.clients, args.requests, args.tokens, args.max_seconds))
+        served, direct = [], []
+        for _ in range(args.rounds):  # alternating, so a busy neighbour hits both alike
+            served.append(decode_rate_server(server, args.decode_tokens))
+            direct.append(decode_rate_generate(run, args.decode_tokens))
+    finally:
+        server.stop()
+    serve_rate, generate_rate = statistics.median(served), statistics.median(direct)
+    rows = []
+    for label, result in (("1 client", lone), (f"{args.clients} clients", many)):
+        rows.append(
+            [
+                mixer,
+                label,
+                f"{result['requests'] - result['errors']}/{result['requests']}",
+                f"{result['complete']}/{result['requests']}",
+                f"{result['tokens_per_s']:.0f}",
+                f"{result['tokens_per_s'] / lone['tokens_per_s']:.1f}x",
+                f"{1000 * result['ttft_p50']:.0f} / {1000 * result['ttft_p99']:.0f}",
+                f"{1000 * result['itl_p50']:.1f} / {1000 * result['itl_p99']:.1f}",
+            ]
+        )
+        if result["first_error"]:
+            print(f"{mixer}, {label}: first error: {result['first_error']}", file=sys.stderr)
+    overhead = (generate_rate - serve_rate) / generate_rate
+    rows.append(
+        [
+            mixer,
+            "batch 1 decode",
+            "",
+            "",
+            f"{serve_rate:.0f} (generate: {generate_rate:.0f})",
+            f"overhead {100 * overhead:.1f}%",
+            "",
+            "",
+        ]
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mixers", default="attention,gla")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5, help="decode-rate rounds (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="bound per phase")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads; gpt-tiny size, trained 1 step; "
+        f"{args.requests} requests x {args.tokens} tokens per client, temperature 0.8\n"
+    )
+    header = ["model", "load", "ok", "complete", "tokens/s", "vs 1 client", "TTFT p50/p99 ms"]
+    header.append("ITL p50/p99 ms")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    with tempfile.TemporaryDirectory() as scratch:
+        for mixer in args.mixers.split(","):
+            for row in bench_family(args, Path(scratch), mixer):
+                print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving a run over an OpenAI-compatible HTTP API with continuous batching (``lmlab serve``)."""

@@ -1,0 +1,175 @@
+"""``lmlab serve``: load a run, start the scheduler and the HTTP server, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmlab.errors import LmlabError, ParamError
+from lmlab.serve.limits import Limits
+from lmlab.train.run import TOKENIZER_DIR, load_trained_model, open_run
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from lmlab.serve.app import Service
+    from lmlab.serve.scheduler import Decoder
+
+API_KEY_ENV = "LMLAB_API_KEY"
+"""Where ``serve`` reads the API key when ``--api-key`` is not given."""
+
+
+def open_service(
+    run: str | Path,
+    device: str = "auto",
+    max_batch: int = 32,
+    prefill_chunk: int = 256,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    decoder: Callable[..., Decoder] | None = None,
+) -> Service:
+    """The run's model, tokenizer and chat template behind a (not yet started) scheduler;
+    ``decoder(model)`` replaces the plain one-token decode step (e.g. speculative decoding)."""
+    from lmlab.serve.app import Service
+    from lmlab.serve.chat import load_chat_template
+    from lmlab.serve.scheduler import Scheduler
+    from lmlab.train.device import pick_device
+
+    for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+        if value < 1:
+            raise ParamError(f"<{name}>={value} must be at least 1", name)
+    limits = limits or Limits()
+    for name in ("max_tokens", "max_prompt_tokens", "max_concurrent", "max_body_bytes"):
+        if getattr(limits, name) < 1:
+            param = "max_tokens_limit" if name == "max_tokens" else name
+            raise ParamError(f"<{param}>={getattr(limits, name)} must be at least 1", param)
+    if api_key is not None and not api_key.strip():
+        raise ParamError("<api_key> is empty; give a key or leave it out", "api_key")
+    run_dir, _ = open_run(run)
+    _, model, tokenizer, _ = load_trained_model(run_dir, pick_device(device))
+    scheduler = Scheduler(
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
+        decoder=decoder(model) if decoder else None,
+    )
+    template = load_chat_template(run_dir / TOKENIZER_DIR)
+    return Service(run_dir.name, tokenizer, scheduler, template, limits, api_key)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one), or a one-line error."""
+    if not 0 <= port <= 65535:
+        raise ParamError(f"<port>={port} must be in 0..65535 (0: any free port)", "port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise LmlabError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(service: Service, sock: socket.socket) -> uvicorn.Server:
+    """A uvicorn server for ``service``, to run on ``sock``. On SIGTERM or Ctrl-C uvicorn
+    stops accepting connections and waits for the open ones (running streams finish); the
+    service refuses new requests on kept-alive connections (503) from that moment."""
+    import uvicorn
+
+    from lmlab.serve.app import create_app
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            service.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        create_app(service),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=5,
+    )
+    return DrainingServer(config)
+
+
+@contextmanager
+def serving_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``service`` from a background thread of this process (tests, benchmarks) and
+    yield its base URL (``http://host:port/v1``); on exit it drains and stops like SIGTERM."""
+    sock = bind(host, port)
+    server = make_server(service, sock)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread ended before it started")
+            time.sleep(0.01)
+        bound_host, bound_port = sock.getsockname()[:2]
+        yield f"http://{bound_host}:{bound_port}/v1"
+    finally:
+        service.draining = True
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(
+    run: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_tokens_limit: int = 1024,
+    max_prompt_tokens: int = 2048,
+    max_concurrent: int = 64,
+    max_body_bytes: int = 1_000_000,
+    prefill_chunk: int = 256,
+    device: str = "auto",
+) -> None:
+    """Serve ``run`` until SIGTERM or Ctrl-C, which drain the running requests first.
+    ``api_key`` (else ``$LMLAB_API_KEY``) turns on bearer-token auth."""
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    limits = Limits(max_tokens_limit, max_prompt_tokens, max_concurrent, max_body_bytes)
+    sock = bind(host, port)
+    try:
+        service = open_service(run, device, max_batch, prefill_chunk, limits, api_key)
+        bound_host, bound_port = sock.getsockname()[:2]
+        print(
+            f"serving {service.name} on http://{bound_host}:{bound_port}/v1 "
+            f"(batch {max_batch}, auth {'on' if api_key else 'off'}, "
+            f"batching {'stacked' if service.scheduler.batcher.enabled else 'per request'})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not is_loopback(host) and not api_key:
+            print(
+                f"warning: listening on {host} without --api-key: anyone who can reach this "
+                "port can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        make_server(service, sock).run(sockets=[sock])
+    finally:
+        sock.close()
