@@ -54,6 +54,25 @@ def _file(root: Path, kind: str) -> Path:
     return path
 
 
+def _records(root: Path, kind: str) -> Path:
+    """A JSONL or Parquet corpus with one fault."""
+    good = [json.dumps({"text": "to be or not to be " * 20})] * 30
+    path = root / "data.jsonl"
+    if kind == "jsonl line not JSON":
+        path.write_text("\n".join([*good[:4], '{"text": "cut off', *good]) + "\n")
+    elif kind == "jsonl line without the field":
+        path.write_text("\n".join([*good[:6], json.dumps({"body": "x", "id": 7}), *good]))
+    elif kind == "jsonl of blank texts":
+        path.write_text("\n".join([json.dumps({"text": "  "})] * 5))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = root / "data.parquet"
+        pq.write_table(pa.table({"content": ["to be " * 100] * 3, "id": [1, 2, 3]}), path)
+    return path
+
+
 CASES = {
     "empty file": ("is empty", _file),
     "binary": ("is not UTF-8", _file),
@@ -61,6 +80,13 @@ CASES = {
     "too short": ("needs at least", _file),
     "missing": ("does not exist", _file),
     "folder without text": ("no non-empty", _file),
+    "jsonl line not JSON": ("data.jsonl:5 is not JSON", _records),
+    "jsonl line without the field": (
+        "data.jsonl:7 has no field 'text' (it has: body, id)",
+        _records,
+    ),
+    "jsonl of blank texts": ("data.jsonl holds only blank documents", _records),
+    "parquet without the column": ("has no column 'text' (its columns: content, id)", _records),
     "truncated tokens": ("should hold", _shards),
     "manifest not JSON": ("is damaged", _shards),
     "manifest without counts": ("is damaged", _shards),
