@@ -32,6 +32,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import shutil
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 from lmlab.data.corpus import SEPARATOR
 from lmlab.data.shards import (
     MANIFEST_FILE,
+    SETTINGS_FILE,
     ShardWriter,
     fsync_dir,
     manifest,
@@ -67,12 +69,15 @@ from lmlab.data.tokenizers import (
 )
 from lmlab.errors import LmlabError, ParamError
 
-SETTINGS_FILE = "prepare.json"
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
 ENCODE_CHARS = 1 << 20
 """Text a worker gathers per split before encoding it: bounds a worker's memory."""
 READ_BYTES = 1 << 20
+
+
+def _megabytes(value: float) -> int:
+    return max(int(value * (1 << 20)), 1)
 
 
 def document_side(name: str, val_fraction: float, seed: int) -> str:
@@ -239,9 +244,11 @@ def _check_params(
             "so use at least 257 (e.g. 1000)",
             "vocab_size",
         )
-    for value, name in ((workers, "workers"), (shard_mb, "shard_mb"), (sample_mb, "sample_mb")):
-        if value < 1:
-            raise ParamError(f"<{name}>={value} must be at least 1", name)
+    if workers < 1:
+        raise ParamError(f"<workers>={workers} must be at least 1", "workers")
+    for value, name in ((shard_mb, "shard_mb"), (sample_mb, "sample_mb")):
+        if not 0 < value < math.inf:
+            raise ParamError(f"<{name}>={value} must be a finite number above 0", name)
     if not 0 < val_fraction < 1:
         raise ParamError(f"<val_fraction>={val_fraction} must be between 0 and 1", "val_fraction")
 
@@ -369,8 +376,8 @@ def prepare_shards(
     text_field: str = "text",
     val_fraction: float = 0.1,
     seed: int = 0,
-    shard_mb: int = 16,
-    sample_mb: int = 32,
+    shard_mb: float = 16.0,
+    sample_mb: float = 32.0,
     show_progress: bool = True,
 ) -> dict:
     """Tokenise ``source`` (anything ``data.path`` reads) into the shard folder ``out``; a rerun
@@ -378,7 +385,7 @@ def prepare_shards(
     encoded now and skipped as already done, seconds."""
     _check_params(tokenizer, vocab_size, workers, val_fraction, shard_mb, sample_mb)
     root = resolve_source(source)
-    segments = plan_segments(root, text_field, shard_mb << 20, tail=val_fraction)
+    segments = plan_segments(root, text_field, _megabytes(shard_mb), tail=val_fraction)
     requested = (
         {"from": str(_tokenizer_source(tokenizer_from).resolve())}
         if tokenizer_from
@@ -416,7 +423,7 @@ def _prepare(
     _remove_leftovers(out)
     encoder = _tokenizer(out, segments, settings, tokenizer_from)
     checksum, itemsize = tokenizer_checksum(encoder), encoder.dtype.itemsize
-    units = pack(segments, settings["shard_mb"] << 20)
+    units = pack(segments, _megabytes(settings["shard_mb"]))
     records: dict[int, dict] = {}
     jobs = []
     for index, unit in enumerate(units):
@@ -460,7 +467,7 @@ def _tokenizer(
     elif requested["kind"] == "byte":
         tokenizer = train_tokenizer("byte", [])
     else:
-        limit = settings["sample_mb"] << 20
+        limit = _megabytes(settings["sample_mb"])
         texts = _sample(
             segments, settings["text_field"], settings["val_fraction"], settings["seed"], limit
         )

@@ -27,6 +27,8 @@ from lmlab.data.tokens import ShardedTokens, TokenData
 from lmlab.errors import LmlabError
 
 MANIFEST_FILE = "manifest.json"
+SETTINGS_FILE = "prepare.json"
+"""Written first by ``lmlab prepare``; a folder with it but no manifest is an unfinished one."""
 LEGACY_META_FILE = "meta.json"
 SPLITS = ("train", "val")
 FORMAT_VERSION = 2
@@ -34,10 +36,12 @@ _HASH_BLOCK = 1 << 23
 
 
 def is_shard_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a shard folder (this format or the first one)."""
+    """Whether ``path`` is a shard folder (this format or the first one), finished or not."""
     path = Path(path)
-    return (path / MANIFEST_FILE).is_file() or (
-        (path / LEGACY_META_FILE).is_file() and (path / "train.bin").is_file()
+    return (
+        (path / MANIFEST_FILE).is_file()
+        or (path / SETTINGS_FILE).is_file()
+        or ((path / LEGACY_META_FILE).is_file() and (path / "train.bin").is_file())
     )
 
 
@@ -240,15 +244,16 @@ def read_shards(directory: str | Path) -> tuple[TokenData, Tokenizer]:
     split as a read-only ``np.memmap`` (one shard) or :class:`ShardedTokens` (several)."""
     root = Path(directory)
     if not is_shard_dir(root):
-        unfinished = (root / "prepare.json").is_file()
         raise LmlabError(
-            f"{root} is an unfinished lmlab prepare; run the same lmlab prepare command again "
-            "to finish it"
-            if unfinished
-            else f"{root} is not a token-shard folder (needs {MANIFEST_FILE}); write one with "
+            f"{root} is not a token-shard folder (needs {MANIFEST_FILE}); write one with "
             "lmlab prepare"
         )
     if not (root / MANIFEST_FILE).is_file():
+        if (root / SETTINGS_FILE).is_file():
+            raise LmlabError(
+                f"{root} is an unfinished lmlab prepare; run the same lmlab prepare command "
+                "again to finish it"
+            )
         return _read_legacy(root)
     meta, dtype = _read_manifest(root)
     tokenizer = load_tokenizer(root / "tokenizer")
