@@ -5,6 +5,11 @@ the first shard format still read."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +195,56 @@ def test_prepare_then_train_through_the_cli(corpus, tmp_path, capsys):
              "train.eval_batches=1", f"data.path={out}", f"out_dir={runs}", "name=r"]  # fmt: skip
     assert main(train) == 0
     assert (runs / "r" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_then_the_same_command_finishes_like_a_clean_run(tmp_path):
+    source = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "a line of a long corpus, with some words in it " * 40}) + "\n"
+    source.write_text("".join(line.replace("corpus", f"corpus {i}") for i in range(12_000)))
+    argv = [str(source), "--tokenizer", "char", "--workers", "2", "--shard-mb", "0.2", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lmlab", "prepare", *argv, "--out", str(killed)],
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list((killed / "parts").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert list((killed / "parts").glob("*.json")) and not (killed / "manifest.json").exists()
+    assert main(["prepare", *argv, "--out", str(killed)]) == 0
+    assert main(["prepare", *argv, "--out", str(tmp_path / "clean")]) == 0
+    shards = [
+        json.loads((f / "manifest.json").read_text())["shards"]
+        for f in (killed, tmp_path / "clean")
+    ]
+    assert shards[0] == shards[1] and len(shards[0]) > 20
+
+
+@pytest.mark.slow
+def test_a_corpus_larger_than_the_process_memory_streams_through(tmp_path):
+    """A 256 MB text file is prepared by a process whose peak resident memory stays far below
+    the file's size: nothing holds the corpus whole."""
+    source = tmp_path / "big.txt"
+    block = "".join(f"line {i}: some text of a long book\n" for i in range(30_000)).encode()
+    with source.open("wb") as f:
+        while f.tell() < 256 << 20:
+            f.write(block)
+    script = (  # VmHWM, not ru_maxrss: that one keeps the forking parent's (pytest's) peak
+        "import sys; from lmlab.data.prepare import prepare_shards; "
+        "prepare_shards(sys.argv[1], sys.argv[2], 'byte', workers=1, show_progress=False); "
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(tmp_path / "shards")],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    peak_mb = int(done.stdout.split()[-1]) / 1024
+    assert peak_mb < 160, peak_mb
+    data, _ = read_shards(tmp_path / "shards")
+    assert len(data.train) + len(data.val) == source.stat().st_size + len(SEPARATOR)

@@ -27,6 +27,7 @@ its unknown id; their number is reported.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -34,10 +35,11 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lmlab.data.corpus import SEPARATOR
@@ -350,14 +352,35 @@ def _source_record(root: Path) -> dict:
     return {"path": str(root.resolve()), "files": files}
 
 
+@contextlib.contextmanager
+def _single_threaded_tokenizers() -> Iterator[None]:
+    """``TOKENIZERS_PARALLELISM=false`` while workers are forked, unless the user set it: each
+    worker is one process of the parallelism, and ``tokenizers`` otherwise warns on every fork
+    after its thread pool was used (BPE training) and turns it off anyway."""
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
 def _run_jobs(jobs: list[Job], workers: int, on_done: Callable[[dict], None]) -> None:
+    """Encode ``jobs`` here (one worker) or in a pool of forked processes. Forked, not spawned:
+    a spawned worker imports the caller's main module again (the ``lmlab`` script imports
+    torch: seconds and hundreds of MB per worker), while a forked one shares the parent's
+    memory; the workers use only numpy and ``tokenizers``, never torch's threads."""
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             on_done(encode_unit(job))
         return
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    context = multiprocessing.get_context("fork")
+    with _single_threaded_tokenizers():
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context)
         futures = [pool.submit(encode_unit, job) for job in jobs]
+    with pool:
         try:
             for future in concurrent.futures.as_completed(futures):
                 on_done(future.result())
