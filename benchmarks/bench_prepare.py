@@ -127,9 +127,8 @@ def main() -> None:
             f"{n_bytes / 1e6 / s:.1f}",
             f"{t / 1e6:.1f}",
             f"{t / 1e6 / s:.2f}",
-            rss,
         )
-        for k, label, s, t, rss in rows
+        for k, label, s, t in rows
     ]
     print_table(header, table, align="llrrrr")
 
