@@ -100,7 +100,7 @@ def _worker_tokenizer(kind: str, state: str) -> Tokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """What a worker needs to encode one segment (plain data: it crosses a process boundary)."""
+    """What a worker needs to encode one unit (plain data: it crosses a process boundary)."""
 
     index: int
     segments: tuple[Segment, ...]
