@@ -6,11 +6,11 @@ runs it in worker processes; this shows what that costs against the field's enco
 text already in memory (its best case: no reading, no writing). The text is the embedded
 Shakespeare corpus, one work per JSONL line, repeated to about ``--mb`` megabytes. BPE: a
 byte-level BPE of ``--vocab-size`` trained by lmlab once (not timed) and handed to both sides,
-so both produce the same vocabulary. ``encode_batch`` gets the documents 16 at a time (all at
-once would hold every ``Encoding`` of 50 MB in memory: over 6 GB for bytes). Byte: lmlab's byte tokenizer against a 256-token
-byte-level BPE (no merges) in ``tokenizers``. Each row is timed once, after an untimed warm-up
-on a small part. (Memory: tests/test_shards.py checks that a 256 MB file is prepared with a
-peak resident set of well under 160 MB.)
+so both produce the same vocabulary. Byte: lmlab's byte tokenizer against a 256-token
+byte-level BPE (no merges) in ``tokenizers``. ``encode_batch`` gets the documents 16 at a time
+(all at once would hold every ``Encoding`` of 50 MB in memory: over 6 GB for bytes). Each row
+is timed once, after an untimed warm-up on a small part. (Memory: tests/test_shards.py checks
+that a 256 MB file is prepared with a peak resident set well under 160 MB.)
 
 Usage:
     PYTHONPATH=src .venv/bin/python benchmarks/bench_prepare.py [--mb 50] [--workers 2]
