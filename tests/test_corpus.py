@@ -150,7 +150,7 @@ def test_empty_file_and_folder_are_user_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(LmlabError, match="is empty"):
         read_text_source(tmp_path / "empty.txt")
-    with pytest.raises(LmlabError, match=r"no non-empty \.txt/\.md/\.text files"):
+    with pytest.raises(LmlabError, match=r"no non-empty \.txt/\.md/\.text/\.jsonl/.* files"):
         read_text_source(tmp_path)
 
 

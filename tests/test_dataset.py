@@ -154,9 +154,9 @@ def test_eval_batches_cover_a_short_split_once():
 def test_shards_round_trip_through_memmap(tmp_path, two_files):
     data, tok = prepare_data(DataConfig(path=str(two_files), seq_len=8))
     write_shards(tmp_path / "shards", data, tok)
-    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert meta["dtype"] == "uint16" and meta["train_tokens"] == len(data.train)
-    assert (tmp_path / "shards" / "train.bin").stat().st_size == 2 * len(data.train)
+    assert (tmp_path / "shards" / "train-00000.bin").stat().st_size == 2 * len(data.train)
     loaded, loaded_tok = read_shards(tmp_path / "shards")
     assert isinstance(loaded.train, np.memmap) and isinstance(loaded.val, np.memmap)
     assert np.array_equal(loaded.train, data.train) and np.array_equal(loaded.val, data.val)
@@ -193,12 +193,15 @@ def test_damaged_shards_are_user_errors(tmp_path):
     with pytest.raises(LmlabError, match="not a token-shard folder"):
         read_shards(tmp_path)
     write_shards(tmp_path, data, tok)
-    (tmp_path / "val.bin").write_bytes(b"\x00" * 7)
+    (tmp_path / "val-00000.bin").write_bytes(b"\x00" * 7)
     with pytest.raises(LmlabError, match="should hold 20 tokens"):
         read_shards(tmp_path)
-    (tmp_path / "val.bin").unlink()
+    (tmp_path / "val-00000.bin").write_bytes(b"\x01" * 40)
+    with pytest.raises(LmlabError, match="does not match its checksum"):
+        read_shards(tmp_path)
+    (tmp_path / "val-00000.bin").unlink()
     with pytest.raises(LmlabError, match="is missing"):
         read_shards(tmp_path)
-    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(LmlabError, match="damaged"):
         read_shards(tmp_path)

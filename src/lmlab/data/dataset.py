@@ -43,7 +43,8 @@ def prepare_data(
     are used as they are: ``cfg.tokenizer``, ``vocab_size``, ``edition``, ``split``,
     ``val_fraction`` and ``seed`` were fixed when the shards were written and are ignored.
     """
-    if cfg.path and is_shard_dir(cfg.path):
+    from_shards = bool(cfg.path) and is_shard_dir(cfg.path)
+    if from_shards:
         data, shard_tokenizer = read_shards(cfg.path)
         if tokenizer is not None and tokenizer != shard_tokenizer:
             raise LmlabError(
@@ -52,7 +53,11 @@ def prepare_data(
             )
         tokenizer = shard_tokenizer
     else:
-        docs = read_text_source(cfg.path) if cfg.path else load_embedded_corpus(cfg.edition)
+        docs = (
+            read_text_source(cfg.path, cfg.text_field)
+            if cfg.path
+            else load_embedded_corpus(cfg.edition)
+        )
         train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split, cfg.seed)
         if tokenizer is None:
             tokenizer = train_tokenizer(cfg.tokenizer, [d.text for d in train_docs], cfg.vocab_size)
@@ -63,9 +68,10 @@ def prepare_data(
             train_bytes=len(train_text.encode("utf-8")),
             val_bytes=len(val_text.encode("utf-8")),
         )
-        warn_unknown(tokenizer, [data.train, data.val], "the data")
     require_tokens(len(data.train), cfg.seq_len + 1, "training split")
     require_tokens(len(data.val), cfg.seq_len + 1, "validation split")
+    if not from_shards:
+        warn_unknown(tokenizer, [data.train, data.val], "the data")
     return data, tokenizer
 
 
