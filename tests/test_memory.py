@@ -135,8 +135,7 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = [f"{i} the quick brown fox {i * 7 % 13} jumps over the lazy dog." for i in range(900)]
     (root / "text.txt").write_text("\n".join(lines), encoding="utf-8")
     assert (
-        main(["train", "--quiet", *TINY, f"data.path={root / 'text.txt'}", f"out_dir={root}"])
-        == 0
+        main(["train", "--quiet", *TINY, f"data.path={root / 'text.txt'}", f"out_dir={root}"]) == 0
     )
     return next(p for p in root.iterdir() if p.is_dir())
 
@@ -219,7 +218,8 @@ def test_ivfpq_store_builds_and_serves(text_run, tmp_path):
     store = open_store(tmp_path / "pq")
     assert store.size == 12_000
     distances, values = store.search(torch.randn(3, 32), 8)
-    assert values.shape == (3, 8) and (values < 40).all()
+    assert values.shape == (3, 8) and ((values >= 0) & (values < 40)).all()
+    assert torch.isfinite(distances).all() and (distances.diff(dim=1) >= 0).all()
     with pytest.raises(ParamError, match="index=ivfpq needs at least 10000"):
         build_store(text_run, tmp_path / "small", index="ivfpq", max_tokens=500)
     assert not (tmp_path / "small").exists()
