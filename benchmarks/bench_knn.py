@@ -144,13 +144,12 @@ def clustered(count: int, seed: int, centres: np.ndarray) -> np.ndarray:
     return (centres[picks] + rng.standard_normal((count, DIM), dtype=np.float32)).astype(np.float32)
 
 
-def latency(args: argparse.Namespace) -> None:
+def latency_rows(args: argparse.Namespace):
+    """One row per (size, index kind), yielded as soon as it is measured."""
     centres = np.random.default_rng(0).standard_normal((4096, DIM), dtype=np.float32) * 3
     queries = clustered(args.query_batch, 99, centres)
-    rows = []
     for size in numbers(args.sizes, int):
-        kinds = ["flat", "ivfpq"] if size <= FLAT_LIMIT else ["ivfpq"]
-        for kind in kinds:
+        for kind in ["flat", "ivfpq"] if size <= FLAT_LIMIT else ["ivfpq"]:
             index = new_index(DIM, size, resolve_index_kind(kind, size))
             started = time.perf_counter()
             if kind == "ivfpq":
@@ -176,19 +175,20 @@ def latency(args: argparse.Namespace) -> None:
                 if kind == "ivfpq"
                 else "exact"
             )
-            rows.append(
-                (
-                    f"{size:,}",
-                    kind,
-                    setting,
-                    f"{size_mb:,.0f}",
-                    f"{trained - started:.1f}",
-                    f"{size / (added - trained):,.0f}",
-                    f"{1000 * np.median(single):.3f}",
-                    f"{1000 * batched:.3f}",
-                )
+            yield (
+                f"{size:,}",
+                kind,
+                setting,
+                f"{size_mb:,.0f}",
+                f"{trained - started:.1f}",
+                f"{size / (added - trained):,.0f}",
+                f"{1000 * np.median(single):.3f}",
+                f"{1000 * batched:.3f}",
             )
             del index
+
+
+def latency(args: argparse.Namespace) -> None:
     print_table(
         (
             "entries",
@@ -200,7 +200,7 @@ def latency(args: argparse.Namespace) -> None:
             "ms/token (1 query)",
             f"ms/token ({args.query_batch} per call)",
         ),
-        rows,
+        latency_rows(args),
         align="lllrrrrr",
     )
 
@@ -221,8 +221,8 @@ def main() -> None:
     lat = sections.add_parser("latency")
     lat.add_argument("--sizes", default="1000000,10000000")
     lat.add_argument("--k", type=int, default=16)
-    lat.add_argument("--query-batch", type=int, default=4096)
-    lat.add_argument("--single-queries", type=int, default=200)
+    lat.add_argument("--query-batch", type=int, default=1024)
+    lat.add_argument("--single-queries", type=int, default=50)
     lat.add_argument("--chunk", type=int, default=500_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
