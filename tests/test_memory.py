@@ -26,7 +26,7 @@ from lmlab.memory.knn import (
 )
 from lmlab.memory.store import KnnStore, build_store, ivfpq_params, new_index, open_store
 from lmlab.model.generate import SamplingSettings, generate
-from lmlab.train.run import load_trained_model
+from lmlab.train.run import RunHold, load_trained_model
 
 TINY = [
     "model.d_model=32",
@@ -223,3 +223,19 @@ def test_ivfpq_store_builds_and_serves(text_run, tmp_path):
     with pytest.raises(ParamError, match="index=ivfpq needs at least 10000"):
         build_store(text_run, tmp_path / "small", index="ivfpq", max_tokens=500)
     assert not (tmp_path / "small").exists()
+
+
+def test_a_second_build_of_the_same_folder_is_refused(text_run, tmp_path):
+    (tmp_path / "s").mkdir()
+    hold = RunHold(tmp_path / "s")
+    try:
+        with pytest.raises(LmlabError, match="in use by another lmlab process"):
+            build_store(text_run, tmp_path / "s", max_tokens=100, show_progress=False)
+    finally:
+        hold.release()
+    assert build_store(text_run, tmp_path / "s", max_tokens=100, show_progress=False)["complete"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "index.faiss",
+        "manifest.json",
+        "values.npy",
+    ]

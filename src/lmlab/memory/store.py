@@ -24,6 +24,7 @@ them against the model that queries it.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import shutil
@@ -31,18 +32,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lmlab.data.dataset import prepare_data, with_source
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from lmlab.train.run import load_run_checkpoint, tokenizer_digest
+from lmlab.train.run import LOCK_FILE, RunHold, load_run_checkpoint, tokenizer_digest
+
+if TYPE_CHECKING:
+    import faiss
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,6 +63,18 @@ MAX_NLIST = 1024
 """Adding a key to an inverted file costs ``nlist * d`` (its nearest cell); with 4096 cells a
 10M-entry build took several times longer on 2 cores, for a small gain in query time."""
 SAMPLE_SEED = 0
+
+
+def require_faiss() -> ModuleType:
+    """FAISS, imported when first needed: it is the optional ``memory`` extra, and the rest of
+    lmlab (the CLI included) must work without it."""
+    try:
+        import faiss
+    except ImportError:
+        raise LmlabError(
+            "the retrieval memory needs FAISS; install it with pip install 'lmlab[memory]'"
+        ) from None
+    return faiss
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ def resolve_index_kind(kind: str, count: int) -> str:
 
 def new_index(dim: int, count: int, kind: str) -> faiss.Index:
     """An empty FAISS index for ``count`` keys of width ``dim`` (``flat`` or ``ivfpq``)."""
+    faiss = require_faiss()
     if kind == "flat":
         return faiss.IndexFlatL2(dim)
     params = ivfpq_params(count, dim)
@@ -114,7 +131,7 @@ def write_index(index: faiss.Index, path: Path) -> None:
     """Write ``index`` so that readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
+        require_faiss().write_index(index, str(tmp))
         with open(tmp, "rb") as file:
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -166,11 +183,20 @@ SETTINGS = ("run", "step", "hidden_size", "tokenizer", "data", "split", "entries
 """Manifest fields that a resumed build must share with the build it continues."""
 
 
+def _refuse_foreign(out: Path) -> None:
+    """``out`` must be new, empty, or a store (lmlab never writes into anything else)."""
+    if (out / MANIFEST).is_file():
+        return
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
+        raise LmlabError(
+            f"{out} exists and is not a retrieval store (no {MANIFEST}); lmlab will not write "
+            "into it: give a new or empty folder as --out"
+        )
+
+
 def _start_or_resume(out: Path, settings: dict) -> dict:
-    """The manifest to continue: a new one in an empty or new folder, the existing one if its
-    settings match; anything else in ``out`` is refused (never written into)."""
-    path = out / MANIFEST
-    if path.is_file():
+    """The manifest to continue (its settings must match), or a new one."""
+    if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         differing = [key for key in SETTINGS if manifest.get(key) != settings[key]]
         if differing:
@@ -180,17 +206,9 @@ def _start_or_resume(out: Path, settings: dict) -> dict:
                 f"{settings[key]!r}; give another --out, or the same options to continue it"
             )
         return manifest
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmlabError(
-            f"{out} exists and is not a retrieval store (no {MANIFEST}); lmlab will not write "
-            "into it: give a new or empty folder as --out"
-        )
-    try:
-        (out / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LmlabError(f"cannot create {out} ({exc.strerror}); give a writable --out") from None
+    (out / CHUNKS_DIR).mkdir(exist_ok=True)
     manifest = {"format": FORMAT, **settings, "chunks": [], "complete": False}
-    atomic_write_json(path, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -220,6 +238,7 @@ def build_store(
         raise ParamError(
             "<chunk_tokens> and <batch_size> must be at least 1", "chunk_tokens", "batch_size"
         )
+    require_faiss()
     config, model, tokenizer, checkpoint = load_run_checkpoint(run, device)
     tokens = getattr(prepare_data(with_source(config.data, data), tokenizer)[0], split)
     entries = len(tokens) - 1 if max_tokens == 0 else min(max_tokens, len(tokens) - 1)
@@ -236,10 +255,38 @@ def build_store(
         "index": resolve_index_kind(index, entries),
         "seq_len": config.data.seq_len,
     }
-    manifest = _start_or_resume(out, settings)
-    if manifest["complete"]:
-        return manifest
-    seq_len = config.data.seq_len
+    _refuse_foreign(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmlabError(f"cannot create {out} ({exc.strerror}); give a writable --out") from None
+    hold = RunHold(out)  # one build per folder: a second one is refused with the holder's pid
+    try:
+        manifest = _start_or_resume(out, settings)
+        if not manifest["complete"]:
+            _add_chunks(
+                model, tokens, out, manifest, chunk_tokens, batch_size, device, show_progress
+            )
+            _finish(out, manifest, show_progress)
+    finally:
+        hold.release()
+    return manifest
+
+
+def _add_chunks(
+    model: LanguageModel,
+    tokens: np.ndarray,
+    out: Path,
+    manifest: dict,
+    chunk_tokens: int,
+    batch_size: int,
+    device: torch.device | str,
+    show_progress: bool,
+) -> None:
+    """Compute and record the chunks that ``manifest`` does not list yet."""
+    from tqdm import tqdm  # with FAISS in the memory extra
+
+    seq_len, entries = manifest["seq_len"], manifest["entries"]
     chunk = max(seq_len, chunk_tokens // seq_len * seq_len)
     done = sum(c["entries"] for c in manifest["chunks"])
     started = time.perf_counter()
@@ -259,18 +306,18 @@ def build_store(
             save_array(keys_path, keys)
             save_array(values_path, values)
             manifest["chunks"].append({"entries": stop - done})
-            manifest["key_seconds"] = (
-                manifest.get("key_seconds", 0.0) + time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            manifest["key_seconds"] = manifest.get("key_seconds", 0.0) + elapsed
             started = time.perf_counter()
             atomic_write_json(out / MANIFEST, manifest)
             bar.update(stop - done)
             done = stop
-    return _finish(out, manifest, show_progress)
 
 
-def _finish(out: Path, manifest: dict, show_progress: bool) -> dict:
+def _finish(out: Path, manifest: dict, show_progress: bool) -> None:
     """Train and fill the index from the chunk files, write it and the values, drop the chunks."""
+    from tqdm import tqdm
+
     started = time.perf_counter()
     count, dim = manifest["entries"], manifest["hidden_size"]
     index = new_index(dim, count, manifest["index"])
@@ -293,7 +340,6 @@ def _finish(out: Path, manifest: dict, show_progress: bool) -> dict:
     )
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / CHUNKS_DIR, ignore_errors=True)
-    return manifest
 
 
 def _training_sample(chunk_files: list[tuple[Path, Path]], count: int, params: IvfPqParams):
@@ -310,8 +356,6 @@ def _training_sample(chunk_files: list[tuple[Path, Path]], count: int, params: I
 
 
 def read_manifest(folder: Path) -> dict:
-    import json
-
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -398,7 +442,7 @@ def open_store(folder: str | Path) -> KnnStore:
             f"{manifest['index_bytes']} written (truncated?); rebuild the store"
         )
     try:
-        index = faiss.read_index(str(index_path))
+        index = require_faiss().read_index(str(index_path))
     except RuntimeError:
         raise LmlabError(
             f"{index_path} is damaged (FAISS cannot read it); rebuild the store"
