@@ -194,17 +194,25 @@ def _refuse_foreign(out: Path) -> None:
         )
 
 
+def _existing(out: Path, settings: dict) -> dict | None:
+    """The manifest in ``out`` if there is one, refused unless built with ``settings``."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    differing = [key for key in SETTINGS if manifest.get(key) != settings[key]]
+    if differing:
+        key = differing[0]
+        raise LmlabError(
+            f"{out} holds a store built with {key}={manifest.get(key)!r}, not "
+            f"{settings[key]!r}; give another --out, or the same options to continue it"
+        )
+    return manifest
+
+
 def _start_or_resume(out: Path, settings: dict) -> dict:
     """The manifest to continue (its settings must match), or a new one."""
-    if (out / MANIFEST).is_file():
-        manifest = read_manifest(out)
-        differing = [key for key in SETTINGS if manifest.get(key) != settings[key]]
-        if differing:
-            key = differing[0]
-            raise LmlabError(
-                f"{out} holds a store built with {key}={manifest.get(key)!r}, not "
-                f"{settings[key]!r}; give another --out, or the same options to continue it"
-            )
+    manifest = _existing(out, settings)
+    if manifest is not None:
         return manifest
     (out / CHUNKS_DIR).mkdir(exist_ok=True)
     manifest = {"format": FORMAT, **settings, "chunks": [], "complete": False}
@@ -256,6 +264,9 @@ def build_store(
         "seq_len": config.data.seq_len,
     }
     _refuse_foreign(out)
+    finished = _existing(out, settings)  # checked before locking too: a refusal touches nothing
+    if finished is not None and finished["complete"]:
+        return finished
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
