@@ -4,6 +4,9 @@ registered mixer."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from conftest import TINY_RUN
 from lmlab.cli import COMMANDS, main
 from lmlab.errors import ParamError
 from lmlab.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, import_builtin_layers
+from lmlab.memory.store import build_store
 from lmlab.train.run import load_trained_model
 
 TINY = [*TINY_RUN, "model.n_layers=1", "train.max_steps=2", "train.eval_batches=1"]
@@ -27,6 +31,41 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "tiny"
 
 
+@pytest.fixture(scope="module")
+def stores(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A small retrieval store of ``run`` and damaged or foreign copies of it, by name."""
+    root = tmp_path_factory.mktemp("stores")
+    good = root / "store"
+    build_store(run, good, max_tokens=600, show_progress=False)
+
+    def variant(name: str, change: Callable[[Path, dict], None]) -> str:
+        folder = root / name
+        shutil.copytree(good, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        change(folder, manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder)
+
+    def truncate(folder: Path, manifest: dict, keep_size: bool) -> None:
+        index = folder / "index.faiss"
+        index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+        if keep_size:  # the manifest agrees: FAISS itself meets the short file
+            manifest["index_bytes"] = index.stat().st_size
+
+    (root / "empty").mkdir()
+    return {
+        "STORE": str(good),
+        "EMPTY": str(root / "empty"),
+        "WIDE": variant("wide", lambda f, m: m.update(hidden_size=64)),
+        "BYTES": variant("bytes", lambda f, m: m.update(tokenizer="0" * 64)),
+        "TRUNCATED": variant("truncated", lambda f, m: truncate(f, m, False)),
+        "SHORT": variant("short", lambda f, m: truncate(f, m, True)),
+        "NOINDEX": variant("noindex", lambda f, m: (f / "index.faiss").unlink()),
+        "UNFINISHED": variant("unfinished", lambda f, m: m.update(complete=False)),
+    }
+
+
+BUILD = ["memory", "build", "RUN", "--out", "store"]
 CASES = [
     ["train", "--resume"],
     ["train", "--bogus"],
@@ -76,6 +115,37 @@ CASES = [
     ["prepare", "SPACE", "--out", "shards", "--tokenizer-from", "nowhere"],
     ["prepare", "SPACE", "--out", "RUN"],
     ["prepare", "SPACE"],
+    ["eval", "RUN", "--data", "nowhere.txt"],
+    ["eval", "RUN", "--memory", "missing"],
+    ["eval", "RUN", "--memory", "EMPTY"],
+    ["eval", "RUN", "--knn-k", "5"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-k", "100000"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-k", "0"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-lambda", "1.5"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-lambda", "nan"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-temperature", "0"],
+    ["eval", "RUN", "--memory", "STORE", "--knn-temperature", "inf"],
+    ["eval", "RUN", "--memory", "WIDE"],
+    ["eval", "RUN", "--memory", "BYTES"],
+    ["eval", "RUN", "--memory", "TRUNCATED"],
+    ["eval", "RUN", "--memory", "SHORT"],
+    ["eval", "RUN", "--memory", "NOINDEX"],
+    ["eval", "RUN", "--memory", "UNFINISHED"],
+    ["generate", "RUN", "--memory", "TRUNCATED"],
+    ["generate", "RUN", "--memory", "WIDE"],
+    ["generate", "RUN", "--knn-lambda", "0.5"],
+    ["generate", "RUN", "--memory", "STORE", "--knn-k", "100000"],
+    ["memory", "build", "RUN"],
+    ["memory", "rebuild", "RUN", "--out", "store"],
+    ["memory", "build", "RUNS", "--out", "store"],
+    [*BUILD, "--max-tokens", "-1"],
+    [*BUILD, "--index", "ivfpq", "--max-tokens", "500"],
+    [*BUILD, "--index", "hnsw"],
+    [*BUILD, "--data", "nowhere.txt"],
+    [*BUILD, "--split", "test"],
+    [*BUILD, "--batch-size", "0"],
+    ["memory", "build", "RUN", "--out", "STORE", "--max-tokens", "700"],
+    ["memory", "build", "RUN", "--out", "SPACE.yaml"],
     ["presets", "extra"],
     ["info", "nope"],
     ["info", "gpt-tiny", "model.d_model=-1"],
@@ -125,16 +195,17 @@ def test_the_cases_cover_every_verb():
 
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
-    argv, run, tmp_path, monkeypatch, capsys
+    argv, run, stores, tmp_path, monkeypatch, capsys
 ):
     work = tmp_path / "work"
     work.mkdir()
     (work / "SPACE.yaml").write_text("base: gpt-tiny\nparams:\n  train.lr: [0.001, 0.01]\n")
     monkeypatch.chdir(work)
     monkeypatch.setenv("LMLAB_REGISTRY", str(work / "registry.sqlite"))
-    paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml"}
+    paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml", **stores}
     argv = [paths.get(arg, arg) for arg in argv]
     before_cwd, before_run = files_under(work), files_under(run.parent)
+    before_stores = files_under(Path(stores["STORE"]).parent)
     capsys.readouterr()
     try:
         code = main(argv)
@@ -147,6 +218,7 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
     assert "Traceback" not in captured.err + captured.out
     assert files_under(work) == before_cwd
     assert files_under(run.parent) == before_run
+    assert files_under(Path(stores["STORE"]).parent) == before_stores
 
 
 def test_library_errors_name_parameters_and_the_cli_names_flags(run, capsys):

@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lmlab.data.prepare import prepare_shards
 from lmlab.data.tokenizers import KINDS
@@ -28,10 +28,17 @@ from lmlab.experiments.compare import plan_compare
 from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
+from lmlab.memory.knn import KnnSettings
+from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.serve.server import serve
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
+
+if TYPE_CHECKING:
+    from lmlab.data.tokenizers import Tokenizer
+    from lmlab.memory.store import KnnStore
+    from lmlab.model.lm import LanguageModel
 
 DEFAULT_PRESET = "gpt-tiny"
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -243,35 +250,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def knn_settings(args: argparse.Namespace) -> KnnSettings | None:
+    """The kNN-LM settings when ``--memory`` is given; ``--knn-*`` options without it are an
+    error rather than silently ignored."""
+    settings = KnnSettings(args.knn_lambda, args.knn_k, args.knn_temperature)
+    if args.memory is None:
+        if settings != KnnSettings():
+            raise LmlabError("--knn-lambda, --knn-k and --knn-temperature need --memory INDEX")
+        return None
+    settings.validate()
+    return settings
+
+
+def open_memory(args: argparse.Namespace, model: LanguageModel, tokenizer: Tokenizer) -> KnnStore:
+    """The store of ``--memory``, checked against the run's model and tokenizer."""
+    from lmlab.memory.store import open_store
+
+    store = open_store(args.memory)
+    store.check_model(model.cfg.d_model, tokenizer, args.run)
+    return store
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from lmlab.data.dataset import prepare_data
+    from lmlab.data.dataset import prepare_data, with_source
+    from lmlab.memory.knn import evaluate_with_memory
     from lmlab.train.device import autocast, pick_device, resolve_precision
     from lmlab.train.run import load_trained_model
 
+    settings = knn_settings(args)
     device = pick_device(args.device)
     config, model, tokenizer, step = load_trained_model(args.run, device)
-    data, _ = prepare_data(config.data, tokenizer)
+    store = open_memory(args, model, tokenizer) if settings else None
+    data, _ = prepare_data(with_source(config.data, args.data), tokenizer)
     precision = resolve_precision(config.train.precision, device)
-    result = evaluate(
-        model,
-        data,
-        batch_size=config.train.batch_size,
-        seq_len=args.seq_len or config.data.seq_len,
-        max_batches=args.max_batches,
-        device=device,
-        autocast=autocast(device, precision),
-        split=args.split,
-    )
+    window = {
+        "batch_size": config.train.batch_size,
+        "seq_len": args.seq_len or config.data.seq_len,
+        "max_batches": args.max_batches,
+        "device": device,
+        "split": args.split,
+    }
+    if store is None:
+        result = evaluate(model, data, autocast=autocast(device, precision), **window)
+    else:
+        if store.manifest["split"] == args.split and store.manifest["data"] == args.data:
+            print(
+                f"warning: {args.memory} was built from the {args.split} split being evaluated: "
+                "the memory holds the answers",
+                file=sys.stderr,
+            )
+        result = evaluate_with_memory(model, data, store, settings, **window)
     result["step"] = step
     if args.json:
         print(json.dumps(result))
-    else:
+        return 0
+    print(
+        f"{args.run} @ step {step} ({args.split}, {result['tokens']} tokens): "
+        f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+        f"{result['bits_per_byte']:.4f} bits/byte"
+    )
+    if store is not None:
         print(
-            f"{args.run} @ step {step} ({args.split}, {result['tokens']} tokens): "
-            f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
-            f"{result['bits_per_byte']:.4f} bits/byte"
+            f"with memory {args.memory} ({store.size} entries, lambda {settings.knn_lambda}, "
+            f"k {settings.knn_k}, temperature {settings.knn_temperature}): "
+            f"loss {result['memory_loss']:.4f}, perplexity {result['memory_perplexity']:.2f}, "
+            f"{result['memory_bits_per_byte']:.4f} bits/byte "
+            f"({result['memory_bits_per_byte'] - result['bits_per_byte']:+.4f})"
         )
     return 0
 
@@ -280,13 +326,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from lmlab.data.tokenizers import warn_unknown
+    from lmlab.memory.knn import knn_hook
     from lmlab.train.device import pick_device
     from lmlab.train.run import load_trained_model
 
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p)
     settings.validate()
+    memory = knn_settings(args)
     device = pick_device(args.device)
     _, model, tokenizer, _ = load_trained_model(args.run, device)
+    hook = knn_hook(open_memory(args, model, tokenizer), memory) if memory else None
     ids = tokenizer.encode_array(args.prompt)
     warn_unknown(tokenizer, [ids], "the prompt")
     if not len(ids):
@@ -295,7 +344,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     new_ids: list[int] = []
     printed = ""
-    for token in stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed):
+    stream = stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed, hook)
+    for token in stream:
         new_ids.append(int(token))
         text = tokenizer.decode(new_ids)
         sys.stdout.write(text[len(printed) :])
@@ -527,6 +577,46 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from lmlab.train.device import pick_device
+
+    manifest = build_store(
+        args.run,
+        args.out,
+        data=args.data,
+        split=args.split,
+        max_tokens=args.max_tokens,
+        index=args.index,
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+        show_progress=not args.quiet,
+    )
+    seconds = manifest.get("key_seconds", 0.0)
+    speed = f", {manifest['entries'] / seconds / 1000:.1f}k keys/s" if seconds else ""
+    print(
+        f"{args.out}: {manifest['entries']} entries ({manifest['index']} index, "
+        f"{manifest['index_bytes'] / 2**20:.1f} MiB) from {manifest['run']} @ step "
+        f"{manifest['step']}, {manifest['data']} {manifest['split']} split{speed}"
+    )
+    return 0
+
+
+MEMORY_OPTIONS = (
+    opt("--memory", "a retrieval store from lmlab memory build (kNN-LM)", metavar="INDEX"),
+    opt("--knn-lambda", "weight of the kNN distribution", "knn_lambda", type=float),
+    opt("--knn-k", "neighbours per token", "knn_k", type=int),
+    opt("--knn-temperature", "divides the squared distances", "knn_temperature", type=float),
+)
+DATA_SOURCE = opt(
+    "--data",
+    "text to read: run (the run's data), modern or folio (an embedded edition), or a text "
+    "file or folder; split as the run's config says",
+    "data",
+    source=build_store,
+)
+KNN = tuple(dataclasses.replace(o, source=KnnSettings) for o in MEMORY_OPTIONS[1:])
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
@@ -559,11 +649,15 @@ COMMANDS: tuple[Command, ...] = (
                 type=at_least(0),
                 default=0,
             ),
+            DATA_SOURCE,
+            MEMORY_OPTIONS[0],
+            *KNN,
             DEVICE,
             JSON,
         ),
         library=evaluate,
-        description="Evaluate a run's newest valid checkpoint on its validation split.",
+        description="Evaluate a run's newest valid checkpoint on its validation split; with "
+        "--memory, also with a kNN-LM retrieval store mixed in (see docs/memory.md).",
     ),
     Command(
         "generate",
@@ -585,6 +679,8 @@ COMMANDS: tuple[Command, ...] = (
             opt("--top-p", "nucleus mass, 1 is off", "top_p", type=float),
             opt("--min-p", "min-p filter, 0 is off", "min_p", type=float),
             dataclasses.replace(SAMPLER_SEED, source=stream_tokens),
+            MEMORY_OPTIONS[0],
+            *KNN,
             DEVICE,
         ),
         library=SamplingSettings,
@@ -711,6 +807,38 @@ COMMANDS: tuple[Command, ...] = (
         "  lmlab prepare corpus.jsonl --tokenizer bpe --vocab-size 8000 --out shards/\n"
         "  lmlab prepare texts/ --tokenizer-from runs/gpt-tiny-20260101-120000 --out shards/\n"
         "  lmlab train gpt-tiny data.path=shards/",
+    ),
+    Command(
+        "memory",
+        cmd_memory,
+        "build a kNN-LM retrieval store (FAISS) from a run's hidden states",
+        (
+            opt("action", "what to do: build", choices=["build"]),
+            RUN,
+            DATA_SOURCE,
+            opt("--split", "split of the data to store", "split", choices=["train", "val"]),
+            opt("--out", "store folder (new, or the one to continue)", "out", required=True),
+            opt(
+                "--max-tokens", "store at most N entries, 0 for all", "max_tokens", type=at_least(0)
+            ),
+            opt(
+                "--index",
+                "flat (exact), ivfpq, or auto (flat below 1M entries)",
+                "index",
+                choices=["auto", "flat", "ivfpq"],
+            ),
+            opt("--batch-size", "windows per forward pass", "batch_size", type=at_least(1)),
+            DEVICE,
+            QUIET,
+        ),
+        library=build_store,
+        description="Run the model over a split and store, for every position, its final\n"
+        "hidden state (key) and the next token (value) in a FAISS index on disk. Resumable:\n"
+        "run the same command again to continue an interrupted build. See docs/memory.md.",
+        epilog="Examples:\n"
+        "  lmlab memory build runs/gpt-tiny-20260101-120000 --out store/\n"
+        "  lmlab memory build runs/gpt-tiny-20260101-120000 --data folio --out folio-store/\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --memory store/ --knn-lambda 0.25",
     ),
     Command(
         "presets",

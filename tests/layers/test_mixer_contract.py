@@ -144,6 +144,15 @@ CONTRACTS: dict[str, Contract] = {
         bfloat16=({"n_heads": 4, "q_lora_rank": 16},),
         learns=((120, {"kv_lora_rank": 32}),),
     ),
+    "hopfield": Contract(
+        variants=(
+            {},
+            {"window": 5, "steps": 2},
+            {"context": False, "slots": 8, "steps": 3},
+            {"slots": 0, "beta": 2.0},
+        ),
+        decode_lengths=((13, 5), (9, 1)),
+    ),
     "moh": Contract(
         variants=(
             {"n_heads": 4},

@@ -6,7 +6,9 @@ batches an uninterrupted run would have seen, without saving any sampler state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +75,25 @@ def prepare_data(
     if not from_shards:
         warn_unknown(tokenizer, [data.train, data.val], "the data")
     return data, tokenizer
+
+
+EMBEDDED_EDITIONS = ("modern", "folio")
+
+
+def with_source(cfg: DataConfig, source: str) -> DataConfig:
+    """``cfg`` reading other text with the same split settings, for measuring a trained model
+    on data it was not trained on: ``run`` keeps ``cfg``, ``modern`` or ``folio`` is that edition
+    of the embedded corpus, anything else a text file or folder (``data.path``)."""
+    if source == "run":
+        return cfg
+    if source in EMBEDDED_EDITIONS:
+        return dataclasses.replace(cfg, path="", edition=source)
+    if not Path(source).expanduser().exists():
+        raise LmlabError(
+            f"data source {source!r} is neither run, modern, folio nor an existing text file or "
+            "folder; give one of those"
+        )
+    return dataclasses.replace(cfg, path=source)
 
 
 def fit_vocab(config: Config, tokenizer: Tokenizer) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
+
+LogitsHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(hidden [B, d_model], logits [B, V]) -> logits [B, V]`` of the next token, applied before
+sampling: how a retrieval memory (``lmlab.memory.knn.knn_hook``) mixes its distribution in."""
 
 
 @dataclass
@@ -73,14 +77,20 @@ def stream_tokens(
     max_new_tokens: int,
     settings: SamplingSettings,
     seed: int = 0,
+    logits_hook: LogitsHook | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``[B, 1]`` new tokens one at a time after a single prefill of ``prompt [B, T]``."""
+    """Yield ``[B, 1]`` new tokens one at a time after a single prefill of ``prompt [B, T]``;
+    the head reads the last position only."""
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    logits, state = model(prompt)
+    hidden, state = model.features(prompt)
     for _ in range(max_new_tokens):
-        token = sample_next(logits[:, -1], settings, generator)
+        last = hidden[:, -1]
+        logits = model.head(last)
+        if logits_hook is not None:
+            logits = logits_hook(last, logits)
+        token = sample_next(logits, settings, generator)
         yield token
-        logits, state = model(token, state)
+        hidden, state = model.features(token, state)
 
 
 def generate(
@@ -89,11 +99,12 @@ def generate(
     max_new_tokens: int,
     settings: SamplingSettings | None = None,
     seed: int = 0,
+    logits_hook: LogitsHook | None = None,
 ) -> torch.Tensor:
     """The prompt followed by ``max_new_tokens`` sampled tokens, ``[B, T + new]``."""
     settings = settings or SamplingSettings()
-    new = list(stream_tokens(model, prompt, max_new_tokens, settings, seed))
+    new = list(stream_tokens(model, prompt, max_new_tokens, settings, seed, logits_hook))
     return torch.cat([prompt, *new], dim=1)
 
 
-__all__ = ["ModelState", "SamplingSettings", "generate", "stream_tokens"]
+__all__ = ["LogitsHook", "ModelState", "SamplingSettings", "generate", "stream_tokens"]
