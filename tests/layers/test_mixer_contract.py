@@ -95,6 +95,15 @@ CONTRACTS: dict[str, Contract] = {
         segments=({"chunk_size": 16, "ngroups": 2},),
         bfloat16=({"chunk_size": 16, "ngroups": 2} | MAMBA2_SMALL,),
     ),
+    "ttt_linear": Contract(
+        modes=tuple(
+            (time, {"mini_batch_size": size, "gate": gate})
+            for time, size, gate in [(1, 16, True), (7, 4, True), (37, 16, False), (65, 8, True)]
+        ),
+        decode=tuple({"mini_batch_size": size} for size in (4, 16)),
+        decode_lengths=((13, 5), (9, 1)),
+        segments=({"mini_batch_size": 8},),
+    ),
     "rwkv7": Contract(
         modes=tuple((time, {"chunk_size": size}) for time, size in SHORTER_LAST_CHUNKS),
         learns=((80, {}),),

@@ -11,8 +11,10 @@ from lmlab.ops.gated_linear_attention import gated_linear_attention
 from lmlab.ops.long_conv import causal_long_conv, causal_long_conv_step
 from lmlab.ops.rope import apply_rope, rope_tables
 from lmlab.ops.short_conv import short_conv
+from lmlab.ops.ttt_linear import TTTLinearState, ttt_linear
 
 __all__ = [
+    "TTTLinearState",
     "apply_rope",
     "causal_long_conv",
     "causal_long_conv_step",
@@ -21,4 +23,5 @@ __all__ = [
     "gated_linear_attention",
     "rope_tables",
     "short_conv",
+    "ttt_linear",
 ]
