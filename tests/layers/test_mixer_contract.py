@@ -95,6 +95,9 @@ CONTRACTS: dict[str, Contract] = {
         segments=({"chunk_size": 16, "ngroups": 2},),
         bfloat16=({"chunk_size": 16, "ngroups": 2} | MAMBA2_SMALL,),
     ),
+    "titans": Contract(
+        variants=({"window": 5}, {"window": 64, "persistent_tokens": 0, "conv_size": 2}),
+    ),
     "ttt_linear": Contract(
         modes=tuple(
             (time, {"mini_batch_size": size, "gate": gate})
