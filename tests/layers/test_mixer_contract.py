@@ -68,6 +68,7 @@ class Contract:
 
 
 MAMBA2_SMALL: Settings = {"head_dim": 16, "d_state": 8}
+"""Small heads for Mamba-2 and Mamba-3."""
 ATTENTION_VARIANTS = (
     *(
         {"n_heads": 4, "model": {"position": position, "n_kv_heads": kv_heads}, "window": window}
@@ -106,6 +107,10 @@ CONTRACTS: dict[str, Contract] = {
         decode=tuple({"mini_batch_size": size} for size in (4, 16)),
         decode_lengths=((13, 5), (9, 1)),
         segments=({"mini_batch_size": 8},),
+    ),
+    "mamba3": Contract(
+        variants=(MAMBA2_SMALL, MAMBA2_SMALL | {"ngroups": 2}),
+        bfloat16=({"chunk_size": 16} | MAMBA2_SMALL,),
     ),
     "rwkv7": Contract(
         modes=tuple((time, {"chunk_size": size}) for time, size in SHORTER_LAST_CHUNKS),
