@@ -187,29 +187,30 @@ def _chunk_linear(
     def ratios(cum: torch.Tensor) -> torch.Tensor:  # [t, s] = exp(cum_t - cum_s), s <= t
         return (cum - cum.mT).masked_fill(above, float("-inf")).exp()
 
+    # Everything that depends on the inputs only, batched over all chunks at once.
+    decay_retain = ratios(retain_cum) * live  # L_a over live steps s
+    both = decay_retain @ ratios(momentum_cum)  # L_a L_e
+    e = momentum_cum.exp()
+    into_memory = decay_retain @ e  # (L_a e)_t
+    scores = (q @ k.mT) * both * theta.mT
+    retain = retain_cum.exp()
+    # Weights of each token's gradient in the chunk-end momentum (e_C / e_i) and memory.
+    to_momentum = theta * (momentum_cum[..., -1:, :] - momentum_cum).exp()
+    to_memory = theta * both[..., -1, :, None]
     (weight,), (momentum,), (anchor,), _ = state
     outs = []
     for i in range(n):
-        q_i, k_i, theta_i = q[i], k[i], theta[i]
-        decay_retain = ratios(retain_cum[i]) * live[i]  # L_a over live steps s
-        both = decay_retain @ ratios(momentum_cum[i])  # L_a L_e
-        e = momentum_cum[i].exp()
-        into_memory = decay_retain @ e  # (L_a e)_t
-        residual = 2.0 * (k_i @ anchor - v[i])  # u_i = k_i^T residual_i
-        scores = (q_i @ k_i.mT) * both * theta_i.mT
+        q_i, k_t = q[i], k[i].mT
+        residual = 2.0 * (k[i] @ anchor - v[i])  # u_i = k_i^T residual_i
         outs.append(
-            retain_cum[i].exp() * (q_i @ weight)
-            + into_memory * (q_i @ momentum)
-            - scores @ residual
+            retain[i] * (q_i @ weight) + into_memory[i] * (q_i @ momentum) - scores[i] @ residual
         )
-        to_end = (momentum_cum[i][..., -1:, :] - momentum_cum[i]).exp()  # e_C / e_i
-        new_momentum = e[..., -1:, :] * momentum - k_i.mT @ (theta_i * to_end * residual)
-        weight = (
-            retain_cum[i][..., -1:, :].exp() * weight
-            + into_memory[..., -1:, :] * momentum
-            - k_i.mT @ (theta_i * both[..., -1, :, None] * residual)
+        weight, momentum = (
+            retain[i][..., -1:, :] * weight
+            + into_memory[i][..., -1:, :] * momentum
+            - k_t @ (to_memory[i] * residual),
+            e[i][..., -1:, :] * momentum - k_t @ (to_momentum[i] * residual),
         )
-        momentum = new_momentum
         if i < n - 1 or back == 0:  # a closed chunk: the next one's gradient base
             anchor = weight
     o = torch.stack(outs).transpose(2, 3).movedim(0, 1).flatten(1, 2)[:, front : front + t]

@@ -186,20 +186,24 @@ def _chunk(
     ln_w, ln_b = ln_weight[:, None, :], ln_bias[:, None, :]
     lower = torch.tril(torch.ones(c, c, dtype=torch.bool, device=q.device))
     inv_pos = 1.0 / torch.arange(1, c + 1, dtype=q.dtype, device=q.device)[:, None]  # 1/(i+1)
+    # The step matrices depend on the inputs only: one batched product for all mini-batches.
+    steps = ((q @ k.mT + 1.0) * lr).masked_fill(~lower, 0.0) * inv_pos  # [N, B, H, C, C]
     weight, bias, acc_w, acc_b, _ = state
     outs = []
     for i in range(n):
         q_i, k_i = q[i], k[i]
         dz = _inner_grad_z(k_i @ weight + bias, v[i] - k_i, ln_w, ln_b, eps)  # [B, H, C, D]
-        steps = ((q_i @ k_i.mT + 1.0) * lr[i]).masked_fill(~lower, 0.0)  # [B, H, C, C]
-        z = q_i @ weight + bias - inv_pos * (q_i @ acc_w + acc_b + steps @ dz)
-        outs.append(q_i + _layer_norm(z, ln_w, ln_b, eps))
+        z = q_i @ weight + bias - steps[i] @ dz
         lr_dz = lr[i].mT * dz
-        acc_w = acc_w + k_i.mT @ lr_dz
-        acc_b = acc_b + lr_dz.sum(-2, keepdim=True)
+        grad_w, grad_b = k_i.mT @ lr_dz, lr_dz.sum(-2, keepdim=True)
+        if i == 0:  # the open mini-batch's earlier steps, carried in by the state
+            z = z - inv_pos * (q_i @ acc_w + acc_b)
+            grad_w, grad_b = grad_w + acc_w, grad_b + acc_b
+        outs.append(q_i + _layer_norm(z, ln_w, ln_b, eps))
         if i < n - 1 or back == 0:  # close the mini-batch: the last token's factor 1/c
-            weight, bias = weight - acc_w / c, bias - acc_b / c
-            acc_w, acc_b = torch.zeros_like(acc_w), torch.zeros_like(acc_b)
+            weight, bias = weight - grad_w / c, bias - grad_b / c
+            grad_w, grad_b = torch.zeros_like(grad_w), torch.zeros_like(grad_b)
+        acc_w, acc_b = grad_w, grad_b
     o = torch.stack(outs).transpose(2, 3).movedim(0, 1).flatten(1, 2)[:, front : front + t]
     return o, TTTLinearState(weight, bias, acc_w, acc_b, (front + t) % c)
 
