@@ -97,7 +97,11 @@ CONTRACTS: dict[str, Contract] = {
         bfloat16=({"chunk_size": 16, "ngroups": 2} | MAMBA2_SMALL,),
     ),
     "titans": Contract(
-        variants=({"window": 5}, {"window": 64, "persistent_tokens": 0, "conv_size": 2}),
+        variants=(
+            {"window": 5},
+            {"window": 64, "persistent_tokens": 0, "conv_size": 2},
+            {"window": 5, "memory": "mlp", "max_lr": 0.1},
+        ),
     ),
     "ttt_linear": Contract(
         modes=tuple(

@@ -1,6 +1,6 @@
 """Titans (MAG): the layer written out around the memory core (persistent tokens, sliding-window
-attention that always sees them, the gate), the MLP memory's decode and segments (recurrent
-only), and option checks (the generic contract is in ``test_mixer_contract.py``)."""
+attention that always sees them, the gate), the MLP memory's weights and option checks (the
+generic contract is in ``test_mixer_contract.py``)."""
 
 import math
 
@@ -8,9 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mixer_checks import (
-    check_bfloat16,
-    check_decode_matches_full,
-    check_segments_match_whole,
     make_mixer,
     random_input,
 )
@@ -76,17 +73,8 @@ def test_persistent_tokens_stay_visible_beyond_the_window() -> None:
     assert (before - after).abs().max() > 1e-3
 
 
-MLP = {"memory": "mlp", "mode": "recurrent", "window": 4, "chunk_size": 3}
-
-
-def test_mlp_memory_decodes_and_resumes() -> None:
-    check_decode_matches_full(make_mixer("titans", **MLP), time=11, prefix=4)
-    check_segments_match_whole(make_mixer("titans", **MLP), time=20, cut=7)
-    check_bfloat16(make_mixer("titans", **MLP), time=12)
-
-
 def test_mlp_memory_weights() -> None:
-    mixer = make_mixer("titans", **MLP | {"mlp_expand": 3})
+    mixer = make_mixer("titans", memory="mlp", mlp_expand=3)
     assert [tuple(w.shape) for w in mixer.memory_init] == [(2, 16, 48), (2, 48, 16)]
 
 
@@ -94,7 +82,6 @@ def test_mlp_memory_weights() -> None:
     ("options", "match"),
     [
         ({"memory": "deep"}, "memory"),
-        ({"memory": "mlp"}, "mode=recurrent"),
         ({"window": 0}, "window"),
         ({"persistent_tokens": -1}, "persistent_tokens"),
         ({"chunk_size": 0}, "chunk_size"),

@@ -12,7 +12,7 @@ sliding-window attention branch, with persistent memory tokens.
   implementation details), ``q, k`` L2-normalised per head, and the data-dependent learning rate
   ``theta = max_lr * sigmoid(.)``, momentum ``eta = sigmoid(.)`` and forgetting gate
   ``alpha = sigmoid(.)`` per head and token, into :func:`lmlab.ops.neural_memory` (linear memory,
-  or the 2-layer MLP memory with ``memory: mlp``, recurrent only). The memory's initial weights
+  or the 2-layer MLP memory with ``memory: mlp``). The memory's initial weights
   are learnt (the outer loop's parameters).
 - Gate: ``o = norm_a(y_attn) * sigmoid(norm_m(y_mem))`` per head with learnable RMS-norm weights
   (the paper normalises both branches with learnable vector-valued weights and combines them
@@ -54,7 +54,7 @@ class Titans(TokenMixer):
         head_dim: int = 0
         """Per-head size of both branches; 0 takes the model's head size."""
         memory: str = "linear"
-        """``linear`` (``M(k) = k M``) or ``mlp`` (``silu(k W_1) W_2``, recurrent only)."""
+        """``linear`` (``M(k) = k M``) or ``mlp`` (the 2-layer ``silu(k W_1) W_2``)."""
         mlp_expand: int = 2
         """Hidden width of the MLP memory as a multiple of head_dim."""
         window: int = 64
@@ -68,7 +68,7 @@ class Titans(TokenMixer):
         chunk_size: int = 16
         """Tokens whose memory gradients are taken at the same memory (the paper's b)."""
         mode: str = "chunk"
-        """``chunk`` or ``recurrent`` (the token-by-token oracle; the only form for mlp)."""
+        """``chunk`` or ``recurrent`` (the token-by-token oracle)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
@@ -77,11 +77,6 @@ class Titans(TokenMixer):
             raise LmlabError(
                 f"titans: memory={options.memory!r} is unknown; set "
                 "model.mixer_options.titans.memory to linear or mlp"
-            )
-        if options.memory == "mlp" and options.mode == "chunk":
-            raise LmlabError(
-                "titans: the mlp memory has only the recurrent form; set "
-                "model.mixer_options.titans.mode=recurrent"
             )
         small = {"window": 1, "conv_size": 1, "mlp_expand": 1, "persistent_tokens": 0}
         for field, low in small.items():
@@ -225,12 +220,13 @@ class Titans(TokenMixer):
     def extra_flops_per_token(self, context: int) -> float:
         """Attention scores and values over the window and the persistent tokens, the depthwise
         convolution, and the memory: for the linear memory about eight ``D x D`` products per
-        head and token plus the chunk's ``Q K^T`` terms; for the MLP about three MLP passes."""
+        head and token plus the chunk's ``Q K^T`` terms; for the MLP about three MLP passes
+        plus two such terms."""
         o, d = self.options, self.head_dim
         seen = min(context, o.window) + o.persistent_tokens
         attention = 4.0 * self.width * seen
         if o.memory == "linear":
             memory = self.n_heads * (8.0 * d * d + 4.0 * o.chunk_size * d)
         else:
-            memory = self.n_heads * 3 * 4.0 * d * d * o.mlp_expand
+            memory = self.n_heads * (12.0 * d * d * o.mlp_expand + 4.0 * o.chunk_size * d)
         return attention + memory + 2.0 * self.conv_weight.numel()

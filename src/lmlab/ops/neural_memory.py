@@ -18,11 +18,11 @@ online rule, ``M_g = M_{t-1}``). Chunks are counted from the start of the stream
 
 ``memory="linear"``: ``M(k) = k M`` with ``M: [K, V]``, so ``grad l = 2 k^T (k M_g - v)``; the
 recurrence is then a gated delta rule with momentum. ``memory="mlp"``: the paper's deeper memory
-with two layers, ``M(k) = silu(k W_1) W_2``; it has only the recurrent form here (see below).
+with two layers, ``M(k) = silu(k W_1) W_2``.
 
 ``mode="recurrent"`` is the oracle: token by token, the gradient taken by ``torch.func.grad``
-of the loss above. ``mode="chunk"`` (linear memory) is the paper's chunked form, exact by
-construction for the same chunk boundaries. With ``a_t = prod_{j<=t} (1 - alpha_j)`` and
+of the loss above. ``mode="chunk"`` is the paper's chunked form, exact by construction for the
+same chunk boundaries; for the linear memory: With ``a_t = prod_{j<=t} (1 - alpha_j)`` and
 ``e_t = prod_{j<=t} eta_j`` from the chunk start, ``L_a[t, s] = a_t / a_s`` and
 ``L_e[s, i] = e_s / e_i`` (lower triangular), the momentum and memory recurrences unroll to
 
@@ -33,13 +33,14 @@ with ``r_i = k_i M_g - v_i``; so outputs ``Q M_t`` are one masked ``Q K^T`` matm
 ``L_a L_e`` against ``R``, and the chunk's end state is a ``K^T R`` product. Decays are formed
 as exponentials of non-positive log differences (nothing overflows).
 
+The MLP memory unrolls the same way, because each token's gradient of each layer is an outer
+product ``x_j^T g_j`` (the layer's input and the loss gradient at its output, both at ``M_g``):
+the first layer's reads ``q_t W_1,t`` are the formula above with ``(k, g_1)``, and the second
+layer's reads with ``(silu(q_t W_1,t), silu(k W_1,g), r)``; no per-token weights are formed.
+
 The state is a :class:`MemoryState`: memory, momentum, the open chunk's gradient base and how
 many of its tokens were seen, so a stream can stop and resume anywhere (a ``T = 1`` call with
 a state is the decode step).
-
-Why only recurrent for the MLP memory: its outputs need the memory's weights after every token
-(``silu(q_t W_1,t) W_2,t``), so a chunked form materialises a ``[C, K, hidden]`` weight per
-token and chunk; on CPU at these sizes the token loop is as fast and far simpler.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def neural_memory(
     else:
         weights = tuple(w.to(cdt) for w in initial_state)
         state = MemoryState(weights, tuple(torch.zeros_like(w) for w in weights), weights, 0)
-    run = _recurrent if mode == "recurrent" else _chunk_linear
+    run = _recurrent if mode == "recurrent" else _chunk
     with torch.autocast(q.device.type, enabled=False):  # keep the promised precision
         gates = tuple(g.to(cdt) for g in (lr, log_momentum, log_retain))
         o, state = run(q.to(cdt), k.to(cdt), v.to(cdt), *gates, state, chunk_size, memory)
@@ -150,7 +151,7 @@ def _recurrent(
     return torch.cat(outs, dim=2).transpose(1, 2), MemoryState(weights, momentum, anchor, seen)
 
 
-def _chunk_linear(
+def _chunk(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -161,7 +162,14 @@ def _chunk_linear(
     chunk_size: int,
     memory: str,
 ) -> tuple[torch.Tensor, MemoryState]:
-    """The chunked form of the linear memory (module docstring), one chunk per loop step.
+    """The chunked form (module docstring), one chunk per loop step.
+
+    Every per-token gradient is a sum of outer products ``x^T g`` per weight (the layer's
+    input ``x`` and the loss gradient ``g`` at its output, both at ``M_g``), so a token's read
+    of any weight ``W_t`` unrolls like the linear memory's, with the reading features ``x_q``:
+    ``x_q W_t = a_t x_q W_0 + (L_a e)_t x_q S_0 - sum_j (L_a L_e)[t, j] theta_j (x_q . x_j) g_j``
+    (:func:`_read`). For the MLP memory the second layer's reading features are
+    ``silu(q W_1,t)``, known once the first layer is read.
 
     Padded in front by the open chunk's ``seen`` tokens and at the end to whole chunks. The
     padding is inert: ``theta = 0`` and zero log gates keep the momentum, and a mask keeps its
@@ -191,30 +199,72 @@ def _chunk_linear(
     decay_retain = ratios(retain_cum) * live  # L_a over live steps s
     both = decay_retain @ ratios(momentum_cum)  # L_a L_e
     e = momentum_cum.exp()
-    into_memory = decay_retain @ e  # (L_a e)_t
-    scores = (q @ k.mT) * both * theta.mT
-    retain = retain_cum.exp()
-    # Weights of each token's gradient in the chunk-end momentum (e_C / e_i) and memory.
+    mix = both * theta.mT  # (L_a L_e)[t, j] theta_j
+    query_scores = (q @ k.mT) * mix  # the first layer's reads share q and k
+    # Per chunk: the retention a_t, (L_a e)_t, and the weights of each token's gradient in
+    # the chunk-end memory and momentum (e_C / e_j).
+    decays = (retain_cum.exp(), decay_retain @ e, theta * both[..., -1, :, None])
     to_momentum = theta * (momentum_cum[..., -1:, :] - momentum_cum).exp()
-    to_memory = theta * both[..., -1, :, None]
-    (weight,), (momentum,), (anchor,), _ = state
+    weights, momenta, anchor, _ = state
     outs = []
     for i in range(n):
-        q_i, k_t = q[i], k[i].mT
-        residual = 2.0 * (k[i] @ anchor - v[i])  # u_i = k_i^T residual_i
-        outs.append(
-            retain[i] * (q_i @ weight) + into_memory[i] * (q_i @ momentum) - scores[i] @ residual
-        )
-        weight, momentum = (
-            retain[i][..., -1:, :] * weight
-            + into_memory[i][..., -1:, :] * momentum
-            - k_t @ (to_memory[i] * residual),
-            e[i][..., -1:, :] * momentum - k_t @ (to_momentum[i] * residual),
-        )
+        chunk = tuple(d[i] for d in decays)
+        if memory == "linear":
+            inputs = (k[i],)
+            out_grads = (2.0 * (k[i] @ anchor[0] - v[i]),)  # grad l = k^T out_grad
+            y = _read(q[i], query_scores[i], weights[0], momenta[0], out_grads[0], chunk)
+        else:
+            pre = k[i] @ anchor[0]
+            hidden = F.silu(pre)
+            out_grad = 2.0 * (hidden @ anchor[1] - v[i])
+            gate = torch.sigmoid(pre)
+            pre_grad = (out_grad @ anchor[1].mT) * gate * (1.0 + pre * (1.0 - gate))  # silu'
+            inputs, out_grads = (k[i], hidden), (pre_grad, out_grad)
+            read = F.silu(_read(q[i], query_scores[i], weights[0], momenta[0], pre_grad, chunk))
+            scores = (read @ hidden.mT) * mix[i]
+            y = _read(read, scores, weights[1], momenta[1], out_grad, chunk)
+        outs.append(y)
+        updated = [
+            _chunk_end(w, m, x, g, chunk, to_momentum[i], e[i][..., -1:, :])
+            for w, m, x, g in zip(weights, momenta, inputs, out_grads, strict=True)
+        ]
+        weights, momenta = tuple(u[0] for u in updated), tuple(u[1] for u in updated)
         if i < n - 1 or back == 0:  # a closed chunk: the next one's gradient base
-            anchor = weight
+            anchor = weights
     o = torch.stack(outs).transpose(2, 3).movedim(0, 1).flatten(1, 2)[:, front : front + t]
-    return o, MemoryState((weight,), (momentum,), (anchor,), (front + t) % c)
+    return o, MemoryState(weights, momenta, anchor, (front + t) % c)
+
+
+def _read(
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    weight: torch.Tensor,
+    momentum: torch.Tensor,
+    out_grad: torch.Tensor,
+    decays: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """``x_q W_t`` for every token of a chunk; ``scores``: ``(x_q x^T) * mix`` (``[C, C]``)."""
+    retain, into_memory, _ = decays
+    return retain * (features @ weight) + into_memory * (features @ momentum) - scores @ out_grad
+
+
+def _chunk_end(
+    weight: torch.Tensor,
+    momentum: torch.Tensor,
+    inputs: torch.Tensor,
+    out_grad: torch.Tensor,
+    decays: tuple[torch.Tensor, ...],
+    to_momentum: torch.Tensor,
+    momentum_decay: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight and its momentum at the end of a chunk (gradients ``inputs^T out_grad``)."""
+    retain, into_memory, to_memory = decays
+    new_weight = (
+        retain[..., -1:, :] * weight
+        + into_memory[..., -1:, :] * momentum
+        - inputs.mT @ (to_memory * out_grad)
+    )
+    return new_weight, momentum_decay * momentum - inputs.mT @ (to_momentum * out_grad)
 
 
 def _check(
@@ -232,8 +282,6 @@ def _check(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if memory not in MEMORIES:
         raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
-    if memory == "mlp" and mode == "chunk":
-        raise ValueError("the MLP memory has only mode='recurrent'")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
