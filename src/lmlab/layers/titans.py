@@ -206,16 +206,10 @@ class Titans(TokenMixer):
         if state is not None:
             cached_k, cached_v = state["window"]
             k, v = torch.cat((cached_k, k), dim=1), torch.cat((cached_v, v), dim=1)
-        seen = torch.arange(start + time - k.shape[1], start + time, device=q.device)
-        lag = positions[:, None] - seen[None, :]
-        visible = (lag >= 0) & (lag < self.options.window)
-        visible = torch.cat((visible.new_ones(time, persistent_k.shape[1]), visible), dim=1)
-        keys = torch.cat((persistent_k, k), dim=1).transpose(1, 2)
-        values = torch.cat((persistent_v, v), dim=1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)
+        y = _window_attention(q, k, v, persistent_k, persistent_v, self.options.window)
         keep = max(k.shape[1] - (self.options.window - 1), 0)  # the next queries' past
         window = (k[:, keep:], v[:, keep:])
-        return y.transpose(1, 2), window, start + time
+        return y, window, start + time
 
     def extra_flops_per_token(self, context: int) -> float:
         """Attention scores and values over the window and the persistent tokens, the depthwise
@@ -230,3 +224,42 @@ class Titans(TokenMixer):
         else:
             memory = self.n_heads * (12.0 * d * d * o.mlp_expand + 4.0 * o.chunk_size * d)
         return attention + memory + 2.0 * self.conv_weight.numel()
+
+
+def _window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    persistent_k: torch.Tensor,
+    persistent_v: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Causal sliding-window attention in blocks, linear in the length: the ``T`` queries
+    (``[B, T, H, D]``, the last ``T`` of the ``L`` keys ``k, v``) go in blocks of
+    ``b = min(window, T)``; each block sees the ``window + b`` keys ending at its last query
+    (masked to each query's own window and to real keys) plus every persistent key."""
+    time = q.shape[1]
+    block = min(window, time)
+    n = -(-time // block)
+    # Pad the keys by a window in front (before the stream or the cache) and the queries to
+    # whole blocks; keys for block i start at padded index (L - T) + i * block.
+    first = k.shape[1] - time
+    k, v = (F.pad(x, (0, 0, 0, 0, window, n * block - time))[:, first:] for x in (k, v))
+    k_blocks, v_blocks = (
+        x.unfold(1, window + block, block).permute(0, 1, 2, 4, 3) for x in (k, v)
+    )  # [B, n, H, window + block, D]
+    q = F.pad(q, (0, 0, 0, 0, 0, n * block - time)).unflatten(1, (n, block)).transpose(2, 3)
+    rows = torch.arange(block, device=q.device)[:, None]
+    cols = torch.arange(window + block, device=q.device)[None, :]
+    in_window = (cols > rows) & (cols <= rows + window)  # lag = rows - cols + window
+    # Column c of block i is key (first + i * block - window + c): real when >= 0.
+    real = (block * torch.arange(n, device=q.device)[:, None] + cols) >= window - first
+    visible = in_window & real[:, None, :]  # [n, block, window + block]
+    persistent = persistent_k.shape[1]
+    visible = torch.cat((visible.new_ones(n, block, persistent), visible), dim=-1)
+    keys = torch.cat((persistent_k.transpose(1, 2)[:, None].expand(-1, n, -1, -1, -1), k_blocks), 3)
+    values = torch.cat(
+        (persistent_v.transpose(1, 2)[:, None].expand(-1, n, -1, -1, -1), v_blocks), 3
+    )
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None, :, None])
+    return y.transpose(2, 3).flatten(1, 2)[:, :time]
