@@ -205,6 +205,12 @@ def _chunk(
     # the chunk-end memory and momentum (e_C / e_j).
     decays = (retain_cum.exp(), decay_retain @ e, theta * both[..., -1, :, None])
     to_momentum = theta * (momentum_cum[..., -1:, :] - momentum_cum).exp()
+    # Per-chunk views by unbind: its backward stacks once, where indexing in the loop would
+    # fill and add a whole-sequence gradient per chunk (quadratic in T).
+    q, k, v, query_scores, mix, to_momentum, e = (
+        x.unbind(0) for x in (q, k, v, query_scores, mix, to_momentum, e)
+    )
+    decays = tuple(d.unbind(0) for d in decays)
     weights, momenta, anchor, _ = state
     outs = []
     for i in range(n):

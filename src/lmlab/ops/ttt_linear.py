@@ -188,6 +188,9 @@ def _chunk(
     inv_pos = 1.0 / torch.arange(1, c + 1, dtype=q.dtype, device=q.device)[:, None]  # 1/(i+1)
     # The step matrices depend on the inputs only: one batched product for all mini-batches.
     steps = ((q @ k.mT + 1.0) * lr).masked_fill(~lower, 0.0) * inv_pos  # [N, B, H, C, C]
+    # Per-mini-batch views by unbind: its backward stacks once, where indexing in the loop
+    # would fill and add a whole-sequence gradient per mini-batch (quadratic in T).
+    q, k, v, lr, steps = (x.unbind(0) for x in (q, k, v, lr, steps))
     weight, bias, acc_w, acc_b, _ = state
     outs = []
     for i in range(n):
