@@ -102,6 +102,7 @@ CONTRACTS: dict[str, Contract] = {
             {"window": 64, "persistent_tokens": 0, "conv_size": 2},
             {"window": 5, "memory": "mlp", "max_lr": 0.1},
         ),
+        bfloat16=({}, {"memory": "mlp", "max_lr": 0.1}),
     ),
     "ttt_linear": Contract(
         modes=tuple(
