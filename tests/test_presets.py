@@ -8,6 +8,7 @@ from conftest import metrics_rows
 
 from lmlab.cli import main
 from lmlab.config.load import build_config, preset_names
+from lmlab.model.lm import LanguageModel
 from lmlab.train.launch import new_trainer
 
 SHIPPED = ["bdh", "gpt-tiny", "moh", "nexus", "sigma"]
@@ -62,3 +63,13 @@ def test_preset_trains_two_steps_with_its_features_running(name, tmp_path, corpu
         assert trainer.carried is not None and trainer.carried.state is not None
     if config.train.seq_len_start:
         assert [row["seq_len"] for row in steps] == [16, 24]
+
+
+def test_sigma_switches_its_mamba2_layers_to_mamba3():
+    """``model.letters.M=mamba3`` (docs/presets/sigma.md): SIGMA's own Mamba-3 in place of the
+    Mamba-2 stand-in, the MLA layers unchanged."""
+    config = build_config("sigma", ["model.letters.M=mamba3", "model.d_model=64"])
+    config.model.vocab_size = 32
+    model = LanguageModel(config.model)
+    names = [type(block.mixer).name for block in model.blocks]
+    assert names == ["mamba3", "mamba3", "mla", "mamba3", "mamba3", "mla"]

@@ -68,6 +68,7 @@ class Contract:
 
 
 MAMBA2_SMALL: Settings = {"head_dim": 16, "d_state": 8}
+"""Small heads for Mamba-2 and Mamba-3."""
 ATTENTION_VARIANTS = (
     *(
         {"n_heads": 4, "model": {"position": position, "n_kv_heads": kv_heads}, "window": window}
@@ -94,6 +95,27 @@ CONTRACTS: dict[str, Contract] = {
         decode=tuple({"chunk_size": 4, "norm_before_gate": flag} for flag in (False, True)),
         segments=({"chunk_size": 16, "ngroups": 2},),
         bfloat16=({"chunk_size": 16, "ngroups": 2} | MAMBA2_SMALL,),
+    ),
+    "titans": Contract(
+        variants=(
+            {"window": 5},
+            {"window": 64, "persistent_tokens": 0, "conv_size": 2},
+            {"window": 5, "memory": "mlp", "max_lr": 0.1},
+        ),
+        bfloat16=({}, {"memory": "mlp", "max_lr": 0.1}),
+    ),
+    "ttt_linear": Contract(
+        modes=tuple(
+            (time, {"mini_batch_size": size, "gate": gate})
+            for time, size, gate in [(1, 16, True), (7, 4, True), (37, 16, False), (65, 8, True)]
+        ),
+        decode=tuple({"mini_batch_size": size} for size in (4, 16)),
+        decode_lengths=((13, 5), (9, 1)),
+        segments=({"mini_batch_size": 8},),
+    ),
+    "mamba3": Contract(
+        variants=(MAMBA2_SMALL, MAMBA2_SMALL | {"ngroups": 2}),
+        bfloat16=({"chunk_size": 16} | MAMBA2_SMALL,),
     ),
     "rwkv7": Contract(
         modes=tuple((time, {"chunk_size": size}) for time, size in SHORTER_LAST_CHUNKS),

@@ -23,10 +23,12 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[B, T, H, D]`` by tables of shape ``[T, D // 2]``, or
-    ``[B, T, D // 2]`` when the rows sit at different positions."""
+    """Rotate ``x`` of shape ``[B, T, H, D]`` by tables of shape ``[T, D // 2]`` (one angle per
+    position), ``[B, T, D // 2]`` (rows at different positions) or ``[B, T, H, D // 2]``
+    (data-dependent angles per token and head: Mamba-3)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos = cos.unsqueeze(-2).to(x.dtype)
-    sin = sin.unsqueeze(-2).to(x.dtype)
+    if cos.dim() < 4:  # shared by the heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
