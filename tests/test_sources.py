@@ -90,6 +90,9 @@ def test_a_hub_name_is_refused_without_downloading(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LmlabError, match=r"never downloads data sets.*save_to_disk"):
         read_text_source(name)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LmlabError, match="data/missing.jsonl does not exist; give a text"):
+        read_text_source("data/missing.jsonl")
 
 
 def test_text_segments_reassemble_the_file_and_bpe_ids_do_not_change(tmp_path):

@@ -36,7 +36,8 @@ _TEXT_CUT = re.compile(rb"\n(?=[!-~])")
 also where a byte-level BPE pre-token always starts (see ``tokenizers._BPE_BOUNDARY``), so the
 pieces encode to exactly the ids of the whole file, and UTF-8 is never cut inside a character."""
 _LINE_CUT = re.compile(rb"\n")
-_HUB_NAME = re.compile(r"^(?:hf:(?://)?.+|[A-Za-z0-9][\w.-]*/[\w.-]+)$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""``owner/name``: a Hugging Face hub data set, when no folder ``owner`` exists here."""
 _SCAN_BYTES = 1 << 20
 ROWS_PER_BATCH = 1024
 
@@ -129,11 +130,12 @@ def resolve_source(path: str | Path) -> Path:
     root = Path(text).expanduser()
     if root.exists():
         return root
-    if _HUB_NAME.match(text):
+    if text.startswith("hf:") or (_HUB_NAME.match(text) and not root.parent.is_dir()):
+        name = re.sub(r"^hf:(//)?", "", text)
         raise LmlabError(
-            f"data.path {text} is not a local path, and lmlab never downloads data sets: on a "
-            f"machine with internet run `datasets.load_dataset('{text.removeprefix('hf:')}')"
-            ".save_to_disk('DIR')` and set data.path=DIR"
+            f"data.path {text} does not exist here, and lmlab never downloads data sets: save a "
+            f"hub data set first (`datasets.load_dataset('{name}').save_to_disk('DIR')` on a "
+            "machine with internet), then set data.path=DIR"
         )
     raise LmlabError(
         f"data.path {root} does not exist; give a text, JSONL or Parquet file, a folder of "
