@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -66,22 +67,29 @@ def corpus(megabytes: float) -> list[str]:
     return [f"{text}\n[copy {i}]" for i in range(copies) for text in works]
 
 
-def timed_prepare(source: Path, out: Path, **kwargs) -> tuple[float, dict]:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children (the workers):
+    on a machine shared with other jobs, a steadier measure of the work than wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed_prepare(source: Path, out: Path, **kwargs) -> tuple[float, float, dict]:
+    start, cpu = time.perf_counter(), cpu_seconds()
     summary = prepare_shards(str(source), str(out), show_progress=False, **kwargs)
-    return time.perf_counter() - start, summary
+    return time.perf_counter() - start, cpu_seconds() - cpu, summary
 
 
-def timed_hf(tok: HFTokenizer, texts: list[str], fast: bool) -> tuple[float, int]:
+def timed_hf(tok: HFTokenizer, texts: list[str], fast: bool) -> tuple[float, float, int]:
     """``encode_batch`` over batches of :data:`HF_BATCH` documents, keeping only the token count:
     one call on all 50 MB holds every ``Encoding`` (ids, offsets, token strings) at once, over
     6 GB for the byte tokenizer."""
     encode = tok.encode_batch_fast if fast else tok.encode_batch
     tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for i in range(0, len(texts), HF_BATCH):
         tokens += sum(len(e.ids) for e in encode(texts[i : i + HF_BATCH], add_special_tokens=False))
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, cpu_seconds() - cpu, tokens
 
 
 def main() -> None:
@@ -99,16 +107,17 @@ def main() -> None:
     )
     bpe = train_tokenizer("bpe", texts[:42], args.vocab_size)
     assert isinstance(bpe, BpeTokenizer)
-    header = ("tokenizer", "encoder", "seconds", "MB/s", "M tokens", "M tokens/s")
-    print_table(header, rows(texts, bpe, n_bytes, args), align="llrrrr")
+    header = ("tokenizer", "encoder", "wall s", "MB/s", "CPU s", "MB per CPU s", "M tokens")
+    print_table(header, rows(texts, bpe, n_bytes, args), align="llrrrrr")
 
 
 def rows(texts: list[str], bpe: BpeTokenizer, n_bytes: int, args: argparse.Namespace):
     """One table row per (tokenizer, encoder), yielded as soon as it is measured."""
 
-    def row(kind: str, label: str, seconds: float, tokens: int) -> tuple:
-        return (kind, label, f"{seconds:.1f}", f"{n_bytes / 1e6 / seconds:.1f}",
-                f"{tokens / 1e6:.1f}", f"{tokens / 1e6 / seconds:.2f}")  # fmt: skip
+    def row(kind: str, label: str, seconds: float, cpu: float, tokens: int) -> tuple:
+        mb = n_bytes / 1e6
+        return (kind, label, f"{seconds:.1f}", f"{mb / seconds:.2f}", f"{cpu:.1f}",
+                f"{mb / cpu:.2f}", f"{tokens / 1e6:.1f}")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -124,17 +133,17 @@ def rows(texts: list[str], bpe: BpeTokenizer, n_bytes: int, args: argparse.Names
             timed_prepare(warm, root / f"warm-{kind}", workers=1, **settings)
             hf[kind].encode_batch(texts[:4])
             for workers in sorted({1, args.workers}):
-                seconds, summary = timed_prepare(
+                seconds, cpu, summary = timed_prepare(
                     source, root / f"{kind}-{workers}", workers=workers,
                     shard_mb=args.shard_mb, **settings,
                 )  # fmt: skip
                 tokens = summary["train_tokens"] + summary["val_tokens"]
                 label = f"lmlab prepare, {workers} worker{'s' * (workers > 1)}"
-                yield row(kind, label, seconds, tokens)
+                yield row(kind, label, seconds, cpu, tokens)
             for fast in (False, True):
-                seconds, tokens = timed_hf(hf[kind], texts, fast)
+                seconds, cpu, tokens = timed_hf(hf[kind], texts, fast)
                 name = "encode_batch_fast" if fast else "encode_batch"
-                yield row(kind, f"tokenizers {name} (in memory)", seconds, tokens)
+                yield row(kind, f"tokenizers {name} (in memory)", seconds, cpu, tokens)
 
 
 if __name__ == "__main__":

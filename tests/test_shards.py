@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmlab.cli import main
 from lmlab.data.corpus import SEPARATOR, read_text_source
 from lmlab.data.prepare import document_side, prepare_shards
 from lmlab.data.shards import read_shards
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import tokenizer_state, train_tokenizer
 from lmlab.data.tokens import ShardedTokens
 from lmlab.errors import LmlabError, ParamError
 
@@ -87,7 +88,7 @@ def test_two_workers_write_the_same_shards_as_one(corpus, tmp_path):
 
 def test_one_text_file_is_split_by_its_tail_with_the_ids_of_the_whole_text(tmp_path):
     path = tmp_path / "book.txt"
-    text = "".join(f"Line {i}: to be, or not to be.\n  indented {i}\n" for i in range(2000))
+    text = "".join(f"Line {i}: to be, or not to be.\n  indented {i}\n\nEnd.\n" for i in range(2000))
     path.write_text(text)
     tok = train_tokenizer("bpe", [text], 400)
     tok.save(tmp_path / "run" / "tokenizer")
@@ -98,7 +99,8 @@ def test_one_text_file_is_split_by_its_tail_with_the_ids_of_the_whole_text(tmp_p
     train_text = tok.decode(train)
     assert train_text + tok.decode(val) == text + SEPARATOR
     assert 0.75 < len(train_text) / len(text) < 0.85 and train_text.endswith("\n")
-    assert train.tolist() == tok.encode(train_text)
+    hf = HFTokenizer.from_str(tokenizer_state(tok)[1])
+    assert train.tolist() == hf.encode(train_text, add_special_tokens=False).ids
     assert read_shards(out)[1] == tok
 
 

@@ -8,15 +8,16 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmlab.config.schema import DataConfig
 from lmlab.data.corpus import read_text_source
 from lmlab.data.dataset import prepare_data
 from lmlab.data.sources import Document, plan_segments, read_segment
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import tokenizer_state, train_tokenizer
 from lmlab.errors import LmlabError
 
-WORDS = "the quick brown fox jumps over the lazy dog\nand then\n  it rests, indented\n"
+WORDS = "the quick brown fox jumps over the lazy dog\nand then\n  it rests, indented\n\nEND.\n"
 
 
 def _jsonl(path, records) -> None:
@@ -90,6 +91,9 @@ def test_a_hub_name_is_refused_without_downloading(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LmlabError, match=r"never downloads data sets.*save_to_disk"):
         read_text_source(name)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LmlabError, match=r"data/missing\.jsonl does not exist; give a text"):
+        read_text_source("data/missing.jsonl")
 
 
 def test_text_segments_reassemble_the_file_and_bpe_ids_do_not_change(tmp_path):
@@ -103,8 +107,9 @@ def test_text_segments_reassemble_the_file_and_bpe_ids_do_not_change(tmp_path):
     assert "".join(p.text for p in pieces) == whole
     assert [p.ends for p in pieces].count(True) == 1 and pieces[-1].ends
     tok = train_tokenizer("bpe", [whole], 300)
-    joined = [i for p in pieces for i in tok.encode(p.text)]
-    assert joined == tok.encode(whole)
+    hf = HFTokenizer.from_str(tokenizer_state(tok)[1])
+    joined = [i for p in pieces for i in hf.encode(p.text, add_special_tokens=False).ids]
+    assert joined == hf.encode(whole, add_special_tokens=False).ids
 
 
 def test_tail_segments_cut_one_text_at_a_line_start(tmp_path):

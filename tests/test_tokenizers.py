@@ -82,6 +82,18 @@ def test_bpe_fast_encoding_equals_hf_whole_text_encoding(tmp_path):
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
+def test_bpe_fast_encoding_equals_hf_where_whitespace_runs_are_merged(tmp_path):
+    """A vocabulary with merged whitespace runs ("\n\n", "\u00a0\n"): the encoder may cut the
+    text only where the whole text's pre-tokens would not change."""
+    runs = "ACT I\n\nSCENE 1\n\n\nEnter\u00a0\nKing \n\nExit\t\nHe  goes\n"
+    tok = train_tokenizer("bpe", [runs * 200], 300)
+    tok.save(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / TOKENIZER_FILE))
+    assert len(hf.encode("\n\n").ids) == 1
+    for text in (runs * 3, TRICKY + runs):
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
 @pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
 def test_save_load_round_trip(tmp_path, kind):
     tok = train_small(kind)

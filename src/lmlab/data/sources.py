@@ -31,12 +31,14 @@ LOAD_DATASET_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".arrow"
 """Suffixes read through ``datasets.load_dataset`` (its packaged builders), one file at a time."""
 READABLE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + tuple(LOAD_DATASET_BUILDERS)
 
-_TEXT_CUT = re.compile(rb"\n(?=[!-~])")
-"""Where a text file may be cut: after a newline followed by a visible ASCII character. That is
-also where a byte-level BPE pre-token always starts (see ``tokenizers._BPE_BOUNDARY``), so the
-pieces encode to exactly the ids of the whole file, and UTF-8 is never cut inside a character."""
+_TEXT_CUT = re.compile(rb"(?<=[!-~])\n(?=[!-~])")
+"""Where a text file may be cut: after a newline between two visible ASCII characters. That is
+also where a byte-level BPE pre-token starts without changing the others (see
+``tokenizers._BPE_BOUNDARY``), so the pieces encode to exactly the ids of the whole file, and
+UTF-8 is never cut inside a character."""
 _LINE_CUT = re.compile(rb"\n")
-_HUB_NAME = re.compile(r"^(?:hf:(?://)?.+|[A-Za-z0-9][\w.-]*/[\w.-]+)$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""``owner/name``: a Hugging Face hub data set, when no folder ``owner`` exists here."""
 _SCAN_BYTES = 1 << 20
 ROWS_PER_BATCH = 1024
 
@@ -129,11 +131,12 @@ def resolve_source(path: str | Path) -> Path:
     root = Path(text).expanduser()
     if root.exists():
         return root
-    if _HUB_NAME.match(text):
+    if text.startswith("hf:") or (_HUB_NAME.match(text) and not root.parent.is_dir()):
+        name = re.sub(r"^hf:(//)?", "", text)
         raise LmlabError(
-            f"data.path {text} is not a local path, and lmlab never downloads data sets: on a "
-            f"machine with internet run `datasets.load_dataset('{text.removeprefix('hf:')}')"
-            ".save_to_disk('DIR')` and set data.path=DIR"
+            f"data.path {text} does not exist here, and lmlab never downloads data sets: save a "
+            f"hub data set first (`datasets.load_dataset('{name}').save_to_disk('DIR')` on a "
+            "machine with internet), then set data.path=DIR"
         )
     raise LmlabError(
         f"data.path {root} does not exist; give a text, JSONL or Parquet file, a folder of "
@@ -302,8 +305,8 @@ def plan_segments(
 def _last_cut(data: bytes) -> int:
     """The offset just after the last :data:`_TEXT_CUT` in ``data``, or 0 if there is none."""
     end = len(data) - 1
-    while (newline := data.rfind(b"\n", 0, end)) >= 0:
-        if 0x21 <= data[newline + 1] <= 0x7E:
+    while (newline := data.rfind(b"\n", 1, end)) >= 0:
+        if 0x21 <= data[newline + 1] <= 0x7E and 0x21 <= data[newline - 1] <= 0x7E:
             return newline + 1
         end = newline
     return 0

@@ -24,10 +24,13 @@ META_FILE = "tokenizer_meta.json"
 UNKNOWN_CHAR = "\ufffd"
 """What the char tokenizer's unknown id decodes to."""
 
-_BPE_BOUNDARY = re.compile(r"(?= [!-~])|(?<=\n)(?=[!-~])")
-"""Places where a byte-level (GPT-2 regex) pre-token always starts: before a space followed by
-a visible ASCII character, and after a newline followed by one. BPE merges never cross a
-pre-token, so encoding the pieces cut there gives exactly the ids of encoding the whole text."""
+_BPE_BOUNDARY = re.compile(r"(?= [!-~])|(?<=[!-~]\n)(?=[!-~])")
+"""Places where a byte-level (GPT-2 regex) pre-token always starts and where cutting changes no
+pre-token: before a space followed by a visible ASCII character, and after a newline that sits
+between two visible ASCII characters. (After a newline that ends a longer whitespace run, such
+as the second of "\n\nby", the whole text's run splits as "\n", "\n" while a piece ending
+in it keeps "\n\n": no cut there.) BPE merges never cross a pre-token, so encoding the pieces
+cut here gives exactly the ids of encoding the whole text."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
