@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.data.dataset import prepare_data
+from lmlab.config.schema import DataConfig
+from lmlab.data.dataset import prepare_data, with_source
 from lmlab.errors import LmlabError, ParamError
 from lmlab.memory import store as store_module
 from lmlab.memory.knn import (
@@ -239,3 +240,14 @@ def test_a_second_build_of_the_same_folder_is_refused(text_run, tmp_path):
         "manifest.json",
         "values.npy",
     ]
+
+
+def test_data_sources_keep_the_split_settings(tmp_path):
+    cfg = DataConfig(val_fraction=0.2, seed=3, edition="modern")
+    assert with_source(cfg, "run") is cfg
+    folio = with_source(cfg, "folio")
+    assert (folio.edition, folio.path, folio.val_fraction, folio.seed) == ("folio", "", 0.2, 3)
+    (tmp_path / "t.txt").write_text("text")
+    assert with_source(cfg, str(tmp_path / "t.txt")).path == str(tmp_path / "t.txt")
+    with pytest.raises(LmlabError, match="neither run, modern, folio"):
+        with_source(cfg, str(tmp_path / "missing.txt"))
