@@ -13,7 +13,8 @@ not depend on them) and served by ``python -m lmlab serve`` in a child process. 
    ``lmlab generate``'s path (``stream_tokens`` in a worker process, same threads, timed over
    its prefill and tokens): the server's overhead. (Timing from the first token to the last
    instead misleads on a busy machine: a client descheduled at the first token then reads the
-   rest in one burst.)
+   rest in one burst.) The same request through the scheduler driven in that worker, without
+   HTTP, separates the scheduler's cost from the HTTP side's.
 
 The three phases run in turns for ``--rounds`` rounds (tokens/s: the median round; latencies:
 percentiles over every round), so a busy neighbour falls on all of them alike. Everything is
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ import torch
 
 from lmlab.cli import main as lmlab_main
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.serve.scheduler import Event, Request, Scheduler
 from lmlab.train.run import load_trained_model
 
 LINES = [
@@ -205,16 +208,33 @@ def decode_rate_server(server: Server, tokens: int) -> float:
 
 
 def generate_worker(run: str) -> None:
-    """``--generate-worker RUN``: load the run, then for each line ``N`` on stdin print the
-    greedy tokens/s of ``lmlab generate``'s path (``stream_tokens``, timed over its prefill and
-    tokens). A process of its own, idle between rounds like the server, so that the OS treats
-    both sides alike on a shared machine."""
+    """``--generate-worker RUN``: load the run, then for each line ``PATH N`` on stdin print
+    the greedy tokens/s of one ``N``-token request (timed over its prefill and tokens) through
+    ``lmlab generate``'s path (``stream_tokens``) when PATH is ``generate``, or through the
+    scheduler driven in this process, without HTTP, when it is ``scheduler``. A process of its
+    own, idle between rounds like the server, so the OS treats both sides alike."""
     _, model, tokenizer, _ = load_trained_model(run)
-    prompt = torch.tensor([tokenizer.encode(LINES[1])])
+    ids = tokenizer.encode(LINES[1])
+    greedy = SamplingSettings(temperature=0.0)
+    scheduler = Scheduler(model, tokenizer)
+    scheduler.start()
     for line in sys.stdin:
+        path, tokens = line.split()
         start = time.perf_counter()
-        count = sum(1 for _ in stream_tokens(model, prompt, int(line), SamplingSettings(0.0)))
+        if path == "generate":
+            count = sum(1 for _ in stream_tokens(model, torch.tensor([ids]), int(tokens), greedy))
+        else:
+            done = threading.Event()
+
+            def finished(event: Event, done: threading.Event = done) -> None:
+                if event.kind == "finish":
+                    done.set()
+
+            scheduler.submit(Request(ids, greedy, int(tokens), finished))
+            done.wait()
+            count = int(tokens)
         print(count / (time.perf_counter() - start), flush=True)
+    scheduler.stop()
 
 
 class GenerateWorker:
@@ -229,8 +249,8 @@ class GenerateWorker:
             env=child_env(threads),
         )
 
-    def rate(self, tokens: int) -> float:
-        self.process.stdin.write(f"{tokens}\n")
+    def rate(self, path: str, tokens: int) -> float:
+        self.process.stdin.write(f"{path} {tokens}\n")
         self.process.stdin.flush()
         return float(self.process.stdout.readline())
 
@@ -243,7 +263,7 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
     run = train_run(folder, mixer)
     server = Server(run, args.threads, args.clients)
     worker = GenerateWorker(run, args.threads)
-    phases: dict[str, list] = {"lone": [], "many": [], "served": [], "direct": []}
+    phases: dict[str, list] = {key: [] for key in ("lone", "many", "served", "direct", "scheduler")}
     try:
         asyncio.run(load(server, 1, 1, 8, args.max_seconds))  # warm-up, not reported
         for _ in range(args.rounds):  # in turns, so a busy neighbour hits every phase alike
@@ -256,13 +276,15 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
                 )
             )
             phases["served"].append(decode_rate_server(server, args.decode_tokens))
-            phases["direct"].append(worker.rate(args.decode_tokens))
+            phases["direct"].append(worker.rate("generate", args.decode_tokens))
+            phases["scheduler"].append(worker.rate("scheduler", args.decode_tokens))
     finally:
         server.stop()
         worker.stop()
     lone, many = pooled(phases["lone"]), pooled(phases["many"])
     serve_rate = statistics.median(phases["served"])
     generate_rate = statistics.median(phases["direct"])
+    scheduler_rate = statistics.median(phases["scheduler"])
     rows = []
     for label, result in (("1 client", lone), (f"{args.clients} clients", many)):
         rows.append(
@@ -279,19 +301,20 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
         )
         if result["first_error"]:
             print(f"{mixer}, {label}: first error: {result['first_error']}", file=sys.stderr)
-    overhead = (generate_rate - serve_rate) / generate_rate
-    rows.append(
-        [
-            mixer,
-            "batch 1 decode",
-            "",
-            "",
-            f"{serve_rate:.0f} (generate: {generate_rate:.0f})",
-            f"overhead {100 * overhead:.1f}%",
-            "",
-            "",
-        ]
-    )
+    for label, rate in (("batch 1, HTTP", serve_rate), ("batch 1, no HTTP", scheduler_rate)):
+        overhead = (generate_rate - rate) / generate_rate
+        rows.append(
+            [
+                mixer,
+                label,
+                "",
+                "",
+                f"{rate:.0f} (generate: {generate_rate:.0f})",
+                f"overhead {100 * overhead:.1f}%",
+                "",
+                "",
+            ]
+        )
     return rows
 
 
