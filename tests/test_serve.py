@@ -29,7 +29,7 @@ from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
 from lmlab.serve.batching import Batcher
 from lmlab.serve.limits import Limits
-from lmlab.serve.scheduler import Event, Request, Scheduler, first_stop, safe_end
+from lmlab.serve.scheduler import Decoder, Event, Request, Scheduler, first_stop, safe_end
 from lmlab.serve.server import open_service, serving_in_thread
 from lmlab.train.run import load_trained_model
 
@@ -331,6 +331,31 @@ def test_concurrent_streams_through_http_equal_alone(runs):
         i: expected(run, PROMPTS[i % 4], 20) for i in range(8)
     }
     assert service.scheduler.widest_decode >= 2
+
+
+class FailsOnce(Decoder):
+    """A plugged-in decoder whose first decode step raises (a bug, as the server sees it)."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__(model)
+        self.failed = False
+
+    def step(self, last, state, samplers):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return super().step(last, state, samplers)
+
+
+def test_a_decoder_that_fails_answers_500_and_the_server_goes_on(runs, capfd):
+    with serving_in_thread(open_service(runs["gla"], decoder=FailsOnce)) as url:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(url).completions.create(model="gla", prompt="a", max_tokens=5)
+        assert caught.value.body["message"] == "internal error while generating"
+        assert "Traceback" not in str(caught.value.body)
+        reply = client(url).completions.create(model="gla", prompt="a", max_tokens=5)
+        assert reply.usage.completion_tokens == 5
+    assert "RuntimeError: boom" in capfd.readouterr().err  # the server's log has the traceback
 
 
 def test_api_key_turns_on_bearer_auth(runs):
