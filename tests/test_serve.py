@@ -88,7 +88,7 @@ def expected(run: Path, prompt: str, tokens: int, temperature: float = 0.0, seed
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)
-def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
+def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer, capfd):
     run = runs[mixer]
     with serving_in_thread(open_service(run)) as url:
         api = client(url)
@@ -106,6 +106,11 @@ def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
         # choice i samples with seed + i: choice 0 is what `lmlab generate --seed 7` samples
         assert texts == [expected(run, "ROMEO:", 24, 0.9, 7 + i) for i in range(3)]
         assert sampled.usage.completion_tokens == 72
+        one = api.completions.create(model=mixer, prompt="ROMEO:", max_tokens=1, n=2, seed=7)
+        assert [c.text for c in one.choices] == [
+            expected(run, "ROMEO:", 1, 1.0, 7 + i) for i in (0, 1)
+        ]
+        assert one.usage.completion_tokens == 2
         stream = api.completions.create(
             model=mixer,
             prompt="ROMEO:",
@@ -119,6 +124,7 @@ def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
         assert "".join(c.choices[0].text for c in chunks if c.choices) == texts[0]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 24
+    assert "Traceback" not in capfd.readouterr().err  # nothing failed on the server's side
 
 
 def test_chat_renders_the_runs_template_and_streams(runs):
