@@ -8,11 +8,17 @@ not depend on them) and served by ``python -m lmlab serve`` in a child process. 
 2. ``--clients`` concurrent streaming clients (prompts of different lengths), each making
    ``--requests`` requests of ``--tokens`` tokens: errors, complete streams, aggregate tokens/s
    and its ratio to the lone stream's, p50/p99 TTFT and ITL;
-3. decode tokens/s at batch 1 (greedy, timed from the first token to the last, so prefill is
-   left out) through the server against ``lmlab generate``'s path (``stream_tokens`` in this
-   process, same threads), in alternating rounds: the server's overhead.
+3. greedy tokens/s of one request at batch 1 (a 51-character prompt, ``--decode-tokens``
+   tokens, timed from sending the request to ``[DONE]``) through the server against
+   ``lmlab generate``'s path (``stream_tokens`` in a worker process, same threads, timed over
+   its prefill and tokens): the server's overhead. (Timing from the first token to the last
+   instead misleads on a busy machine: a client descheduled at the first token then reads the
+   rest in one burst.) The same request through the scheduler driven in that worker, without
+   HTTP, separates the scheduler's cost from the HTTP side's.
 
-Everything is bounded: a fixed number of requests, and ``--max-seconds`` per phase.
+The three phases run in turns for ``--rounds`` rounds (tokens/s: the median round; latencies:
+percentiles over every round), so a busy neighbour falls on all of them alike. Everything is
+bounded: a fixed number of requests, and ``--max-seconds`` per phase.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_serve.py
 """
@@ -29,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +44,7 @@ import torch
 
 from lmlab.cli import main as lmlab_main
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.serve.scheduler import Event, Request, Scheduler
 from lmlab.train.run import load_trained_model
 
 LINES = [
@@ -72,15 +80,20 @@ def train_run(folder: Path, mixer: str) -> Path:
     return folder / mixer
 
 
+def child_env(threads: int) -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return os.environ | {"PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
+
+
 class Server:
     """``python -m lmlab serve RUN --port 0`` in a child process, stopped with SIGTERM."""
 
     def __init__(self, run: Path, threads: int, max_batch: int) -> None:
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env = os.environ | {"PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
         command = [sys.executable, "-m", "lmlab", "serve", str(run), "--port", "0"]
         command += ["--max-batch", str(max_batch), "--max-tokens-limit", "4096"]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, env=child_env(threads)
+        )
         banner = self.process.stderr.readline()
         if not banner.startswith("serving "):
             raise RuntimeError(f"the server did not start: {banner}")
@@ -130,7 +143,6 @@ async def one_stream(
     return {
         "ttft": arrivals[0] - start if arrivals else float("nan"),
         "gaps": [b - a for a, b in itertools.pairwise(arrivals)],
-        "arrivals": arrivals,
         "tokens": used,
         "complete": done and finish == "length" and used == tokens,
     }
@@ -154,14 +166,28 @@ async def load(server: Server, clients: int, requests: int, tokens: int, limit: 
         start = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), limit)
         wall = time.perf_counter() - start
-    gaps = [gap for result in results for gap in result["gaps"]]
-    ttfts = [result["ttft"] for result in results]
     return {
         "requests": clients * requests,
-        "errors": len(errors),
-        "first_error": errors[0] if errors else "",
+        "errors": errors,
         "complete": sum(result["complete"] for result in results),
         "tokens_per_s": sum(result["tokens"] for result in results) / wall,
+        "ttfts": [result["ttft"] for result in results],
+        "gaps": [gap for result in results for gap in result["gaps"]],
+    }
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One load phase over several rounds: counts summed, tokens/s the median round's,
+    latency percentiles over every request and gap of every round."""
+    ttfts = [ttft for result in rounds for ttft in result["ttfts"]]
+    gaps = [gap for result in rounds for gap in result["gaps"]]
+    errors = [error for result in rounds for error in result["errors"]]
+    return {
+        "requests": sum(result["requests"] for result in rounds),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "complete": sum(result["complete"] for result in rounds),
+        "tokens_per_s": statistics.median(result["tokens_per_s"] for result in rounds),
         "ttft_p50": percentile(ttfts, 0.5),
         "ttft_p99": percentile(ttfts, 0.99),
         "itl_p50": percentile(gaps, 0.5),
@@ -170,40 +196,95 @@ async def load(server: Server, clients: int, requests: int, tokens: int, limit: 
 
 
 def decode_rate_server(server: Server, tokens: int) -> float:
-    """Greedy decode tokens/s of one stream through the server, first token to last."""
+    """Greedy tokens/s of one request through the server, from sending it to ``[DONE]``."""
 
-    async def run() -> list[float]:
+    async def run() -> float:
         async with httpx.AsyncClient(timeout=300) as http:
-            return (await one_stream(http, server, LINES[1], tokens, temperature=0.0))["arrivals"]
+            start = time.perf_counter()
+            result = await one_stream(http, server, LINES[1], tokens, temperature=0.0)
+            return result["tokens"] / (time.perf_counter() - start)
 
-    arrivals = asyncio.run(run())
-    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    return asyncio.run(run())
 
 
-def decode_rate_generate(run: Path, tokens: int) -> float:
-    """The same through ``lmlab generate``'s path (``stream_tokens``), first token to last."""
+def generate_worker(run: str) -> None:
+    """``--generate-worker RUN``: load the run, then for each line ``PATH N`` on stdin print
+    the greedy tokens/s of one ``N``-token request (timed over its prefill and tokens) through
+    ``lmlab generate``'s path (``stream_tokens``) when PATH is ``generate``, or through the
+    scheduler driven in this process, without HTTP, when it is ``scheduler``. A process of its
+    own, idle between rounds like the server, so the OS treats both sides alike."""
     _, model, tokenizer, _ = load_trained_model(run)
-    prompt = torch.tensor([tokenizer.encode(LINES[1])])
-    arrivals = []
-    for _ in stream_tokens(model, prompt, tokens, SamplingSettings(temperature=0.0)):
-        arrivals.append(time.perf_counter())
-    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    ids = tokenizer.encode(LINES[1])
+    greedy = SamplingSettings(temperature=0.0)
+    scheduler = Scheduler(model, tokenizer)
+    scheduler.start()
+    for line in sys.stdin:
+        path, tokens = line.split()
+        start = time.perf_counter()
+        if path == "generate":
+            count = sum(1 for _ in stream_tokens(model, torch.tensor([ids]), int(tokens), greedy))
+        else:
+            done = threading.Event()
+
+            def finished(event: Event, done: threading.Event = done) -> None:
+                if event.kind == "finish":
+                    done.set()
+
+            scheduler.submit(Request(ids, greedy, int(tokens), finished))
+            done.wait()
+            count = int(tokens)
+        print(count / (time.perf_counter() - start), flush=True)
+    scheduler.stop()
+
+
+class GenerateWorker:
+    def __init__(self, run: Path, threads: int) -> None:
+        command = [sys.executable, __file__, "--generate-worker", str(run)]
+        command += ["--threads", str(threads)]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=child_env(threads),
+        )
+
+    def rate(self, path: str, tokens: int) -> float:
+        self.process.stdin.write(f"{path} {tokens}\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
 
 
 def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[list[object]]:
     run = train_run(folder, mixer)
     server = Server(run, args.threads, args.clients)
+    worker = GenerateWorker(run, args.threads)
+    phases: dict[str, list] = {key: [] for key in ("lone", "many", "served", "direct", "scheduler")}
     try:
         asyncio.run(load(server, 1, 1, 8, args.max_seconds))  # warm-up, not reported
-        lone = asyncio.run(load(server, 1, args.requests, args.tokens, args.max_seconds))
-        many = asyncio.run(load(server, args.clients, args.requests, args.tokens, args.max_seconds))
-        served, direct = [], []
-        for _ in range(args.rounds):  # alternating, so a busy neighbour hits both alike
-            served.append(decode_rate_server(server, args.decode_tokens))
-            direct.append(decode_rate_generate(run, args.decode_tokens))
+        for _ in range(args.rounds):  # in turns, so a busy neighbour hits every phase alike
+            phases["lone"].append(
+                asyncio.run(load(server, 1, args.requests, args.tokens, args.max_seconds))
+            )
+            phases["many"].append(
+                asyncio.run(
+                    load(server, args.clients, args.requests, args.tokens, args.max_seconds)
+                )
+            )
+            phases["served"].append(decode_rate_server(server, args.decode_tokens))
+            phases["direct"].append(worker.rate("generate", args.decode_tokens))
+            phases["scheduler"].append(worker.rate("scheduler", args.decode_tokens))
     finally:
         server.stop()
-    serve_rate, generate_rate = statistics.median(served), statistics.median(direct)
+        worker.stop()
+    lone, many = pooled(phases["lone"]), pooled(phases["many"])
+    serve_rate = statistics.median(phases["served"])
+    generate_rate = statistics.median(phases["direct"])
+    scheduler_rate = statistics.median(phases["scheduler"])
     rows = []
     for label, result in (("1 client", lone), (f"{args.clients} clients", many)):
         rows.append(
@@ -220,19 +301,20 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
         )
         if result["first_error"]:
             print(f"{mixer}, {label}: first error: {result['first_error']}", file=sys.stderr)
-    overhead = (generate_rate - serve_rate) / generate_rate
-    rows.append(
-        [
-            mixer,
-            "batch 1 decode",
-            "",
-            "",
-            f"{serve_rate:.0f} (generate: {generate_rate:.0f})",
-            f"overhead {100 * overhead:.1f}%",
-            "",
-            "",
-        ]
-    )
+    for label, rate in (("batch 1, HTTP", serve_rate), ("batch 1, no HTTP", scheduler_rate)):
+        overhead = (generate_rate - rate) / generate_rate
+        rows.append(
+            [
+                mixer,
+                label,
+                "",
+                "",
+                f"{rate:.0f} (generate: {generate_rate:.0f})",
+                f"overhead {100 * overhead:.1f}%",
+                "",
+                "",
+            ]
+        )
     return rows
 
 
@@ -243,11 +325,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--decode-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5, help="decode-rate rounds (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every phase, in turns (median)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound per phase")
+    parser.add_argument("--generate-worker", metavar="RUN", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.generate_worker:
+        generate_worker(args.generate_worker)
+        return
     print(
         f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads; gpt-tiny size, trained 1 step; "

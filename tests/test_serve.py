@@ -29,7 +29,7 @@ from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
 from lmlab.serve.batching import Batcher
 from lmlab.serve.limits import Limits
-from lmlab.serve.scheduler import Event, Request, Scheduler, first_stop, safe_end
+from lmlab.serve.scheduler import Decoder, Event, Request, Scheduler, first_stop, safe_end
 from lmlab.serve.server import open_service, serving_in_thread
 from lmlab.train.run import load_trained_model
 
@@ -88,7 +88,7 @@ def expected(run: Path, prompt: str, tokens: int, temperature: float = 0.0, seed
 
 
 @pytest.mark.parametrize("mixer", FAMILIES)
-def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
+def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer, capfd):
     run = runs[mixer]
     with serving_in_thread(open_service(run)) as url:
         api = client(url)
@@ -106,6 +106,11 @@ def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
         # choice i samples with seed + i: choice 0 is what `lmlab generate --seed 7` samples
         assert texts == [expected(run, "ROMEO:", 24, 0.9, 7 + i) for i in range(3)]
         assert sampled.usage.completion_tokens == 72
+        one = api.completions.create(model=mixer, prompt="ROMEO:", max_tokens=1, n=2, seed=7)
+        assert [c.text for c in one.choices] == [
+            expected(run, "ROMEO:", 1, 1.0, 7 + i) for i in (0, 1)
+        ]
+        assert one.usage.completion_tokens == 2
         stream = api.completions.create(
             model=mixer,
             prompt="ROMEO:",
@@ -119,6 +124,7 @@ def test_completions_equal_lmlab_generate_streaming_or_not(runs, mixer):
         assert "".join(c.choices[0].text for c in chunks if c.choices) == texts[0]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 24
+    assert "Traceback" not in capfd.readouterr().err  # nothing failed on the server's side
 
 
 def test_chat_renders_the_runs_template_and_streams(runs):
@@ -331,6 +337,31 @@ def test_concurrent_streams_through_http_equal_alone(runs):
         i: expected(run, PROMPTS[i % 4], 20) for i in range(8)
     }
     assert service.scheduler.widest_decode >= 2
+
+
+class FailsOnce(Decoder):
+    """A plugged-in decoder whose first decode step raises (a bug, as the server sees it)."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__(model)
+        self.failed = False
+
+    def step(self, last, state, samplers):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return super().step(last, state, samplers)
+
+
+def test_a_decoder_that_fails_answers_500_and_the_server_goes_on(runs, capfd):
+    with serving_in_thread(open_service(runs["gla"], decoder=FailsOnce)) as url:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(url).completions.create(model="gla", prompt="a", max_tokens=5)
+        assert caught.value.body["message"] == "internal error while generating"
+        assert "Traceback" not in str(caught.value.body)
+        reply = client(url).completions.create(model="gla", prompt="a", max_tokens=5)
+        assert reply.usage.completion_tokens == 5
+    assert "RuntimeError: boom" in capfd.readouterr().err  # the server's log has the traceback
 
 
 def test_api_key_turns_on_bearer_auth(runs):

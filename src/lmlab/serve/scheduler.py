@@ -267,10 +267,10 @@ class Scheduler:
         self._prefilling.remove(request)
         state = repeat(request.state, request.n) if request.n > 1 else request.state
         request.state = None
-        rows = [Row(request, choice) for choice in request.choices]
-        group = Group(rows, state)
-        self._groups.append(group)
+        group = Group([Row(request, choice) for choice in request.choices], state)
         self._accept(group, [[choice.sampler.sample(logits)] for choice in request.choices])
+        if group.rows:  # a one-token request (or a stop at once) is already done
+            self._groups.append(group)
 
     def _decode(self) -> None:
         for group in list(self._groups):

@@ -119,13 +119,18 @@ def serving_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0) 
             if not thread.is_alive():
                 raise RuntimeError("the server thread ended before it started")
             time.sleep(0.01)
-        bound_host, bound_port = sock.getsockname()[:2]
-        yield f"http://{bound_host}:{bound_port}/v1"
+        yield base_url(sock)
     finally:
         service.draining = True
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def base_url(sock: socket.socket) -> str:
+    """``http://host:port/v1`` of a listening socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def is_loopback(host: str) -> bool:
@@ -141,10 +146,10 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_batch: int = 32,
-    max_tokens_limit: int = 1024,
-    max_prompt_tokens: int = 2048,
-    max_concurrent: int = 64,
-    max_body_bytes: int = 1_000_000,
+    max_tokens_limit: int = Limits.max_tokens,
+    max_prompt_tokens: int = Limits.max_prompt_tokens,
+    max_concurrent: int = Limits.max_concurrent,
+    max_body_bytes: int = Limits.max_body_bytes,
     prefill_chunk: int = 256,
     device: str = "auto",
 ) -> None:
@@ -155,9 +160,8 @@ def serve(
     sock = bind(host, port)
     try:
         service = open_service(run, device, max_batch, prefill_chunk, limits, api_key)
-        bound_host, bound_port = sock.getsockname()[:2]
         print(
-            f"serving {service.name} on http://{bound_host}:{bound_port}/v1 "
+            f"serving {service.name} on {base_url(sock)} "
             f"(batch {max_batch}, auth {'on' if api_key else 'off'}, "
             f"batching {'stacked' if service.scheduler.batcher.enabled else 'per request'})",
             file=sys.stderr,
