@@ -204,9 +204,16 @@ def finish(lines: list[str], ok: bool) -> int:
     return 0 if ok else 1
 
 
+def is_init_from(overrides: list[str]) -> bool:
+    """Whether the overrides start the run from another (then that run's config is the base)."""
+    return any(
+        key.strip() == "train.init_from" and value.strip()
+        for key, _, value in (item.partition("=") for item in overrides)
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.config.load import build_config
-    from lmlab.train.launch import new_trainer, resume_trainer
+    from lmlab.train.launch import new_trainer, parent_config, resume_trainer
 
     sources = [source for source in (args.preset, args.config) if source] + args.configs
     if args.resume:
@@ -214,9 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise LmlabError("--resume takes its config from the run; drop the config")
         trainer = resume_trainer(args.resume, args.overrides, show_progress=not args.quiet)
     else:
-        source = one_config(sources)
-        config = build_config(source, args.overrides)
-        trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
+        source = one_config(sources) if sources or not is_init_from(args.overrides) else None
+        config = parent_config(source, args.overrides)
+        label = Path(source).stem if source else "init"
+        trainer = new_trainer(config, label, show_progress=not args.quiet)
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
     mixers = config.model.layer_mixers()
@@ -484,8 +492,10 @@ COMMANDS: tuple[Command, ...] = (
         items="a preset or YAML file (or use --preset/--config)",
         description="Train a model. Settings come from a preset or YAML file, then key=value "
         "overrides (e.g. model.d_model=256 train.lr=3e-3 data.tokenizer=bpe). "
-        f"Without a config the '{DEFAULT_PRESET}' preset is used. The run folder (config, "
-        "tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the start.",
+        f"Without a config the '{DEFAULT_PRESET}' preset is used, or with "
+        "train.init_from=RUN[@STEP] (start from that run's weights) that run's settings. The run "
+        "folder (config, tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the "
+        "start.",
     ),
     Command(
         "eval",

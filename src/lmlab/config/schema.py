@@ -160,12 +160,13 @@ RULES: dict[str, Range | Choice] = {
     "train.threads": Range(0, note="0 leaves torch's default"),
     "train.seq_len_start": Range(0, note="0 disables the curriculum"),
     "train.curriculum_steps": Range(0),
+    "parent.step": Range(0),
 }
 """One rule per setting, keyed ``section.field``. Every int and float field must have one
 (:func:`check_rules` fails on a numeric field without), so a new setting is range-checked too."""
 
 
-def check_rules(section: ModelConfig | DataConfig | TrainConfig, prefix: str) -> None:
+def check_rules(section: ModelConfig | DataConfig | TrainConfig | ParentRun, prefix: str) -> None:
     """Check each field of a config section against :data:`RULES`."""
     for item in dataclasses.fields(section):
         key, value = f"{prefix}.{item.name}", getattr(section, item.name)
@@ -498,6 +499,10 @@ class TrainConfig:
     """Sequence-length curriculum: start at this length (0 disables the curriculum) ..."""
     curriculum_steps: int = 0
     """... and grow linearly to data.seq_len over this many steps."""
+    init_from: str = ""
+    """Start from the weights (only the weights) of another run's checkpoint: ``RUN`` (its
+    newest valid checkpoint) or ``RUN@STEP``. The optimiser, schedule and data are this run's;
+    the model must have the same parameters. The checkpoint used is recorded in ``parent``."""
 
     def validate(self) -> None:
         check_rules(self, "train")
@@ -518,12 +523,29 @@ class TrainConfig:
 
 
 @dataclass
+class ParentRun:
+    """The run whose weights a run started from (``train.init_from``), filled in when the run
+    starts so its lineage can be followed back: set by lmlab, not by hand."""
+
+    run: str = ""
+    """The parent's run folder (absolute); empty for a run trained from scratch."""
+    step: int = 0
+    """The parent's checkpoint step whose weights were loaded."""
+    config_hash: str = ""
+    """The parent's config hash (as in the run registry)."""
+
+    def validate(self) -> None:
+        check_rules(self, "parent")
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in every run folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parent: ParentRun = field(default_factory=ParentRun)
     name: str = ""
     """Run name; empty makes one from the preset and the time."""
     out_dir: str = "runs"
@@ -532,6 +554,7 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.parent.validate()
         _require(
             self.train.seq_len_start <= self.data.seq_len,
             f"train.seq_len_start={self.train.seq_len_start} exceeds data.seq_len="

@@ -7,19 +7,23 @@ import sys
 from pathlib import Path
 
 from lmlab.config.load import build_config, config_to_dict
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, ParentRun
 from lmlab.data.dataset import prepare_data
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
+from lmlab.train.registry import config_hash
 from lmlab.train.run import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     RunHold,
     check_tokenizer_origin,
     claim_new_run,
+    open_parent,
     open_run,
     run_tokenizer,
     save_run_config,
+    split_init_spec,
 )
 from lmlab.train.trainer import Trainer
 
@@ -50,9 +54,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def parent_config(source: str | None, overrides: list[str] | tuple[str, ...]) -> Config:
+    """The config of a new run: ``source`` plus ``overrides``; without a source, a run started
+    from another (``train.init_from``) takes that run's settings as its base, so only what
+    changes (data, budget, learning rate) needs saying."""
+    config = build_config(source, overrides)
+    if source or not config.train.init_from:
+        return config
+    _, saved = open_run(split_init_spec(config.train.init_from)[0])
+    base = config_to_dict(saved)
+    base.pop("name")
+    base.pop("parent")
+    return build_config(base=base, overrides=overrides)
+
+
+def start_from_parent(config: Config) -> Tokenizer | None:
+    """For ``train.init_from``: record the parent in ``config.parent`` and return its tokenizer,
+    which the new run must keep (token ids must mean what the weights learned); None without."""
+    if not config.train.init_from:
+        config.parent = ParentRun()
+        return None
+    run_dir, saved, tokenizer, checkpoint = open_parent(config.train.init_from)
+    config.parent = ParentRun(str(run_dir), checkpoint.step, config_hash(saved))
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = saved.model.vocab_size
+    return tokenizer
+
+
 def new_trainer(config: Config, label: str, show_progress: bool = True) -> Trainer:
     """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time)."""
-    data, tokenizer = prepare_data(config.data, None)
+    data, tokenizer = prepare_data(config.data, start_from_parent(config))
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:

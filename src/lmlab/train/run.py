@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
@@ -22,6 +22,7 @@ from lmlab.train.checkpoint import (
     Checkpoint,
     atomic_write_text,
     list_checkpoints,
+    load_checkpoint_at,
     load_latest_checkpoint,
 )
 from lmlab.train.metrics import read_metrics
@@ -236,3 +237,63 @@ def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir
             "the config was edited after training: restore it"
         )
     model.load_state_dict(weights)
+
+
+def split_init_spec(spec: str) -> tuple[Path, int | None]:
+    """``RUN`` or ``RUN@STEP`` -> the run folder and the step (None: the newest checkpoint)."""
+    path, at, step = spec.rpartition("@")
+    if at and step.isdigit():
+        return Path(path), int(step)
+    if at and path and not Path(spec).exists():
+        raise LmlabError(
+            f"train.init_from={spec!r}: {step!r} after '@' is not a step; give RUN or RUN@STEP, "
+            "e.g. runs/base@500"
+        )
+    return Path(spec), None
+
+
+def open_parent(spec: str) -> tuple[Path, Config, Tokenizer, Checkpoint]:
+    """The run named by ``train.init_from`` (its folder, config, tokenizer and the checkpoint
+    to start from), or a one-line error naming the setting."""
+    path, step = split_init_spec(spec)
+    try:
+        run_dir, config = open_run(path)
+        tokenizer = run_tokenizer(run_dir, config)
+        checkpoint = (
+            load_latest_checkpoint(run_dir) if step is None else load_checkpoint_at(run_dir, step)
+        )
+    except LmlabError as exc:
+        raise LmlabError(f"train.init_from={spec}: {exc}") from None
+    if checkpoint is None:
+        raise LmlabError(f"train.init_from={spec}: {run_dir} has no valid checkpoint yet")
+    check_tokenizer_origin(run_dir, tokenizer, checkpoint)
+    return run_dir.resolve(), config, tokenizer, checkpoint
+
+
+def first_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """The first parameter (in the model's order) that ``weights`` lacks or shapes otherwise,
+    else the first tensor of ``weights`` the model has no place for, in words; None if all fit."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in weights:
+            return f"{name} is missing from the checkpoint"
+        if weights[name].shape != tensor.shape:
+            return (
+                f"{name} has shape {tuple(weights[name].shape)} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model"
+            )
+    extra = next((name for name in weights if name not in expected), None)
+    return None if extra is None else f"{extra} is in the checkpoint but not in this model"
+
+
+def load_parent_weights(model: LanguageModel, parent: ParentRun) -> None:
+    """Load the weights of ``parent`` (a started run's record of ``train.init_from``) into
+    ``model``; the architecture must match parameter for parameter."""
+    checkpoint = load_checkpoint_at(Path(parent.run), parent.step)
+    mismatch = first_mismatch(model, checkpoint.model)
+    if mismatch:
+        raise LmlabError(
+            f"train.init_from={parent.run}@{parent.step} does not fit this model: {mismatch}; "
+            "give the parent's model settings (start without a config to take them all)"
+        )
+    model.load_state_dict(checkpoint.model)

@@ -43,7 +43,14 @@ from lmlab.train.checkpoint import (
 from lmlab.train.device import autocast, peak_memory_bytes, pick_device, resolve_precision
 from lmlab.train.metrics import MetricsLog, Progress
 from lmlab.train.optim import build_optimizers
-from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, RunHold, load_weights, run_origin
+from lmlab.train.run import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunHold,
+    load_parent_weights,
+    load_weights,
+    run_origin,
+)
 from lmlab.train.schedule import lr_multiplier
 from lmlab.train.step import Batch, StepResult, TrainStep
 
@@ -233,6 +240,8 @@ class Trainer:
         self.carried = CarriedState() if train.tbptt else None
         if resume_from is not None:
             self._restore(resume_from)
+        elif config.parent.run:
+            load_parent_weights(self.model, config.parent)
         self.forward = torch.compile(self.model) if train.compile else self.model
         self.train_step = TrainStep(self.model, self.optimizers, train.grad_accum, train.grad_clip)
         self.budget = budget_for(config)
@@ -456,5 +465,7 @@ class Trainer:
             "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size,
         }
+        if self.config.parent.run:
+            summary["parent"] = vars(self.config.parent)
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
