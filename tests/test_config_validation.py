@@ -20,6 +20,7 @@ from lmlab.config.schema import (
     DataConfig,
     ModelConfig,
     ParentRun,
+    PostConfig,
     Range,
     TrainConfig,
 )
@@ -30,6 +31,7 @@ SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "post": PostConfig,
     "parent": ParentRun,
 }
 

@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lmlab.errors import LmlabError, ParamError
 from lmlab.eval.evaluate import evaluate
@@ -29,6 +29,9 @@ from lmlab.experiments.search import plan_search
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
+
+if TYPE_CHECKING:
+    from lmlab.train.trainer import Trainer
 
 DEFAULT_PRESET = "gpt-tiny"
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -213,7 +216,8 @@ def is_init_from(overrides: list[str]) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.train.launch import new_trainer, parent_config, resume_trainer
+    from lmlab.posttrain.launch import start_run
+    from lmlab.train.launch import parent_config, resume_trainer
 
     sources = [source for source in (args.preset, args.config) if source] + args.configs
     if args.resume:
@@ -224,7 +228,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = one_config(sources) if sources or not is_init_from(args.overrides) else None
         config = parent_config(source, args.overrides)
         label = Path(source).stem if source else "init"
-        trainer = new_trainer(config, label, show_progress=not args.quiet)
+        trainer = start_run(config, label, show_progress=not args.quiet)
+    return train_to_end(trainer)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmlab.posttrain.launch import start_run
+    from lmlab.train.launch import parent_config
+
+    settings = [
+        f"train.init_from={args.run}",
+        f"post.method={args.method}",
+        f"post.data={args.data}",
+        *(["post.lora=true"] if args.lora else []),
+        *args.overrides,
+    ]
+    if args.configs:
+        raise LmlabError(
+            f"unexpected argument {args.configs[0]!r}; finetune takes the run's settings, "
+            "changed with key=value overrides"
+        )
+    trainer = start_run(parent_config(None, settings), args.method, show_progress=not args.quiet)
+    return train_to_end(trainer)
+
+
+def train_to_end(trainer: Trainer) -> int:
+    """Train a started run, printing its header, its result and how to continue it."""
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
     mixers = config.model.layer_mixers()
@@ -239,10 +268,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
         return 130
+    accuracy = summary.get("val_accuracy")
     print(
         f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
         f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
         f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
+        + ("" if accuracy is None else f", accuracy {accuracy:.1%}")
     )
     print(f"run folder: {run_dir}")
     return 0
@@ -496,6 +527,24 @@ COMMANDS: tuple[Command, ...] = (
         "train.init_from=RUN[@STEP] (start from that run's weights) that run's settings. The run "
         "folder (config, tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the "
         "start.",
+    ),
+    Command(
+        "finetune",
+        cmd_finetune,
+        "fine-tune a trained run on JSONL examples (SFT, optionally LoRA)",
+        (
+            RUN,
+            opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
+            opt("--method", "post-training method", choices=["sft"], default="sft"),
+            opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
+            QUIET,
+        ),
+        items="key=value overrides (e.g. train.max_steps=200 train.lr=1e-3)",
+        description="Start a new run from RUN's newest checkpoint (RUN@STEP for another) and "
+        "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
+        "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
+        '{"prompt", "completion"} or {"messages": [...]} per line; see docs/post-training.md.',
+        epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
     ),
     Command(
         "eval",

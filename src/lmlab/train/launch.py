@@ -4,6 +4,7 @@ shared by ``lmlab train`` and every command that trains (compare, probes, sweeps
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lmlab.config.load import build_config, config_to_dict
@@ -81,9 +82,27 @@ def start_from_parent(config: Config) -> Tokenizer | None:
     return tokenizer
 
 
-def new_trainer(config: Config, label: str, show_progress: bool = True) -> Trainer:
-    """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time)."""
-    data, tokenizer = prepare_data(config.data, start_from_parent(config))
+def new_trainer(
+    config: Config,
+    label: str,
+    show_progress: bool = True,
+    tokenizer: Tokenizer | None = None,
+    save_extra: Callable[[Path], None] | None = None,
+) -> Trainer:
+    """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time).
+
+    Pretraining reads ``config.data`` and trains a tokenizer on it unless one is given (a run
+    started from another keeps the parent's). A post-training method reads its own examples,
+    with ``tokenizer`` (the parent's, possibly with special tokens added) and ``save_extra``,
+    which writes what it needs beside the tokenizer (e.g. the chat template) in the new folder's
+    ``tokenizer/``."""
+    parent_tokenizer = start_from_parent(config)
+    tokenizer = tokenizer or parent_tokenizer
+    if config.post.method == "none":
+        data, tokenizer = prepare_data(config.data, tokenizer)
+    else:
+        data = None
+        config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size)
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -97,6 +116,8 @@ def new_trainer(config: Config, label: str, show_progress: bool = True) -> Train
     try:
         try:
             tokenizer.save(run_dir / TOKENIZER_DIR)
+            if save_extra is not None:
+                save_extra(run_dir / TOKENIZER_DIR)
             save_run_config(run_dir, config)
         except OSError as exc:
             raise LmlabError(f"cannot write run folder {run_dir} ({exc.strerror})") from None
@@ -133,7 +154,7 @@ def resume_trainer(
         else:
             check_tokenizer_origin(run_dir, tokenizer, checkpoint)
             _check_config_origin(run_dir, before, checkpoint)
-        data, tokenizer = prepare_data(config.data, tokenizer)
+        data = None if config.post.method != "none" else prepare_data(config.data, tokenizer)[0]
         save_run_config(run_dir, config)
         return Trainer(config, run_dir, data, tokenizer, checkpoint, show_progress, hold=hold)
     except BaseException:

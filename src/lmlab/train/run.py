@@ -290,10 +290,34 @@ def load_parent_weights(model: LanguageModel, parent: ParentRun) -> None:
     """Load the weights of ``parent`` (a started run's record of ``train.init_from``) into
     ``model``; the architecture must match parameter for parameter."""
     checkpoint = load_checkpoint_at(Path(parent.run), parent.step)
-    mismatch = first_mismatch(model, checkpoint.model)
+    weights = with_new_token_rows(model, checkpoint.model)
+    mismatch = first_mismatch(model, weights)
     if mismatch:
         raise LmlabError(
             f"train.init_from={parent.run}@{parent.step} does not fit this model: {mismatch}; "
             "give the parent's model settings (start without a config to take them all)"
         )
-    model.load_state_dict(checkpoint.model)
+    model.load_state_dict(weights)
+
+
+VOCABULARY_ROWS = ("embed.weight", "head.weight")
+
+
+def with_new_token_rows(
+    model: LanguageModel, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``weights`` with the embedding and head grown to the model's vocabulary when a
+    fine-tuning run added special tokens (a chat template's) after the parent's ids: the new
+    rows start at the mean of the parent's rows, as transformers' ``resize_token_embeddings``
+    does, so a new token starts as an average token rather than noise. The one difference from
+    the parent a run may have; any other still fails :func:`first_mismatch`."""
+    expected = model.state_dict()
+    grown = dict(weights)
+    for name in VOCABULARY_ROWS:
+        old, new = weights.get(name), expected.get(name)
+        if old is None or new is None or old.shape[1:] != new.shape[1:]:
+            continue
+        if new.shape[0] > old.shape[0]:
+            mean = old.mean(0, keepdim=True).expand(new.shape[0] - old.shape[0], -1)
+            grown[name] = torch.cat([old, mean.to(old.dtype)])
+    return grown
