@@ -107,6 +107,8 @@ CASES = [
     ["finetune", "RUN", "--data", "addition2", "gpt-tiny"],
     ["train", "train.init_from=RUN@99"],
     ["train", "train.init_from=nowhere"],
+    ["merge", "RUN"],
+    ["merge", "nowhere"],
 ]
 
 

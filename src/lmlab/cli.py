@@ -27,6 +27,7 @@ from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.posttrain.merge import merge_run
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
 
@@ -254,6 +255,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def train_to_end(trainer: Trainer) -> int:
     """Train a started run, printing its header, its result and how to continue it."""
+    from lmlab.train.adapters import trainable_parameters
+
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
     mixers = config.model.layer_mixers()
@@ -263,6 +266,13 @@ def train_to_end(trainer: Trainer) -> int:
         f"{trainer.precision}, layers {mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
         file=sys.stderr,
     )
+    if trainer.adapter is not None:
+        trained, total = trainable_parameters(model)
+        print(
+            f"LoRA: {trained:,} of {total:,} parameters train ({trained / total:.2%}), "
+            f"rank {config.post.lora_rank}, base {config.post.quantize_base}",
+            file=sys.stderr,
+        )
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
@@ -276,6 +286,14 @@ def train_to_end(trainer: Trainer) -> int:
         + ("" if accuracy is None else f", accuracy {accuracy:.1%}")
     )
     print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lmlab.posttrain.merge import merge_run
+
+    run_dir = merge_run(args.run, args.name)
+    print(f"merged run: {run_dir}")
     return 0
 
 
@@ -545,6 +563,15 @@ COMMANDS: tuple[Command, ...] = (
         "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
         '{"prompt", "completion"} or {"messages": [...]} per line; see docs/post-training.md.',
         epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
+    ),
+    Command(
+        "merge",
+        cmd_merge,
+        "fold a LoRA run's adapters into its weights as a new ordinary run",
+        (RUN, opt("--name", "name of the new run (default: RUN-merged)", "name", source=merge_run)),
+        description="Write a new run beside RUN (a run fine-tuned with --lora) whose weights are "
+        "RUN's newest checkpoint with every adapter merged in (PEFT's merge); its logits equal "
+        "the adapted model's. It records RUN as its parent.",
     ),
     Command(
         "eval",

@@ -17,6 +17,7 @@ from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
+from lmlab.train.adapters import ADAPTER_DIR, add_lora
 from lmlab.train.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -33,7 +34,14 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
-STARTUP_OUTPUTS = (TOKENIZER_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR)
+STARTUP_OUTPUTS = (
+    TOKENIZER_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    CHECKPOINTS_DIR,
+    ADAPTER_DIR,
+)
 """What a run writes before its first result (summary.json and the rest come after)."""
 
 
@@ -218,10 +226,19 @@ def load_run_checkpoint(
     if checkpoint is None:
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
     check_tokenizer_origin(run_dir, tokenizer, checkpoint)
-    model = LanguageModel(config.model)
+    model = build_model(config)
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
+
+
+def build_model(config: Config) -> LanguageModel:
+    """The model of a run's config: a LanguageModel, with PEFT LoRA adapters (and an int8
+    frozen base) for a LoRA run, whose checkpoints hold them."""
+    model = LanguageModel(config.model)
+    if config.post.lora:
+        add_lora(model, config.post)
+    return model
 
 
 def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir: Path) -> None:

@@ -10,6 +10,7 @@ included). A resumed run therefore replays the same steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -34,6 +35,7 @@ from lmlab.layers.base import TokenMixer
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
+from lmlab.train.adapters import add_lora, save_adapter, trainable_parameters
 from lmlab.train.checkpoint import (
     Checkpoint,
     atomic_write_json,
@@ -295,7 +297,11 @@ class Trainer:
             refuse_growing_caches(self.model)
         if resume_from is None and config.parent.run:
             load_parent_weights(self.model, config.parent)
-        self.optimizers = build_optimizers(self.model, train, self.device)
+        self.adapter = add_lora(self.model, config.post) if config.post.lora else None
+        """A LoRA run's PEFT config; its adapters train with AdamW (Muon's orthogonalised
+        update is for full-rank hidden matrices, not low-rank factors)."""
+        settings = dataclasses.replace(train, optimizer="adamw") if self.adapter else train
+        self.optimizers = build_optimizers(self.model, settings, self.device)
         self.state = TrainerState()
         self.task: Task = (
             LanguageModelingTask(self, data)
@@ -349,8 +355,12 @@ class Trainer:
         return self.task.evaluate()
 
     def save(self) -> Path:
+        """A checkpoint of everything a resume needs (and, for a LoRA run, the adapter apart
+        in ``adapter/``)."""
         trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
         trainer_state.update(self.task.state_dict())
+        if self.adapter is not None:
+            save_adapter(self.model, self.adapter, self.config, self.run_dir)
         return save_checkpoint(
             self.run_dir,
             self.state.step,
@@ -507,6 +517,7 @@ class Trainer:
             "val_bits_per_byte": state.last_eval["bits_per_byte"],
             "best_val_loss": state.best_val_loss,
             "parameters": self.model.num_parameters(),
+            "trainable_parameters": trainable_parameters(self.model)[0],
             "training_flops_per_token": self.flops_per_token,
             "device": str(self.device),
             "precision": self.precision,
