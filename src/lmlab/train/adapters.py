@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lmlab.config.schema import Config, PostConfig
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # peft imports transformers: seconds, paid only by runs that use LoRA
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -83,6 +86,7 @@ def lora_target_names(model: nn.Module, targets: str) -> list[str]:
 
 def lora_config(model: nn.Module, post: PostConfig) -> LoraConfig:
     """PEFT's LoraConfig for ``post`` on ``model`` (before injection: it names its layers)."""
+    from peft import LoraConfig
 
     return LoraConfig(
         r=post.lora_rank,
@@ -97,6 +101,8 @@ def add_lora(model: nn.Module, post: PostConfig) -> LoraConfig:
     """Freeze ``model``, inject PEFT LoRA adapters into its target layers (only they train),
     and store the frozen base of those layers as int8 when ``post.quantize_base=int8``;
     returns the LoraConfig used."""
+    from peft import inject_adapter_in_model
+
     config = lora_config(model, post)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -108,18 +114,18 @@ def add_lora(model: nn.Module, post: PostConfig) -> LoraConfig:
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    from peft.tuners.lora import LoraLayer
+
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (tied weights once; int8 weights count as
     parameters too, one per stored value)."""
-    seen: dict[int, tuple[int, bool]] = {}
-    for param in model.parameters():
-        seen[id(param)] = (param.numel(), param.requires_grad)
-    total = sum(n for n, _ in seen.values())
+    params = list(model.parameters())  # each shared parameter once
+    total = sum(p.numel() for p in params)
     total += sum(b.numel() for name, b in model.named_buffers() if name.endswith("weight_int8"))
-    return sum(n for n, trained in seen.values() if trained), total
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -137,6 +143,8 @@ def save_adapter(model: nn.Module, adapter: LoraConfig, config: Config, run_dir:
     """Write the adapter apart, as PEFT does: ``adapter/adapter_model.safetensors`` (the LoRA
     weights under PEFT's names) and ``adapter/adapter_config.json`` (the LoraConfig, its base
     the parent run)."""
+    from peft import get_peft_model_state_dict
+
     folder = run_dir / ADAPTER_DIR
     folder.mkdir(exist_ok=True)
     weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
