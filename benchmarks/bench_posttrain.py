@@ -138,12 +138,12 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def pipeline(out: Path, pretrain_steps: int, sft_steps: int) -> None:
-    base, pretrain_s = pretrain(out, "pipeline-base", model_settings(128, 2), pretrain_steps)
+def pipeline(out: Path, width: int, pretrain_steps: int, sft_steps: int) -> None:
+    base, pretrain_s = pretrain(out, "pipeline-base", model_settings(width, 2), pretrain_steps)
     before = held_out_accuracy(base)
     sft, sft_s, _ = finetune(base, "pipeline-sft", sft_steps, "train.lr=1e-3")
     after = held_out_accuracy(sft)
-    print("\n### Addition: pretraining then SFT (addition2, 200 held-out problems)\n")
+    print(f"\n### Addition at d_model={width}, 2 layers: pretraining, then SFT on addition2\n")
     print_table(
         ["stage", "steps", "wall s", "exact match"],
         [
@@ -199,17 +199,18 @@ def methods(out: Path, width: int, layers: int, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="scratch folder for the runs")
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--speed-steps", type=int, default=30)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pipeline-width", type=int, default=64)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--speed-steps", type=int, default=15)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=False)
     print(f"CPU: {cpu_description()}")
-    pipeline(args.out, args.pretrain_steps, args.sft_steps)
+    pipeline(args.out, args.pipeline_width, args.pretrain_steps, args.sft_steps)
     methods(args.out, args.width, args.layers, args.speed_steps)
 
 

@@ -557,7 +557,7 @@ COMMANDS: tuple[Command, ...] = (
             opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
             QUIET,
         ),
-        items="key=value overrides (e.g. train.max_steps=200 train.lr=1e-3)",
+        items="no config (RUN's settings are the base)",
         description="Start a new run from RUN's newest checkpoint (RUN@STEP for another) and "
         "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
         "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
