@@ -86,7 +86,12 @@ def lora_target_names(model: nn.Module, targets: str) -> list[str]:
 
 def lora_config(model: nn.Module, post: PostConfig) -> LoraConfig:
     """PEFT's LoraConfig for ``post`` on ``model`` (before injection: it names its layers)."""
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise LmlabError(
+            "post.lora=true needs the peft package: pip install 'lmlab[posttrain]'"
+        ) from None
 
     return LoraConfig(
         r=post.lora_rank,
