@@ -196,3 +196,20 @@ def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
     assert load_latest_checkpoint(tmp_path / "killed").step < 30
     assert main(["train", "--quiet", "--resume", str(tmp_path / "killed")]) == 0
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+
+
+def test_a_resume_before_the_first_step_logs_the_data_row_once(base, tmp_path):
+    from lmlab.posttrain.launch import start_run
+    from lmlab.train.launch import parent_config
+
+    settings = [f"train.init_from={base}", "post.method=sft", "post.data=addition2"]
+    config = parent_config(None, [*settings, "train.max_steps=2", f"out_dir={tmp_path}", "name=r"])
+    trainer = start_run(config, "sft", show_progress=False)
+    trainer.hold.fresh = False  # as if killed before its first step: the folder stays
+    trainer.metrics.close()
+    trainer.hold.release()
+    assert main(["train", "--quiet", "--resume", str(tmp_path / "r")]) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["kind"] for r in rows].count("data") == 1

@@ -319,7 +319,8 @@ class Trainer:
             tensorboard_dir=run_dir / "tensorboard" if train.tensorboard else None,
         )
         self.data_stats = self.task.start_metrics()
-        if self.data_stats is not None and resume_from is None:
+        fresh_log = (run_dir / METRICS_FILE).stat().st_size == 0  # not a resume before step 1
+        if self.data_stats is not None and fresh_log:
             self.metrics.write({"kind": "data", "step": 0, **self.data_stats})
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
