@@ -182,6 +182,19 @@ CASES = [
     ["probe", "RUN", "--task", "loss_by_position", "--buckets", "0"],
     ["probe", "RUN", "--task", "loss_by_position", "--buckets", "-3"],
     ["probe", "--task", "mqar"],
+    ["finetune", "RUN"],
+    ["finetune", "nowhere", "--data", "addition2"],
+    ["finetune", "RUN", "--data", "missing.jsonl"],
+    ["finetune", "RUN", "--data", "BAD"],
+    ["finetune", "RUN", "--data", "addition2", "--method", "rlhf"],
+    ["finetune", "RUN", "--data", "addition2", "post.overlong=cut"],
+    ["finetune", "RUN", "--data", "addition2", "post.lora_rank=0"],
+    ["finetune", "RUN", "--data", "addition2", "model.d_model=48"],
+    ["finetune", "RUN", "--data", "addition2", "gpt-tiny"],
+    ["train", "train.init_from=RUN@99"],
+    ["train", "train.init_from=nowhere"],
+    ["merge", "RUN"],
+    ["merge", "nowhere"],
 ]
 
 
@@ -200,10 +213,13 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
     work = tmp_path / "work"
     work.mkdir()
     (work / "SPACE.yaml").write_text("base: gpt-tiny\nparams:\n  train.lr: [0.001, 0.01]\n")
+    (work / "bad.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": 1}\n')
     monkeypatch.chdir(work)
     monkeypatch.setenv("LMLAB_REGISTRY", str(work / "registry.sqlite"))
     paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml", **stores}
     argv = [paths.get(arg, arg) for arg in argv]
+    paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml", "BAD": "bad.jsonl"}
+    argv = [paths.get(arg, arg).replace("RUN@", f"{run}@") for arg in argv]
     before_cwd, before_run = files_under(work), files_under(run.parent)
     before_stores = files_under(Path(stores["STORE"]).parent)
     capsys.readouterr()

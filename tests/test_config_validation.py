@@ -19,13 +19,21 @@ from lmlab.config.schema import (
     Config,
     DataConfig,
     ModelConfig,
+    ParentRun,
+    PostConfig,
     Range,
     TrainConfig,
 )
 from lmlab.errors import LmlabError
 from lmlab.train.trainer import Budget, budget_for
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "post": PostConfig,
+    "parent": ParentRun,
+}
 
 
 def config_keys() -> list[tuple[str, object]]:

@@ -60,7 +60,8 @@ def test_preset_trains_two_steps_with_its_features_running(name, tmp_path, corpu
     assert all(count > 0 for count in calls.values()), calls
     assert set(trainer.optimizers.optimizers) >= {config.train.optimizer}
     if config.train.tbptt:
-        assert trainer.carried is not None and trainer.carried.state is not None
+        carried = trainer.task.carried
+        assert carried is not None and carried.state is not None
     if config.train.seq_len_start:
         assert [row["seq_len"] for row in steps] == [16, 24]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import torch
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
+from lmlab.data.chat import ChatTemplate as RolesTemplate
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
 from lmlab.serve.batching import Batcher
@@ -155,6 +157,31 @@ def test_chat_renders_the_runs_template_and_streams(runs):
         with pytest.raises(openai.BadRequestError, match="unknown role tool"):
             api.chat.completions.create(
                 model="attention", messages=[{"role": "tool", "content": "x"}], max_tokens=4
+            )
+
+
+def test_chat_renders_a_fine_tuned_runs_own_template_first(runs, tmp_path):
+    """A run fine-tuned on chats carries lmlab's role template (chat_template.json): the server
+    asks for a reply exactly as training framed it, even beside a Jinja template."""
+    run = tmp_path / "chat"
+    shutil.copytree(runs["attention"], run)
+    roles = {
+        role: {"prefix": f"{role.upper()}: ", "suffix": "\n"}
+        for role in ("system", "user", "assistant")
+    }
+    RolesTemplate(roles, special_tokens=[]).save(run / "tokenizer")
+    (run / "tokenizer" / "chat_template.jinja").write_text("{{ raise_exception('not me') }}")
+    messages = [{"role": "user", "content": "Who goes there?"}]
+    with serving_in_thread(open_service(run)) as url:
+        api = client(url)
+        reply = api.chat.completions.create(
+            model="chat", messages=messages, max_tokens=8, temperature=0
+        )
+        prompt = "USER: Who goes there?\nASSISTANT: "
+        assert reply.choices[0].message.content == expected(run, prompt, 8)
+        with pytest.raises(openai.BadRequestError, match="no role tool"):
+            api.chat.completions.create(
+                model="chat", messages=[{"role": "tool", "content": "x"}], max_tokens=4
             )
 
 

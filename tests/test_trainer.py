@@ -211,9 +211,9 @@ def test_shared_step_backpropagates_loss_plus_aux_loss():
     x, y = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
 
     def loss(model):
-        return lambda x, y: F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+        return lambda batch: F.cross_entropy(model(batch[0])[0].flatten(0, 1), batch[1].flatten())
 
-    logits_loss = loss(reference)(x, y)
+    logits_loss = loss(reference)((x, y))
     aux = reference.auxiliary_loss()
     (logits_loss + aux).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -225,7 +225,7 @@ def test_shared_step_backpropagates_loss_plus_aux_loss():
     for name, param in reference.named_parameters():
         moved = before[name] - dict(model.named_parameters())[name].detach()
         torch.testing.assert_close(moved, param.grad, rtol=1e-5, atol=1e-7, msg=name)
-    loss(without_aux)(x, y).backward()
+    loss(without_aux)((x, y)).backward()
     routers = [n for n, _ in reference.named_parameters() if "router" in n]
     grads = dict(without_aux.named_parameters())
     assert routers and all(

@@ -31,6 +31,7 @@ from lmlab.experiments.search import plan_search
 from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.posttrain.merge import merge_run
 from lmlab.serve.server import serve
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from lmlab.data.tokenizers import Tokenizer
     from lmlab.memory.store import KnnStore
     from lmlab.model.lm import LanguageModel
+    from lmlab.train.trainer import Trainer
 
 DEFAULT_PRESET = "gpt-tiny"
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
@@ -214,9 +216,17 @@ def finish(lines: list[str], ok: bool) -> int:
     return 0 if ok else 1
 
 
+def is_init_from(overrides: list[str]) -> bool:
+    """Whether the overrides start the run from another (then that run's config is the base)."""
+    return any(
+        key.strip() == "train.init_from" and value.strip()
+        for key, _, value in (item.partition("=") for item in overrides)
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.config.load import build_config
-    from lmlab.train.launch import new_trainer, resume_trainer
+    from lmlab.posttrain.launch import start_run
+    from lmlab.train.launch import parent_config, resume_trainer
 
     sources = [source for source in (args.preset, args.config) if source] + args.configs
     if args.resume:
@@ -224,9 +234,37 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise LmlabError("--resume takes its config from the run; drop the config")
         trainer = resume_trainer(args.resume, args.overrides, show_progress=not args.quiet)
     else:
-        source = one_config(sources)
-        config = build_config(source, args.overrides)
-        trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
+        source = one_config(sources) if sources or not is_init_from(args.overrides) else None
+        config = parent_config(source, args.overrides)
+        label = Path(source).stem if source else "init"
+        trainer = start_run(config, label, show_progress=not args.quiet)
+    return train_to_end(trainer)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmlab.posttrain.launch import start_run
+    from lmlab.train.launch import parent_config
+
+    settings = [
+        f"train.init_from={args.run}",
+        f"post.method={args.method}",
+        f"post.data={args.data}",
+        *(["post.lora=true"] if args.lora else []),
+        *args.overrides,
+    ]
+    if args.configs:
+        raise LmlabError(
+            f"unexpected argument {args.configs[0]!r}; finetune takes the run's settings, "
+            "changed with key=value overrides"
+        )
+    trainer = start_run(parent_config(None, settings), args.method, show_progress=not args.quiet)
+    return train_to_end(trainer)
+
+
+def train_to_end(trainer: Trainer) -> int:
+    """Train a started run, printing its header, its result and how to continue it."""
+    from lmlab.train.adapters import trainable_parameters
+
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
     model = trainer.model
     mixers = config.model.layer_mixers()
@@ -236,15 +274,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{trainer.precision}, layers {mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
         file=sys.stderr,
     )
+    if trainer.adapter is not None:
+        trained, total = trainable_parameters(model)
+        print(
+            f"LoRA: {trained:,} of {total:,} parameters train ({trained / total:.2%}), "
+            f"rank {config.post.lora_rank}, base {config.post.quantize_base}",
+            file=sys.stderr,
+        )
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
         return 130
+    accuracy = summary.get("val_accuracy")
     print(
         f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
         f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
         f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
+        + ("" if accuracy is None else f", accuracy {accuracy:.1%}")
     )
     print(f"run folder: {run_dir}")
     return 0
@@ -269,6 +316,12 @@ def open_memory(args: argparse.Namespace, model: LanguageModel, tokenizer: Token
     store = open_store(args.memory)
     store.check_model(model.cfg.d_model, tokenizer, args.run)
     return store
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    run_dir = merge_run(args.run, args.name)
+    print(f"merged run: {run_dir}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -631,8 +684,37 @@ COMMANDS: tuple[Command, ...] = (
         items="a preset or YAML file (or use --preset/--config)",
         description="Train a model. Settings come from a preset or YAML file, then key=value "
         "overrides (e.g. model.d_model=256 train.lr=3e-3 data.tokenizer=bpe). "
-        f"Without a config the '{DEFAULT_PRESET}' preset is used. The run folder (config, "
-        "tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the start.",
+        f"Without a config the '{DEFAULT_PRESET}' preset is used, or with "
+        "train.init_from=RUN[@STEP] (start from that run's weights) that run's settings. The run "
+        "folder (config, tokenizer, metrics.jsonl, checkpoints, summary.json) is printed at the "
+        "start.",
+    ),
+    Command(
+        "finetune",
+        cmd_finetune,
+        "fine-tune a trained run on JSONL examples (SFT, optionally LoRA)",
+        (
+            RUN,
+            opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
+            opt("--method", "post-training method", choices=["sft"], default="sft"),
+            opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
+            QUIET,
+        ),
+        items="no config (RUN's settings are the base)",
+        description="Start a new run from RUN's newest checkpoint (RUN@STEP for another) and "
+        "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
+        "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
+        '{"prompt", "completion"} or {"messages": [...]} per line; see docs/post-training.md.',
+        epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
+    ),
+    Command(
+        "merge",
+        cmd_merge,
+        "fold a LoRA run's adapters into its weights as a new ordinary run",
+        (RUN, opt("--name", "name of the new run (default: RUN-merged)", "name", source=merge_run)),
+        description="Write a new run beside RUN (a run fine-tuned with --lora) whose weights are "
+        "RUN's newest checkpoint with every adapter merged in (PEFT's merge); its logits equal "
+        "the adapted model's. It records RUN as its parent.",
     ),
     Command(
         "eval",

@@ -160,12 +160,24 @@ RULES: dict[str, Range | Choice] = {
     "train.threads": Range(0, note="0 leaves torch's default"),
     "train.seq_len_start": Range(0, note="0 disables the curriculum"),
     "train.curriculum_steps": Range(0),
+    "parent.step": Range(0),
+    "post.method": Choice(("none", "sft")),
+    "post.val_fraction": Range(0, 1, high_open=True, note="0: no held-out split"),
+    "post.overlong": Choice(("truncate", "drop", "refuse")),
+    "post.eval_examples": Range(0, note="held-out prompts answered per evaluation"),
+    "post.max_new_tokens": Range(1),
+    "post.lora_rank": Range(1),
+    "post.lora_alpha": Range(0, low_open=True),
+    "post.lora_dropout": Range(0, 1, high_open=True),
+    "post.quantize_base": Choice(("none", "int8")),
 }
 """One rule per setting, keyed ``section.field``. Every int and float field must have one
 (:func:`check_rules` fails on a numeric field without), so a new setting is range-checked too."""
 
 
-def check_rules(section: ModelConfig | DataConfig | TrainConfig, prefix: str) -> None:
+def check_rules(
+    section: ModelConfig | DataConfig | TrainConfig | PostConfig | ParentRun, prefix: str
+) -> None:
     """Check each field of a config section against :data:`RULES`."""
     for item in dataclasses.fields(section):
         key, value = f"{prefix}.{item.name}", getattr(section, item.name)
@@ -505,6 +517,10 @@ class TrainConfig:
     """Sequence-length curriculum: start at this length (0 disables the curriculum) ..."""
     curriculum_steps: int = 0
     """... and grow linearly to data.seq_len over this many steps."""
+    init_from: str = ""
+    """Start from the weights (only the weights) of another run's checkpoint: ``RUN`` (its
+    newest valid checkpoint) or ``RUN@STEP``. The optimiser, schedule and data are this run's;
+    the model must have the same parameters. The checkpoint used is recorded in ``parent``."""
 
     def validate(self) -> None:
         check_rules(self, "train")
@@ -525,12 +541,74 @@ class TrainConfig:
 
 
 @dataclass
+class PostConfig:
+    """Post-training: what a run started from another (``train.init_from``) optimises, on which
+    examples, and whether through LoRA adapters. See docs/post-training.md."""
+
+    method: str = "none"
+    """``none`` (pretraining on ``data``) or ``sft`` (supervised fine-tuning on ``post.data``)."""
+    data: str = ""
+    """A JSONL file of examples, or a data set shipped with lmlab (``lmlab datasets``)."""
+    val_data: str = ""
+    """Held-out examples; empty: a shipped set's test split, else ``val_fraction`` of ``data``."""
+    val_fraction: float = 0.1
+    overlong: str = "truncate"
+    """An example longer than data.seq_len + 1 tokens: ``truncate`` its prompt on the left
+    (dropped if its completion alone is too long), ``drop`` it, or ``refuse`` (an error)."""
+    eval_examples: int = 100
+    """Held-out prompts answered greedily at each evaluation for exact-match accuracy (those
+    with an ``answer``/``completion`` and a verifier); 0 skips it."""
+    max_new_tokens: int = 16
+    """Tokens generated per held-out prompt for the accuracy."""
+    lora: bool = False
+    """Train LoRA adapters (PEFT) on the frozen model instead of every weight."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    """Comma-separated suffixes of the ``nn.Linear`` modules that get adapters (e.g.
+    ``qkv,out``); empty: every linear layer inside the blocks."""
+    quantize_base: str = "none"
+    """``int8``: the frozen base weights of a LoRA run are stored as int8 (weight-only, one
+    scale per output row): QLoRA's idea on CPU."""
+
+    def validate(self) -> None:
+        check_rules(self, "post")
+        _require(
+            self.method == "none" or bool(self.data),
+            f"post.method={self.method} needs examples: set post.data=FILE.jsonl or a shipped set",
+        )
+        _require(
+            self.quantize_base == "none" or self.lora,
+            "post.quantize_base needs post.lora=true (only frozen weights can be quantised)",
+        )
+
+
+@dataclass
+class ParentRun:
+    """The run whose weights a run started from (``train.init_from``), filled in when the run
+    starts so its lineage can be followed back: set by lmlab, not by hand."""
+
+    run: str = ""
+    """The parent's run folder (absolute); empty for a run trained from scratch."""
+    step: int = 0
+    """The parent's checkpoint step whose weights were loaded."""
+    config_hash: str = ""
+    """The parent's config hash (as in the run registry)."""
+
+    def validate(self) -> None:
+        check_rules(self, "parent")
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in every run folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    parent: ParentRun = field(default_factory=ParentRun)
     name: str = ""
     """Run name; empty makes one from the preset and the time."""
     out_dir: str = "runs"
@@ -539,6 +617,17 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.post.validate()
+        self.parent.validate()
+        _require(
+            self.post.method == "none" or bool(self.train.init_from),
+            f"post.method={self.post.method} fine-tunes a trained run: give train.init_from=RUN",
+        )
+        _require(
+            self.post.method == "none" or not self.train.max_tokens,
+            f"post.method={self.post.method} trains on whole examples, not data.seq_len windows, "
+            "so a token budget would not mean what it says; give train.max_steps (or max_time)",
+        )
         _require(
             self.train.seq_len_start <= self.data.seq_len,
             f"train.seq_len_start={self.train.seq_len_start} exceeds data.seq_len="

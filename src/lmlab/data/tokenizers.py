@@ -39,20 +39,77 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class Tokenizer(ABC):
-    """Maps text to ids and back; ``vocab_size`` is the size the model's embedding needs."""
+    """Maps text to ids and back; ``vocab_size`` is the size the model's embedding needs.
+
+    Special tokens (a chat template's role markers) are strings that encode to one id each,
+    appended after the base vocabulary: ``with_special_tokens`` adds them. One mechanism serves
+    all three kinds (the byte and char tokenizers are lmlab's own, and HF's added tokens would
+    give BPE another id layout), so a fine-tuned run's new ids are always the last rows of its
+    embedding, after the parent's."""
 
     kind: str
+    special_tokens: tuple[str, ...] = ()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.special_tokens)
 
     @property
     @abstractmethod
-    def vocab_size(self) -> int: ...
+    def base_vocab_size(self) -> int:
+        """The vocabulary without special tokens."""
 
     @abstractmethod
+    def _encode_plain(self, text: str) -> np.ndarray:
+        """Ids of text holding no special token."""
+
+    @abstractmethod
+    def _decode_plain(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
     def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as a 1-D array of :attr:`dtype`."""
+        """Token ids of ``text`` as a 1-D array of :attr:`dtype` (a special token's string
+        anywhere in ``text`` becomes its one id)."""
+        if not self.special_tokens:
+            return self._encode_plain(text)
+        pieces = self._special_pattern().split(text)
+        parts = [
+            np.array([self.special_id(piece)], dtype=self.dtype)
+            if i % 2
+            else self._encode_plain(piece).astype(self.dtype)
+            for i, piece in enumerate(pieces)
+            if piece
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
 
-    @abstractmethod
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64)
+        base = self.base_vocab_size
+        special = np.flatnonzero(ids >= base)
+        if not len(special):
+            return self._decode_plain(ids)
+        text, start = [], 0
+        for index in special:
+            text.append(self._decode_plain(ids[start:index]))
+            text.append(self.special_tokens[ids[index] - base])
+            start = index + 1
+        text.append(self._decode_plain(ids[start:]))
+        return "".join(text)
+
+    def special_id(self, token: str) -> int:
+        return self.base_vocab_size + self.special_tokens.index(token)
+
+    def _special_pattern(self) -> re.Pattern:
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """This tokenizer with ``tokens`` added (those it has already keep their ids)."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self.special_tokens]
+        if any(not t for t in new):
+            raise LmlabError("a special token cannot be the empty string")
+        copy = type(self)._from_state(self._state())
+        copy.special_tokens = (*self.special_tokens, *new)
+        return copy
 
     @abstractmethod
     def _state(self) -> str:
@@ -78,14 +135,16 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / TOKENIZER_FILE).write_text(self._state(), encoding="utf-8")
-        meta = {"kind": self.kind, "vocab_size": self.vocab_size}
+        meta: dict = {"kind": self.kind, "vocab_size": self.vocab_size}
+        if self.special_tokens:
+            meta["special_tokens"] = list(self.special_tokens)
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._state() == self._state()
+        return type(other) is type(self) and tokenizer_state(other) == tokenizer_state(self)
 
     def __hash__(self) -> int:
-        return hash((self.kind, self._state()))
+        return hash(tokenizer_state(self))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -97,13 +156,13 @@ class ByteTokenizer(Tokenizer):
     kind = "byte"
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return 256
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def _encode_plain(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.dtype)
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    def _decode_plain(self, ids: Sequence[int] | np.ndarray) -> str:
         return bytes(np.asarray(ids).tolist()).decode("utf-8", errors="replace")
 
     def _state(self) -> str:
@@ -134,17 +193,17 @@ class CharTokenizer(Tokenizer):
         self._points = np.concatenate([[ord(UNKNOWN_CHAR)], points]).astype("<u4")
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self.chars) + 1
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def _encode_plain(self, text: str) -> np.ndarray:
         points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
         known = points < len(self._lookup)
         ids = self._lookup[np.where(known, points, 0)]
         ids[~known] = self.unknown_id
         return ids
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    def _decode_plain(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._points[np.asarray(ids, dtype=np.int64)].tobytes().decode("utf-32-le")
 
     def unknown_count(self, ids: np.ndarray) -> int:
@@ -167,10 +226,10 @@ class BpeTokenizer(Tokenizer):
         self._tok = hf_tokenizer
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def _encode_plain(self, text: str) -> np.ndarray:
         """Encode each distinct word once, then gather: text repeats words so much that this is
         several times faster than encoding the text itself."""
         pieces = _BPE_BOUNDARY.split(text)
@@ -187,7 +246,7 @@ class BpeTokenizer(Tokenizer):
         positions = np.repeat(source_starts - out_starts, piece_lengths)
         return flat[positions + np.arange(len(positions))]
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    def _decode_plain(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
     def _state(self) -> str:
@@ -210,7 +269,11 @@ _CLASSES: dict[str, type[Tokenizer]] = {
 def warn_unknown(tokenizer: Tokenizer, encoded: Sequence[np.ndarray], what: str) -> None:
     """One stderr line when ``encoded`` (the arrays encoding ``what``) holds unknown ids: they
     would otherwise silently stand for every character the vocabulary lacks."""
-    count = sum(tokenizer.unknown_count(ids) for ids in encoded)
+    report_unknown(tokenizer, sum(tokenizer.unknown_count(ids) for ids in encoded), what)
+
+
+def report_unknown(tokenizer: Tokenizer, count: int, what: str) -> None:
+    """The line of :func:`warn_unknown` for ``count`` unknown characters (none: silent)."""
     if count:
         print(
             f"warning: {count} character(s) of {what} are not in the {tokenizer.kind} "
@@ -220,15 +283,25 @@ def warn_unknown(tokenizer: Tokenizer, encoded: Sequence[np.ndarray], what: str)
 
 
 def tokenizer_state(tokenizer: Tokenizer) -> tuple[str, str]:
-    """``(kind, state)``: two strings that rebuild the tokenizer (for files that carry it)."""
-    return tokenizer.kind, tokenizer._state()
+    """``(kind, state)``: two strings that rebuild the tokenizer (for files that carry it); a
+    tokenizer with special tokens wraps its base state with them."""
+    if not tokenizer.special_tokens:
+        return tokenizer.kind, tokenizer._state()
+    return tokenizer.kind, json.dumps(
+        {"base": tokenizer._state(), "special_tokens": list(tokenizer.special_tokens)}
+    )
 
 
 def tokenizer_from_state(kind: str, state: str) -> Tokenizer:
     """The tokenizer that ``tokenizer_state`` described; ValueError if it cannot be rebuilt."""
     if kind not in _CLASSES:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    return _CLASSES[kind]._from_state(state)
+    wrapped = json.loads(state) if state.startswith('{"base"') else None
+    if wrapped is None:
+        return _CLASSES[kind]._from_state(state)
+    return (
+        _CLASSES[kind]._from_state(wrapped["base"]).with_special_tokens(wrapped["special_tokens"])
+    )
 
 
 def _train_bpe(texts: list[str], vocab_size: int) -> BpeTokenizer:
@@ -282,6 +355,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         kind = meta["kind"]
         tokenizer = _CLASSES[kind]._from_state(state_path.read_text(encoding="utf-8"))
+        tokenizer = tokenizer.with_special_tokens(meta.get("special_tokens", []))
     except Exception as e:  # the HF parser raises bare Exception on a damaged file
         raise LmlabError(f"the tokenizer in {directory} is damaged ({e!r}); re-create it") from None
     if tokenizer.vocab_size != meta.get("vocab_size"):

@@ -82,8 +82,8 @@ def train_probe(
     generator = torch.Generator().manual_seed(seed)
     train_step = TrainStep(model, optimizers, grad_clip=1.0)
 
-    def scored_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(*scored_logits(model, x, y))
+    def scored_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(*scored_logits(model, *batch))
 
     best = dict.fromkeys(tests, 0.0)
     step, started = 0, time.perf_counter()

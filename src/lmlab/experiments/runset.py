@@ -32,9 +32,10 @@ from lmlab.config.schema import Config, ModelConfig
 from lmlab.data.dataset import prepare_data
 from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
+from lmlab.posttrain.launch import start_run
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
-from lmlab.train.launch import new_trainer, resume_trainer
+from lmlab.train.launch import resume_trainer
 from lmlab.train.metrics import read_metrics
 from lmlab.train.run import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -281,7 +282,7 @@ def _train_in_process(
         if how == "resumed":
             trainer = resume_trainer(str(spec.run_dir), _threads_override(spec), show_progress)
         else:
-            trainer = new_trainer(copy.deepcopy(spec.config), spec.arm.name, show_progress)
+            trainer = start_run(copy.deepcopy(spec.config), spec.arm.name, show_progress)
         trainer.registry = registry_file
         trainer.train()
     except Exception:

@@ -41,9 +41,9 @@ from lmlab.experiments.runset import (
     error_line,
     parse_budget,
 )
+from lmlab.posttrain.launch import start_run
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
-from lmlab.train.launch import new_trainer
 from lmlab.train.run import SUMMARY_FILE, open_run
 
 STUDY_FILE = "study.sqlite3"
@@ -300,7 +300,7 @@ def _train_trial(
     trial.set_user_attr("run", str(run_dir))
     status, summary = "failed", None
     try:
-        trainer = new_trainer(config, config.name, show_progress)
+        trainer = start_run(config, config.name, show_progress)
         trainer.registry = registry.registry_path(registry_location)
         trainer.eval_listeners.append(report)
         summary = trainer.train()

@@ -1,6 +1,9 @@
 """Chat templates: how a run turns OpenAI chat messages into one prompt.
 
-A run can be chatted with when its tokenizer folder holds ``chat_template.jinja``
+A run fine-tuned on chats (``lmlab finetune``) carries lmlab's own template,
+``chat_template.json`` (:mod:`lmlab.data.chat`: a prefix and suffix per role, with special
+tokens); the server renders with it, so a reply is asked for exactly as training framed it.
+Any other run can be chatted with when its tokenizer folder holds ``chat_template.jinja``
 (:data:`CHAT_TEMPLATE_FILE`), a Jinja2 template in the format of Hugging Face's
 ``chat_template``: it receives ``messages`` (a list of ``{"role", "content"}``) and
 ``add_generation_prompt`` (always true here: the prompt ends where the assistant's reply begins)
@@ -17,6 +20,8 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lmlab.data.chat import CHAT_TEMPLATE_FILE as ROLES_TEMPLATE_FILE
+from lmlab.data.chat import ChatTemplate as RolesTemplate
 from lmlab.errors import LmlabError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -48,8 +53,27 @@ class ChatTemplate:
             raise ValueError(f"the chat template could not render these messages: {exc}") from None
 
 
-def load_chat_template(tokenizer_dir: Path) -> ChatTemplate | None:
-    """The run's chat template, or None when its tokenizer folder has none."""
+class TrainedTemplate:
+    """Post-training's template (:class:`lmlab.data.chat.ChatTemplate`) with the server's
+    interface: the prompt ends with the assistant's prefix, as in training."""
+
+    def __init__(self, template: RolesTemplate, origin: str) -> None:
+        self._template = template
+        self.origin = origin
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        unknown = sorted({m["role"] for m in messages} - set(self._template.roles))
+        if unknown:
+            raise ValueError(f"the chat template has no role {', '.join(unknown)}")
+        return self._template.prompt(messages)
+
+
+def load_chat_template(tokenizer_dir: Path) -> ChatTemplate | TrainedTemplate | None:
+    """The run's chat template (post-training's first), or None when its tokenizer folder has
+    neither."""
+    trained = RolesTemplate.load(tokenizer_dir)
+    if trained is not None:
+        return TrainedTemplate(trained, str(tokenizer_dir / ROLES_TEMPLATE_FILE))
     path = tokenizer_dir / CHAT_TEMPLATE_FILE
     if not path.is_file():
         return None

@@ -524,3 +524,17 @@ def load_latest_checkpoint(
     for problem in problems:
         warn(f"{problem}; {outcome}")
     return found
+
+
+def load_checkpoint_at(run_dir: Path, step: int) -> Checkpoint:
+    """The checkpoint of ``step``, verified, or a one-line error listing the steps there are."""
+    folders = {_step_of(folder): folder for folder in list_checkpoints(run_dir)}
+    if step not in folders:
+        kept = ", ".join(map(str, folders)) or "none"
+        raise LmlabError(f"{run_dir} has no checkpoint of step {step}; it keeps steps: {kept}")
+    try:
+        return _read_checkpoint(folders[step])
+    except _Corrupt as exc:
+        raise LmlabError(
+            f"checkpoint {folders[step]} is corrupt ({exc}); use another step"
+        ) from None

@@ -4,22 +4,27 @@ shared by ``lmlab train`` and every command that trains (compare, probes, sweeps
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lmlab.config.load import build_config, config_to_dict
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, ParentRun
 from lmlab.data.dataset import fit_vocab, prepare_data
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
+from lmlab.train.registry import config_hash
 from lmlab.train.run import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     RunHold,
     check_tokenizer_origin,
     claim_new_run,
+    open_parent,
     open_run,
     run_tokenizer,
     save_run_config,
+    split_init_spec,
 )
 from lmlab.train.trainer import Trainer
 
@@ -50,9 +55,54 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def new_trainer(config: Config, label: str, show_progress: bool = True) -> Trainer:
-    """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time)."""
-    data, tokenizer = prepare_data(config.data, None)
+def parent_config(source: str | None, overrides: list[str] | tuple[str, ...]) -> Config:
+    """The config of a new run: ``source`` plus ``overrides``; without a source, a run started
+    from another (``train.init_from``) takes that run's settings as its base, so only what
+    changes (data, budget, learning rate) needs saying."""
+    config = build_config(source, overrides)
+    if source or not config.train.init_from:
+        return config
+    _, saved = open_run(split_init_spec(config.train.init_from)[0])
+    base = config_to_dict(saved)
+    base.pop("name")
+    base.pop("parent")
+    return build_config(base=base, overrides=overrides)
+
+
+def start_from_parent(config: Config) -> Tokenizer | None:
+    """For ``train.init_from``: record the parent in ``config.parent`` and return its tokenizer,
+    which the new run must keep (token ids must mean what the weights learned); None without."""
+    if not config.train.init_from:
+        config.parent = ParentRun()
+        return None
+    run_dir, saved, tokenizer, checkpoint = open_parent(config.train.init_from)
+    config.parent = ParentRun(str(run_dir), checkpoint.step, config_hash(saved))
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = saved.model.vocab_size
+    return tokenizer
+
+
+def new_trainer(
+    config: Config,
+    label: str,
+    show_progress: bool = True,
+    tokenizer: Tokenizer | None = None,
+    save_extra: Callable[[Path], None] | None = None,
+) -> Trainer:
+    """A trainer for a new run folder (named from ``config.name`` or ``label`` and the time).
+
+    Pretraining reads ``config.data`` and trains a tokenizer on it unless one is given (a run
+    started from another keeps the parent's). A post-training method reads its own examples,
+    with ``tokenizer`` (the parent's, possibly with special tokens added) and ``save_extra``,
+    which writes what it needs beside the tokenizer (e.g. the chat template) in the new folder's
+    ``tokenizer/``."""
+    parent_tokenizer = start_from_parent(config)
+    tokenizer = tokenizer or parent_tokenizer
+    if config.post.method == "none":
+        data, tokenizer = prepare_data(config.data, tokenizer)
+    else:
+        data = None
+        config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size)
     fit_vocab(config, tokenizer)
     config.validate()
     hold = claim_new_run(config, label)
@@ -60,6 +110,8 @@ def new_trainer(config: Config, label: str, show_progress: bool = True) -> Train
     try:
         try:
             tokenizer.save(run_dir / TOKENIZER_DIR)
+            if save_extra is not None:
+                save_extra(run_dir / TOKENIZER_DIR)
             save_run_config(run_dir, config)
         except OSError as exc:
             raise LmlabError(f"cannot write run folder {run_dir} ({exc.strerror})") from None
@@ -96,7 +148,7 @@ def resume_trainer(
         else:
             check_tokenizer_origin(run_dir, tokenizer, checkpoint)
             _check_config_origin(run_dir, before, checkpoint)
-        data, tokenizer = prepare_data(config.data, tokenizer)
+        data = None if config.post.method != "none" else prepare_data(config.data, tokenizer)[0]
         save_run_config(run_dir, config)
         return Trainer(config, run_dir, data, tokenizer, checkpoint, show_progress, hold=hold)
     except BaseException:

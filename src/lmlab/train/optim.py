@@ -82,7 +82,7 @@ def split_parameters(
     visit(model, False)
     if head is not None:
         hidden -= {id(p) for p in head.parameters()}  # a head tied to a hidden matrix
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return (
         [(n, p) for n, p in named if id(p) in hidden],
         [(n, p) for n, p in named if id(p) not in hidden],
@@ -106,9 +106,10 @@ def _adamw(params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torc
 def build_optimizers(
     model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
 ) -> OptimizerSet:
-    """The optimiser set for ``cfg.optimizer``; tied weights appear once."""
+    """The optimiser set for ``cfg.optimizer``; tied weights appear once, frozen ones (a LoRA
+    run's base) not at all."""
     device = device or next(model.parameters()).device
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return OptimizerSet({"adamw": _adamw(named, cfg)})
     matrices, rest = split_parameters(model)

@@ -37,6 +37,7 @@ RUN_COLUMNS = (
     "tokens",
     "seconds",
     "compare",
+    "parent",
     "created",
     "updated",
 )
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS runs (
     tokens INTEGER,
     seconds REAL,
     compare TEXT,
+    parent TEXT,
     created TEXT,
     updated TEXT
 );
@@ -137,6 +139,7 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if not _has_tables(connection):
             connection.executescript(SCHEMA)
+        _add_new_columns(connection)
         with connection:
             yield connection
     finally:
@@ -146,6 +149,23 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
 def _has_tables(connection: sqlite3.Connection) -> bool:
     names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     return {"runs", "compares"} <= names
+
+
+def _add_new_columns(connection: sqlite3.Connection) -> None:
+    """Give a registry written by an older lmlab the run columns added since (empty there)."""
+    have = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+    for column in RUN_COLUMNS:
+        if column not in have:
+            try:
+                connection.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it meanwhile
+                    raise
+
+
+def parent_label(config: Config) -> str | None:
+    """``folder@step`` of the run a run started from, None for one trained from scratch."""
+    return f"{config.parent.run}@{config.parent.step}" if config.parent.run else None
 
 
 def _upsert(connection: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
@@ -201,6 +221,7 @@ def run_row(
         "tokens": summary.get("tokens"),
         "seconds": summary.get("train_seconds"),
         "compare": compare,
+        "parent": parent_label(config) if config is not None else None,
         "created": _now(),
     }
 
@@ -327,6 +348,11 @@ def list_runs(
     return [dict(row) for row in rows], found
 
 
+def _short_parent(parent: str | None) -> str:
+    """A parent as ``name@step`` (its full folder is in ``--json``)."""
+    return Path(parent).name if parent else ""
+
+
 def format_runs(rows: list[dict], compare: dict | None = None) -> str:
     """A plain-text table of registry rows (a comparison's verdicts first when given); a run
     whose folder has since been deleted is marked so."""
@@ -338,7 +364,18 @@ def format_runs(rows: list[dict], compare: dict | None = None) -> str:
             f"budget {compare['budget']}, {compare['seeds']} seeds, {compare['status']}; "
             f"{verdicts or 'no verdicts'}"
         )
-    header = ("created", "compare", "arm", "seed", "status", "final bpb", "tokens", "s", "path")
+    header = (
+        "created",
+        "compare",
+        "arm",
+        "seed",
+        "status",
+        "final bpb",
+        "tokens",
+        "s",
+        "path",
+        "parent",
+    )
     table = [header]
     for row in rows:
         status = row["status"] or ""
@@ -355,6 +392,7 @@ def format_runs(rows: list[dict], compare: dict | None = None) -> str:
                 "" if row["tokens"] is None else str(row["tokens"]),
                 "" if row["seconds"] is None else f"{row['seconds']:.1f}",
                 row["path"],
+                _short_parent(row["parent"]),
             )
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

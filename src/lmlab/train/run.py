@@ -13,15 +13,17 @@ from pathlib import Path
 import torch
 
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
-from lmlab.config.schema import Config
+from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
+from lmlab.train.adapters import ADAPTER_DIR, add_lora
 from lmlab.train.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
     atomic_write_text,
     list_checkpoints,
+    load_checkpoint_at,
     load_latest_checkpoint,
 )
 from lmlab.train.metrics import read_metrics
@@ -32,7 +34,14 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 TENSORBOARD_DIR = "tensorboard"
-STARTUP_OUTPUTS = (TOKENIZER_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR)
+STARTUP_OUTPUTS = (
+    TOKENIZER_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    CHECKPOINTS_DIR,
+    ADAPTER_DIR,
+)
 """What a run writes before its first result (summary.json and the rest come after)."""
 
 
@@ -217,10 +226,19 @@ def load_run_checkpoint(
     if checkpoint is None:
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
     check_tokenizer_origin(run_dir, tokenizer, checkpoint)
-    model = LanguageModel(config.model)
+    model = build_model(config)
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
+
+
+def build_model(config: Config) -> LanguageModel:
+    """The model of a run's config: a LanguageModel, with PEFT LoRA adapters (and an int8
+    frozen base) for a LoRA run, whose checkpoints hold them."""
+    model = LanguageModel(config.model)
+    if config.post.lora:
+        add_lora(model, config.post)
+    return model
 
 
 def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
@@ -236,3 +254,87 @@ def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir
             "the config was edited after training: restore it"
         )
     model.load_state_dict(weights)
+
+
+def split_init_spec(spec: str) -> tuple[Path, int | None]:
+    """``RUN`` or ``RUN@STEP`` -> the run folder and the step (None: the newest checkpoint)."""
+    path, at, step = spec.rpartition("@")
+    if at and step.isdigit():
+        return Path(path), int(step)
+    if at and path and not Path(spec).exists():
+        raise LmlabError(
+            f"train.init_from={spec!r}: {step!r} after '@' is not a step; give RUN or RUN@STEP, "
+            "e.g. runs/base@500"
+        )
+    return Path(spec), None
+
+
+def open_parent(spec: str) -> tuple[Path, Config, Tokenizer, Checkpoint]:
+    """The run named by ``train.init_from`` (its folder, config, tokenizer and the checkpoint
+    to start from), or a one-line error naming the setting."""
+    path, step = split_init_spec(spec)
+    try:
+        run_dir, config = open_run(path)
+        tokenizer = run_tokenizer(run_dir, config)
+        checkpoint = (
+            load_latest_checkpoint(run_dir) if step is None else load_checkpoint_at(run_dir, step)
+        )
+    except LmlabError as exc:
+        raise LmlabError(f"train.init_from={spec}: {exc}") from None
+    if checkpoint is None:
+        raise LmlabError(f"train.init_from={spec}: {run_dir} has no valid checkpoint yet")
+    check_tokenizer_origin(run_dir, tokenizer, checkpoint)
+    return run_dir.resolve(), config, tokenizer, checkpoint
+
+
+def first_mismatch(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """The first parameter (in the model's order) that ``weights`` lacks or shapes otherwise,
+    else the first tensor of ``weights`` the model has no place for, in words; None if all fit."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in weights:
+            return f"{name} is missing from the checkpoint"
+        if weights[name].shape != tensor.shape:
+            return (
+                f"{name} has shape {tuple(weights[name].shape)} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model"
+            )
+    extra = next((name for name in weights if name not in expected), None)
+    return None if extra is None else f"{extra} is in the checkpoint but not in this model"
+
+
+def load_parent_weights(model: LanguageModel, parent: ParentRun) -> None:
+    """Load the weights of ``parent`` (a started run's record of ``train.init_from``) into
+    ``model``; the architecture must match parameter for parameter."""
+    checkpoint = load_checkpoint_at(Path(parent.run), parent.step)
+    weights = with_new_token_rows(model, checkpoint.model)
+    mismatch = first_mismatch(model, weights)
+    if mismatch:
+        raise LmlabError(
+            f"train.init_from={parent.run}@{parent.step} does not fit this model: {mismatch}; "
+            "give the parent's model settings (start without a config to take them all)"
+        )
+    model.load_state_dict(weights)
+
+
+VOCABULARY_ROWS = ("embed.weight", "head.weight")
+
+
+def with_new_token_rows(
+    model: LanguageModel, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``weights`` with the embedding and head grown to the model's vocabulary when a
+    fine-tuning run added special tokens (a chat template's) after the parent's ids: the new
+    rows start at the mean of the parent's rows, as transformers' ``resize_token_embeddings``
+    does, so a new token starts as an average token rather than noise. The one difference from
+    the parent a run may have; any other still fails :func:`first_mismatch`."""
+    expected = model.state_dict()
+    grown = dict(weights)
+    for name in VOCABULARY_ROWS:
+        old, new = weights.get(name), expected.get(name)
+        if old is None or new is None or old.shape[1:] != new.shape[1:]:
+            continue
+        if new.shape[0] > old.shape[0]:
+            mean = old.mean(0, keepdim=True).expand(new.shape[0] - old.shape[0], -1)
+            grown[name] = torch.cat([old, mean.to(old.dtype)])
+    return grown

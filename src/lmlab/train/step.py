@@ -9,14 +9,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.optim import OptimizerSet
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -95,20 +94,21 @@ class TrainStep:
         self,
         step: int,
         lr_multiplier: float,
-        batch: Callable[[int], Batch],
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batch: Callable[[int], Any],
+        loss: Callable[[Any], torch.Tensor],
     ) -> StepResult:
         """Step number ``step`` (counted from 1) at ``lr_multiplier`` times the base rates;
-        ``batch(micro)`` gives each micro-batch and ``loss(x, y)`` its main loss, to which the
-        model's auxiliary loss from that forward pass is added."""
+        ``batch(micro)`` gives each micro-batch (any object: a task's batch source decides)
+        and ``loss(batch)`` its main loss, to which the model's auxiliary loss from that
+        forward pass is added."""
         self.optimizers.set_lr_multiplier(lr_multiplier)
         data_s = forward_backward_s = 0.0
         loss_sum = aux_sum = 0.0
         for micro in range(self.grad_accum):
             t0 = time.perf_counter()
-            x, y = batch(micro)
+            drawn = batch(micro)
             t1 = time.perf_counter()
-            main = loss(x, y)
+            main = loss(drawn)
             aux = self.model.auxiliary_loss()
             total = main if aux is None else main + aux
             (total / self.grad_accum).backward()
@@ -119,7 +119,8 @@ class TrainStep:
         feature_calls = self.features.calls(step)
         t2 = time.perf_counter()
         layer_norms = layer_grad_norms(self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.grad_clip).item()
         self.optimizers.step()
         self.optimizers.zero_grad()
         return StepResult(

@@ -10,6 +10,7 @@ included). A resumed run therefore replays the same steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from lmlab.layers.base import TokenMixer
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
+from lmlab.train.adapters import add_lora, save_adapter, trainable_parameters
 from lmlab.train.checkpoint import (
     Checkpoint,
     atomic_write_json,
@@ -43,9 +46,17 @@ from lmlab.train.checkpoint import (
 from lmlab.train.device import autocast, peak_memory_bytes, pick_device, resolve_precision
 from lmlab.train.metrics import MetricsLog, Progress
 from lmlab.train.optim import build_optimizers
-from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, RunHold, load_weights, run_origin
+from lmlab.train.run import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunHold,
+    load_parent_weights,
+    load_weights,
+    run_origin,
+)
 from lmlab.train.schedule import lr_multiplier
-from lmlab.train.step import Batch, StepResult, TrainStep
+from lmlab.train.step import StepResult, TrainStep
+from lmlab.train.task import Forward, Task, task_factory
 
 
 @dataclass
@@ -159,7 +170,9 @@ class CarriedState:
     position: int = 0
     state: ModelState | None = None
 
-    def segment(self, tokens: np.ndarray, batch_size: int, seq_len: int) -> Batch:
+    def segment(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``seq_len`` tokens of every row; at the end of the streams every row wraps
         to its start and the state, which belongs to the old text, is forgotten."""
         if self.position + seq_len + 1 > stream_length(len(tokens), batch_size, seq_len):
@@ -189,6 +202,58 @@ class CarriedState:
         )
 
 
+class LanguageModelingTask(Task):
+    """Pretraining: next-token cross-entropy on windows of the token stream (random windows,
+    each a function of the seed and step; or, with ``train.tbptt``, contiguous segments with
+    the recurrent state carried between them), evaluated on the validation split."""
+
+    def __init__(self, trainer: Trainer, data: TokenData) -> None:
+        self.trainer = trainer
+        self.data = data
+        self.carried = CarriedState() if trainer.config.train.tbptt else None
+
+    def batch(self, step: int, micro: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        train, device = self.trainer.config.train, self.trainer.device
+        if self.carried is not None:
+            x, y = self.carried.segment(self.data.train, train.batch_size, seq_len)
+        else:
+            index = step * train.grad_accum + micro
+            x, y = random_batch(self.data.train, index, train.batch_size, seq_len, train.seed)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def loss(self, forward: Forward, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with self.trainer.autocast():
+            if self.carried is not None:
+                logits = self.carried.forward(forward, x)
+            else:
+                logits, _ = forward(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def evaluate(self) -> dict[str, float]:
+        trainer = self.trainer
+        train = trainer.config.train
+        return evaluate(
+            trainer.model,
+            self.data,
+            batch_size=train.batch_size,
+            seq_len=trainer.config.data.seq_len,
+            max_batches=train.eval_batches,
+            device=trainer.device,
+            autocast=trainer.autocast(),
+        )
+
+    def state_dict(self) -> dict:
+        return {} if self.carried is None else self.carried.checkpoint()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.carried is not None:
+            self.carried = CarriedState.restored(state)
+
+
 @dataclass
 class TrainerState:
     """What the loop needs besides weights, optimiser state and the carried state to continue
@@ -202,13 +267,15 @@ class TrainerState:
 
 
 class Trainer:
-    """Trains ``config`` in ``run_dir``; ``resume_from`` continues a checkpoint exactly."""
+    """Trains ``config`` in ``run_dir``; ``resume_from`` continues a checkpoint exactly. The
+    task (batches, loss, evaluation) is pretraining on ``data`` for ``post.method=none``, else
+    the one registered for ``post.method`` (see :mod:`lmlab.train.task`)."""
 
     def __init__(
         self,
         config: Config,
         run_dir: Path,
-        data: TokenData,
+        data: TokenData | None,
         tokenizer: Tokenizer,
         resume_from: Checkpoint | None = None,
         show_progress: bool = True,
@@ -228,9 +295,19 @@ class Trainer:
         self.model.set_activation_checkpointing(train.activation_checkpointing)
         if train.tbptt:
             refuse_growing_caches(self.model)
-        self.optimizers = build_optimizers(self.model, train, self.device)
+        if resume_from is None and config.parent.run:
+            load_parent_weights(self.model, config.parent)
+        self.adapter = add_lora(self.model, config.post) if config.post.lora else None
+        """A LoRA run's PEFT config; its adapters train with AdamW (Muon's orthogonalised
+        update is for full-rank hidden matrices, not low-rank factors)."""
+        settings = dataclasses.replace(train, optimizer="adamw") if self.adapter else train
+        self.optimizers = build_optimizers(self.model, settings, self.device)
         self.state = TrainerState()
-        self.carried = CarriedState() if train.tbptt else None
+        self.task: Task = (
+            LanguageModelingTask(self, data)
+            if config.post.method == "none"
+            else task_factory(config.post.method)(self)
+        )
         if resume_from is not None:
             self._restore(resume_from)
         self.forward = torch.compile(self.model) if train.compile else self.model
@@ -241,6 +318,10 @@ class Trainer:
             keep_through_step=self.state.step,
             tensorboard_dir=run_dir / "tensorboard" if train.tensorboard else None,
         )
+        self.data_stats = self.task.start_metrics()
+        fresh_log = (run_dir / METRICS_FILE).stat().st_size == 0  # not a resume before step 1
+        if self.data_stats is not None and fresh_log:
+            self.metrics.write({"kind": "data", "step": 0, **self.data_stats})
         self.progress = Progress(enabled=show_progress)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
         self.stop = StopRequest()
@@ -262,48 +343,25 @@ class Trainer:
             ) from None
         saved = dict(checkpoint.trainer)
         saved.pop("origin", None)
-        carried = {
-            key: saved.pop(key) for key in ("stream_position", "carried_state") if key in saved
-        }
-        self.state = TrainerState(**saved)
-        if self.carried is not None:
-            self.carried = CarriedState.restored(carried)
+        own = {key: saved.pop(key) for key in vars(TrainerState()) if key in saved}
+        self.state = TrainerState(**own)
+        self.task.load_state_dict(saved)  # the rest is the task's (stream position, ...)
         restore_rng_state(checkpoint.rng)
 
-    def _batch(self, step: int, micro: int, seq_len: int) -> Batch:
-        train = self.config.train
-        if self.carried is not None:
-            x, y = self.carried.segment(self.data.train, train.batch_size, seq_len)
-        else:
-            index = step * train.grad_accum + micro
-            x, y = random_batch(self.data.train, index, train.batch_size, seq_len, train.seed)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy (the shared step adds the model's auxiliary loss)."""
-        with autocast(self.device, self.precision):
-            if self.carried is not None:
-                logits = self.carried.forward(self.forward, x)
-            else:
-                logits, _ = self.forward(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision as the run is configured, for a task's forward passes."""
+        return autocast(self.device, self.precision)
 
     def evaluate(self) -> dict[str, float]:
-        train = self.config.train
-        return evaluate(
-            self.model,
-            self.data,
-            batch_size=train.batch_size,
-            seq_len=self.config.data.seq_len,
-            max_batches=train.eval_batches,
-            device=self.device,
-            autocast=autocast(self.device, self.precision),
-        )
+        return self.task.evaluate()
 
     def save(self) -> Path:
+        """A checkpoint of everything a resume needs (and, for a LoRA run, the adapter apart
+        in ``adapter/``)."""
         trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
-        if self.carried is not None:
-            trainer_state.update(self.carried.checkpoint())
+        trainer_state.update(self.task.state_dict())
+        if self.adapter is not None:
+            save_adapter(self.model, self.adapter, self.config, self.run_dir)
         return save_checkpoint(
             self.run_dir,
             self.state.step,
@@ -352,14 +410,22 @@ class Trainer:
 
     def _step(self) -> None:
         """One optimiser step at the schedule's rate, then its metrics row."""
-        train, state = self.config.train, self.state
+        state = self.state
         seq_len = seq_len_at(self.config, state.step)
         started = time.perf_counter()
+        tokens = 0
+
+        def batch(micro: int) -> Any:
+            nonlocal tokens
+            drawn = self.task.batch(state.step, micro, seq_len)
+            tokens += self.task.tokens(drawn)
+            return drawn
+
         result = self.train_step(
             state.step + 1,
             self._lr_multiplier(),
-            lambda micro: self._batch(state.step, micro, seq_len),
-            self._loss,
+            batch,
+            lambda drawn: self.task.loss(self.forward, drawn),
         )
         if not math.isfinite(result.loss):
             raise LmlabError(
@@ -367,7 +433,6 @@ class Trainer:
                 "train.warmup_steps, then resume from the last checkpoint"
             )
         step_time = time.perf_counter() - started
-        tokens = train.batch_size * train.grad_accum * seq_len
         state.step += 1
         state.tokens += tokens
         state.elapsed += step_time
@@ -419,6 +484,9 @@ class Trainer:
         if statistics:
             row["statistics"] = statistics
         row["feature_calls"] = result.feature_calls
+        task_metrics = self.task.step_metrics()
+        if task_metrics:
+            row["task"] = task_metrics
         return row
 
     def _evaluate_now(self) -> None:
@@ -450,11 +518,18 @@ class Trainer:
             "val_bits_per_byte": state.last_eval["bits_per_byte"],
             "best_val_loss": state.best_val_loss,
             "parameters": self.model.num_parameters(),
+            "trainable_parameters": trainable_parameters(self.model)[0],
             "training_flops_per_token": self.flops_per_token,
             "device": str(self.device),
             "precision": self.precision,
             "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size,
         }
+        if self.config.parent.run:
+            summary["parent"] = vars(self.config.parent)
+        if self.data_stats is not None:
+            summary["data"] = self.data_stats
+        if "accuracy" in state.last_eval:
+            summary["val_accuracy"] = state.last_eval["accuracy"]
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary

@@ -1,0 +1,5 @@
+"""Post-training: methods that start from a trained run (``train.init_from``) and train it
+further as an ordinary run, each a :class:`lmlab.train.task.Task` registered by
+``post.method``. Importing this package registers them."""
+
+from lmlab.posttrain import sft  # noqa: F401  (registers post.method=sft)

@@ -1,0 +1,51 @@
+"""Verifiers: plain Python callables that score a model's completion against the expected
+answer (1.0 right, 0.0 wrong, or anything between), registered by name. A verifiable example
+names its verifier (``{"prompt", "answer", "verifier"}``); RL rewards and held-out accuracy
+call it. Add one with::
+
+    from lmlab.posttrain.verifiers import register_verifier
+
+    @register_verifier("contains")
+    def contains(completion: str, answer: str) -> float:
+        return float(answer in completion)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lmlab.errors import LmlabError
+
+Verifier = Callable[[str, str], float]
+VERIFIERS: dict[str, Verifier] = {}
+
+
+def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
+    """Register ``verifier(completion, answer) -> score`` under ``name``."""
+
+    def register(verifier: Verifier) -> Verifier:
+        VERIFIERS[name] = verifier
+        return verifier
+
+    return register
+
+
+def get_verifier(name: str) -> Verifier:
+    if name not in VERIFIERS:
+        raise LmlabError(
+            f"verifier {name!r} is not registered; known: {', '.join(sorted(VERIFIERS))} "
+            "(register one with lmlab.posttrain.verifiers.register_verifier)"
+        )
+    return VERIFIERS[name]
+
+
+def first_line(text: str) -> str:
+    """The answer part of a completion: its first line, without surrounding spaces (a model
+    that answers and then keeps writing is judged on its answer)."""
+    return text.split("\n", 1)[0].strip()
+
+
+@register_verifier("exact_match")
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 when the completion's first line is exactly the answer (spaces around ignored)."""
+    return float(first_line(completion) == answer.strip())
