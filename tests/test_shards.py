@@ -200,7 +200,8 @@ def test_prepare_then_train_through_the_cli(corpus, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_kill_9_in_the_middle_then_the_same_command_finishes_like_a_clean_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
+def test_stopped_in_the_middle_then_the_same_command_finishes_like_a_clean_run(tmp_path, stop):
     source = tmp_path / "big.jsonl"
     line = json.dumps({"text": "a line of a long corpus, with some words in it " * 40}) + "\n"
     source.write_text("".join(line.replace("corpus", f"corpus {i}") for i in range(12_000)))
@@ -211,12 +212,17 @@ def test_kill_9_in_the_middle_then_the_same_command_finishes_like_a_clean_run(tm
         [sys.executable, "-m", "lmlab", "prepare", *argv, "--out", str(killed)],
         env=env,
         start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not list((killed / "parts").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    os.killpg(child.pid, stop)
+    _, err = child.communicate(timeout=120)
+    if stop == signal.SIGINT:
+        assert child.returncode == 130
+        assert err.strip().splitlines()[-1] == "interrupted; run the same command again to continue"
     assert list((killed / "parts").glob("*.json")) and not (killed / "manifest.json").exists()
     assert main(["prepare", *argv, "--out", str(killed)]) == 0
     assert main(["prepare", *argv, "--out", str(tmp_path / "clean")]) == 0
