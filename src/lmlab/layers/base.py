@@ -18,7 +18,7 @@ import dataclasses
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -100,6 +100,18 @@ class TokenMixer(Mixer):
     """True when the decode state keeps something per past token (an attention cache without a
     window, Hyena's past inputs): truncated BPTT, which carries the state across the whole
     stream, refuses such a mixer."""
+
+    def truncate_state(self, state: Any, drop: int) -> Any | None:
+        """``state`` without the last ``drop`` tokens it consumed, or None (the default) when
+        that cannot be done without recomputation.
+
+        Speculative decoding verifies several drafted tokens in one forward and then forgets
+        the rejected ones (``LanguageModel.rewind``). A cache that keeps every past token apart
+        (an attention KV cache) is cut by shortening it; a state that has folded the tokens in
+        (a recurrent matrix state, a convolution tail, a windowed cache that dropped its oldest
+        keys) cannot be, and None makes the model re-run the kept tokens from the state before
+        the verification instead, which is exact for every mixer."""
+        return None
 
 
 class ChannelMixer(Mixer):
