@@ -37,6 +37,25 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "tiny"
 
 
+@pytest.fixture(scope="module")
+def byte_run(run: Path) -> Path:
+    """A run with another tokenizer (bytes), beside ``run``: a draft that cannot serve it."""
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                *TINY,
+                "data.tokenizer=byte",
+                f"out_dir={run.parent}",
+                "name=bytes",
+            ]
+        )
+        == 0
+    )
+    return run.parent / "bytes"
+
+
 CASES = [
     ["train", "--resume"],
     ["train", "--bogus"],
@@ -57,6 +76,11 @@ CASES = [
     ["generate", "RUN", "--max-new-tokens", "-1"],
     ["generate", "RUN", "--seed", "-1"],
     ["generate", "RUN", "--prompt", ""],
+    ["generate", "RUN", "--draft", "self:1"],
+    ["generate", "RUN", "--draft", "self:two"],
+    ["generate", "RUN", "--draft", "missing-run"],
+    ["generate", "RUN", "--draft", "BYTE_RUN"],
+    ["generate", "RUN", "--draft", "RUN", "--draft-tokens", "0"],
     ["export", "RUN"],
     ["export", "RUN", "--format", "zip", "--out", "model.safetensors"],
     ["export", "RUN", "--out", "model.safetensors"],
@@ -109,7 +133,7 @@ def test_the_cases_cover_every_verb():
 
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
-    argv, run, tmp_path, monkeypatch, capsys
+    argv, run, byte_run, tmp_path, monkeypatch, capsys
 ):
     work = tmp_path / "work"
     work.mkdir()
@@ -117,6 +141,7 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
     monkeypatch.chdir(work)
     monkeypatch.setenv("LMLAB_REGISTRY", str(work / "registry.sqlite"))
     paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml"}
+    paths["BYTE_RUN"] = str(byte_run)
     argv = [paths.get(arg, arg) for arg in argv]
     before_cwd, before_run = files_under(work), files_under(run.parent)
     capsys.readouterr()
@@ -157,3 +182,14 @@ def test_info_mixers_lists_every_registered_mixer(capsys):
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line[:2] == "  "}
     import_builtin_layers()
     assert listed == set(TOKEN_MIXERS) | set(CHANNEL_MIXERS)
+
+
+def test_generate_with_a_draft_prints_the_same_greedy_text(run, capsys):
+    """Speculative decoding with the run as its own draft: every token accepted, same text."""
+    greedy = ["generate", str(run), "--prompt", "ROMEO:", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--draft", str(run), "--draft-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "(100%)" in captured.err

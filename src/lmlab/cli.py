@@ -27,6 +27,7 @@ from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
 
@@ -278,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from lmlab.data.tokenizers import warn_unknown
     from lmlab.train.device import pick_device
-    from lmlab.train.run import load_trained_model
+    from lmlab.train.run import load_draft, load_trained_model
 
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p)
     settings.validate()
@@ -289,16 +290,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not len(ids):
         raise LmlabError("--prompt is empty after tokenisation; give at least one character")
     prompt = torch.tensor([ids.tolist()], device=device)
+    stats = SpeculativeStats()
+    if args.draft:
+        draft = load_draft(args.draft, model, tokenizer, device)
+        tokens = stream_speculative(
+            model, draft, prompt, args.max_new_tokens, settings, args.draft_tokens, args.seed, stats
+        )
+    else:
+        tokens = stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed)
     sys.stdout.write(args.prompt)
     new_ids: list[int] = []
     printed = ""
-    for token in stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed):
+    for token in tokens:
         new_ids.append(int(token))
         text = tokenizer.decode(new_ids)
         sys.stdout.write(text[len(printed) :])
         sys.stdout.flush()
         printed = text
     sys.stdout.write("\n")
+    if args.draft:
+        print(
+            f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per "
+            "verification",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -528,11 +544,32 @@ COMMANDS: tuple[Command, ...] = (
             opt("--top-p", "nucleus mass, 1 is off", "top_p", type=float),
             opt("--min-p", "min-p filter, 0 is off", "min_p", type=float),
             dataclasses.replace(SAMPLER_SEED, source=stream_tokens),
+            opt(
+                "--draft",
+                "speculative decoding: a smaller run with the same tokenizer drafts tokens, "
+                "or self:N (early exit after N of the run's own layers)",
+                "draft",
+                source=stream_speculative,
+                default=None,
+            ),
+            opt(
+                "--draft-tokens",
+                "tokens the draft proposes per verification",
+                "draft_tokens",
+                source=stream_speculative,
+                type=at_least(1),
+            ),
             DEVICE,
         ),
         library=SamplingSettings,
-        description="Sample from a run with its state/KV cache (one prefill, then one token "
-        "per step).",
+        description="Sample from a run with its state/KV cache (one prefill, then one token\n"
+        "per step). With --draft, speculative decoding (Leviathan et al. 2023): the draft\n"
+        "proposes --draft-tokens tokens, the run verifies them in one forward; the output\n"
+        "follows the run's own distribution (greedy: the same text). See docs/serving.md.",
+        epilog="Examples:\n"
+        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab generate runs/target --draft runs/draft --draft-tokens 4 --temperature 0\n"
+        "  lmlab generate runs/target --draft self:2",
     ),
     Command(
         "export",

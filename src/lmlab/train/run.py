@@ -15,8 +15,9 @@ import torch
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
+from lmlab.model.speculative import Draft, EarlyExit
 from lmlab.train.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -236,3 +237,31 @@ def load_weights(model: LanguageModel, weights: dict[str, torch.Tensor], run_dir
             "the config was edited after training: restore it"
         )
     model.load_state_dict(weights)
+
+
+SELF_DRAFT = "self:"
+
+
+def load_draft(
+    spec: str, model: LanguageModel, tokenizer: Tokenizer, device: torch.device | str = "cpu"
+) -> Draft:
+    """The draft of speculative decoding for ``model``: ``self:N`` drafts with its own first N
+    layers (early exit through the shared head, LayerSkip-style), anything else is a run
+    folder, which must have been trained with the same tokenizer."""
+    if spec.startswith(SELF_DRAFT):
+        layers, depth = spec[len(SELF_DRAFT) :], len(model.blocks)
+        if not (layers.isdigit() and 1 <= int(layers) < depth):
+            raise ParamError(
+                f"<draft>={spec}: give self:N with N in 1..{depth - 1} (the model has {depth} "
+                "layers; the draft exits below the last)",
+                "draft",
+            )
+        return EarlyExit(model, int(layers))
+    _, draft, draft_tokenizer, _ = load_trained_model(spec, device)
+    if tokenizer_digest(draft_tokenizer) != tokenizer_digest(tokenizer):
+        raise LmlabError(
+            f"the draft run {spec} has another tokenizer ({draft_tokenizer.kind}, "
+            f"{draft_tokenizer.vocab_size} tokens) than the model ({tokenizer.kind}, "
+            f"{tokenizer.vocab_size} tokens); train the draft on the same data and tokenizer"
+        )
+    return draft
