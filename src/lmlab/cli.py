@@ -29,6 +29,7 @@ from lmlab.experiments.search import plan_search
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.train.export import export_run
+from lmlab.train.quantize import quantize_run
 from lmlab.train.registry import list_runs
 
 DEFAULT_PRESET = "gpt-tiny"
@@ -329,6 +330,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.int8 == args.int4:
+        raise LmlabError("give exactly one of --int8 and --int4")
+    result = quantize_run(args.run, args.out, "int8" if args.int8 else "int4", args.group_size)
+    group = f", groups of {result['group_size']}" if result["group_size"] else ""
+    kept = f"; kept in float: {', '.join(result['float_layers'])}" if result["float_layers"] else ""
+    print(
+        f"{result['out']}: {result['method']}{group}, step {result['step']}, "
+        f"{result['bytes'] / 1024:.1f} KiB (float checkpoint model: "
+        f"{result['source_bytes'] / 1024:.1f} KiB, {result['source_bytes'] / result['bytes']:.1f}x "
+        f"larger){kept}"
+    )
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmlab.config.load import preset_description, preset_names
 
@@ -589,6 +605,32 @@ COMMANDS: tuple[Command, ...] = (
         "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
     ),
     Command(
+        "quantize",
+        cmd_quantize,
+        "write a run with int8 or int4 weights (weight-only, PyTorch CPU kernels)",
+        (
+            RUN,
+            opt("--int8", "int8 weights, one scale per output channel", action="store_true"),
+            opt("--int4", "int4 weights, a scale and offset per group", action="store_true"),
+            opt(
+                "--group-size",
+                "int4: inputs per group",
+                "group_size",
+                type=int,
+                choices=[32, 64, 128],
+            ),
+            opt("--out", "new run folder to write", "out", required=True),
+        ),
+        library=quantize_run,
+        description="Write a new run folder holding the run's newest checkpoint with every\n"
+        "linear layer of its blocks quantised (embedding, head and norms stay float):\n"
+        "--int8 per output channel, --int4 group-wise. lmlab eval and lmlab generate load it\n"
+        "like any run. See docs/serving.md.",
+        epilog="Examples:\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4",
+    ),
+    Command(
         "presets",
         cmd_presets,
         "list the shipped presets (docs/presets/<name>.md has their figures)",
@@ -841,6 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
         "  lmlab eval runs/gpt-tiny-20260101-120000\n"
         '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
         "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -16,6 +16,7 @@ from lmlab.config.load import build_config, config_to_dict, dump_config, read_ya
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
 from lmlab.errors import LmlabError, ParamError
+from lmlab.layers.quantized import convert_to_quantized
 from lmlab.model.lm import LanguageModel
 from lmlab.model.speculative import Draft, EarlyExit
 from lmlab.train.checkpoint import (
@@ -219,6 +220,13 @@ def load_run_checkpoint(
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
     check_tokenizer_origin(run_dir, tokenizer, checkpoint)
     model = LanguageModel(config.model)
+    quantization = checkpoint.trainer.get("quantization")
+    if quantization:  # a run written by lmlab quantize: the same layers, then its weights
+        if torch.device(device).type != "cpu":
+            raise LmlabError(
+                f"{run_dir} is quantised for PyTorch's CPU kernels; load it with --device cpu"
+            )
+        convert_to_quantized(model.blocks, quantization["bits"], quantization["group_size"])
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
