@@ -3,7 +3,8 @@
 Batch 1, float32, the target run decoding ``--tokens`` new tokens after each prompt, plainly
 (``stream_tokens``) and speculatively with each draft (another run, and ``self:N`` early exits)
 at each ``--draft-tokens`` k; greedy and sampled. Every variant is timed in turns with the
-others (``timing.interleaved_ms``), median of ``--repeats``, so a busy neighbour slows all alike.
+others, median of ``--repeats``, on the wall clock and on this process's CPU time (one thread:
+the CPU time leaves out the waits for a core on a shared machine).
 
     python benchmarks/bench_speculative.py runs/spec-target --draft runs/spec-draft \\
         --draft self:1 --draft self:2 --draft-tokens 2,4,6
@@ -16,7 +17,7 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from timing import interleaved_ms, print_table
+from timing import interleaved_wall_and_cpu_ms, print_table
 
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.model.speculative import SpeculativeStats, stream_speculative
@@ -76,9 +77,9 @@ def main() -> None:
         for (spec, draft), k in itertools.product(drafts.items(), ks):
             label = f"{spec} k={k}"
             fns[label] = decoding(target, draft, prompts, args.tokens, settings, k, stats, label)
-        ms = interleaved_ms(fns, repeats=args.repeats, warmup=1, stat="median")
+        ms = interleaved_wall_and_cpu_ms(fns, repeats=args.repeats, warmup=1)
         total = args.tokens * len(prompts)
-        for label, elapsed in ms.items():
+        for label, (wall, cpu) in ms.items():
             counts = stats[label] if label != "plain" else None
             rows.append(
                 (
@@ -86,14 +87,25 @@ def main() -> None:
                     label,
                     f"{counts.acceptance_rate:.2f}" if counts else "-",
                     f"{counts.tokens_per_round:.2f}" if counts else "1.00",
-                    f"{total / elapsed * 1000:.0f}",
-                    f"{ms['plain'] / elapsed:.2f}x",
+                    f"{total / wall * 1000:.0f}",
+                    f"{ms['plain'][0] / wall:.2f}x",
+                    f"{total / cpu * 1000:.0f}",
+                    f"{ms['plain'][1] / cpu:.2f}x",
                 )
             )
     print_table(
-        ["temperature", "decoding", "acceptance", "tokens/verify", "tokens/s", "speed-up"],
+        [
+            "temperature",
+            "decoding",
+            "acceptance",
+            "tokens/verify",
+            "tokens/s (wall)",
+            "speed-up (wall)",
+            "tokens/CPU-s",
+            "speed-up (CPU)",
+        ],
         rows,
-        "llrrrr",
+        "llrrrrrr",
     )
 
 

@@ -45,7 +45,7 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
     if checkpoint.trainer.get("quantization"):
         raise LmlabError(f"{run} is already quantised; quantise the float run it came from")
     group = group_size if bits == 4 else 0
-    kept = convert_to_quantized(model.blocks, bits, group)
+    kept = [f"blocks.{name}" for name in convert_to_quantized(model.blocks, bits, group)]
     source = Path(run)
     out.mkdir()
     try:
