@@ -42,15 +42,19 @@ def linear(rows: int, cols: int, bias: bool = True) -> nn.Linear:
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("rows", [20, 48])  # 20: not a multiple of the int4 kernel's 16 rows
 def test_kernel_equals_the_dequantised_weight(bits: int, group: int, rows: int) -> None:
-    """PyTorch's quantised kernel computes x @ dequantised(W).T (the oracle), with a bias."""
+    """PyTorch's quantised kernel computes x @ dequantised(W).T (the oracle, here in float64
+    on the bfloat16-rounded activations the kernel takes), with a bias, in the caller's
+    dtype; what remains is the kernel's bfloat16 output rounding."""
     source = linear(rows, 128)
     layer = QuantizedLinear.from_linear(source, bits, group)
     x = torch.randn(3, 5, 128)
-    expected = nn.functional.linear(x, layer.weight, source.bias)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
-    bf16 = layer(x.bfloat16())
-    assert bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16.float(), expected, rtol=0.05, atol=0.02)
+    rounded = x.bfloat16().double()
+    expected = nn.functional.linear(rounded, layer.weight.double(), source.bias.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        actual = layer(x.to(dtype))
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-2, atol=1e-2)
+    assert (layer(x).double() - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def test_quantisation_error_is_within_half_a_step() -> None:

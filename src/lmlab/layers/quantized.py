@@ -11,7 +11,9 @@
 The stored form (safetensors, no pickle) is lmlab's own and independent of the kernels'
 internal layouts: int8 codes and float32 scales, or two 4-bit codes per byte (low nibble first)
 and bfloat16 scales and offsets; the int4 kernel layout is built once, at the first forward
-after loading. Activations stay in the caller's dtype (float32, or bfloat16 under autocast).
+after loading. The kernels run on bfloat16 activations, their fast path (torchao's CPU
+weight-only recipes use it too): with float32 activations they take a reference path that was
+40-120x slower here (``docs/serving.md``); the output returns in the caller's dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ INT4_KERNEL_ROWS = 16
 """The int4 CPU kernel takes a multiple of 16 output rows: other layers are padded with zero
 rows when the kernel layout is built, and the extra outputs dropped."""
 GROUP_SIZES = (32, 64, 128)
+ACTIVATIONS = torch.bfloat16
+"""The dtype the kernels compute in (see the module docstring)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +125,15 @@ class QuantizedLinear(nn.Module):
         return self._kernel[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous()
+        flat = x.reshape(-1, self.in_features).to(ACTIVATIONS).contiguous()
         if self.bits == 8:
-            codes, scale = self._kernel_inputs(flat.dtype)
+            codes, scale = self._kernel_inputs(ACTIVATIONS)
             y = torch.ops.aten._weight_int8pack_mm(flat, codes, scale)
         else:
-            packed, scales = self._kernel_inputs(flat.dtype)
+            packed, scales = self._kernel_inputs(ACTIVATIONS)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales)
             y = y[:, : self.out_features]
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
