@@ -11,9 +11,9 @@
 The stored form (safetensors, no pickle) is lmlab's own and independent of the kernels'
 internal layouts: int8 codes and float32 scales, or two 4-bit codes per byte (low nibble first)
 and bfloat16 scales and offsets; the int4 kernel layout is built once, at the first forward
-after loading. The kernels run on bfloat16 activations, their fast path (torchao's CPU
-weight-only recipes use it too): with float32 activations they take a reference path that was
-40-120x slower here (``docs/serving.md``); the output returns in the caller's dtype.
+after loading. The kernels run on bfloat16 activations, their fast path: with float32
+activations they took 5-70x longer on this machine (``docs/serving.md``); the output returns in
+the caller's dtype.
 """
 
 from __future__ import annotations
