@@ -56,6 +56,30 @@ def interleaved_ms(
     return {name: 1000 * STATISTICS[stat](samples) for name, samples in times.items()}
 
 
+def interleaved_wall_and_cpu_ms(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 3, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
+    """:func:`interleaved_ms` (median) on two clocks at once: wall time and this process's CPU
+    time. On a machine shared with other jobs the wall time includes waiting for a core; the
+    CPU time of a single-threaded process does not, so it is the steadier measure of the work
+    done (it misses no work as long as torch runs on one thread)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: (1000 * statistics.median(wall[name]), 1000 * statistics.median(cpu[name]))
+        for name in fns
+    }
+
+
 def print_table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> None:
     """Print a Markdown table, each row as soon as it is produced (``rows`` may be a generator,
     so long measurements show progress). ``align`` has one letter per column, ``r`` for

@@ -65,6 +65,25 @@ def stores(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     }
 
 
+@pytest.fixture(scope="module")
+def byte_run(run: Path) -> Path:
+    """A run with another tokenizer (bytes), beside ``run``: a draft that cannot serve it."""
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                *TINY,
+                "data.tokenizer=byte",
+                f"out_dir={run.parent}",
+                "name=bytes",
+            ]
+        )
+        == 0
+    )
+    return run.parent / "bytes"
+
+
 BUILD = ["memory", "build", "RUN", "--out", "store"]
 CASES = [
     ["train", "--resume"],
@@ -146,6 +165,18 @@ CASES = [
     [*BUILD, "--batch-size", "0"],
     ["memory", "build", "RUN", "--out", "STORE", "--max-tokens", "700"],
     ["memory", "build", "RUN", "--out", "SPACE.yaml"],
+    ["generate", "RUN", "--draft", "self:1"],
+    ["generate", "RUN", "--draft", "self:two"],
+    ["generate", "RUN", "--draft", "missing-run"],
+    ["generate", "RUN", "--draft", "BYTE_RUN"],
+    ["generate", "RUN", "--draft", "RUN", "--draft-tokens", "0"],
+    ["quantize", "RUN", "--out", "small"],
+    ["quantize", "RUN", "--int8", "--int4", "--out", "small"],
+    ["quantize", "RUN", "--int4", "--group-size", "48", "--out", "small"],
+    ["quantize", "RUN", "--int8"],
+    ["quantize", "RUN", "--int8", "--out", "RUN"],
+    ["quantize", "RUN", "--int8", "--out", "no/such/folder/small"],
+    ["quantize", "missing-run", "--int8", "--out", "small"],
     ["presets", "extra"],
     ["info", "nope"],
     ["info", "gpt-tiny", "model.d_model=-1"],
@@ -208,7 +239,7 @@ def test_the_cases_cover_every_verb():
 
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
-    argv, run, stores, tmp_path, monkeypatch, capsys
+    argv, run, stores, byte_run, tmp_path, monkeypatch, capsys
 ):
     work = tmp_path / "work"
     work.mkdir()
@@ -216,9 +247,14 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
     (work / "bad.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": 1}\n')
     monkeypatch.chdir(work)
     monkeypatch.setenv("LMLAB_REGISTRY", str(work / "registry.sqlite"))
-    paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml", **stores}
-    argv = [paths.get(arg, arg) for arg in argv]
-    paths = {"RUN": str(run), "RUNS": str(run.parent), "SPACE": "SPACE.yaml", "BAD": "bad.jsonl"}
+    paths = {
+        "RUN": str(run),
+        "RUNS": str(run.parent),
+        "SPACE": "SPACE.yaml",
+        "BAD": "bad.jsonl",
+        "BYTE_RUN": str(byte_run),
+        **stores,
+    }
     argv = [paths.get(arg, arg).replace("RUN@", f"{run}@") for arg in argv]
     before_cwd, before_run = files_under(work), files_under(run.parent)
     before_stores = files_under(Path(stores["STORE"]).parent)
@@ -261,3 +297,14 @@ def test_info_mixers_lists_every_registered_mixer(capsys):
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line[:2] == "  "}
     import_builtin_layers()
     assert listed == set(TOKEN_MIXERS) | set(CHANNEL_MIXERS)
+
+
+def test_generate_with_a_draft_prints_the_same_greedy_text(run, capsys):
+    """Speculative decoding with the run as its own draft: every token accepted, same text."""
+    greedy = ["generate", str(run), "--prompt", "ROMEO:", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--draft", str(run), "--draft-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "(100%)" in captured.err

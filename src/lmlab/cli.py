@@ -31,9 +31,11 @@ from lmlab.experiments.search import plan_search
 from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, stream_tokens
+from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.posttrain.merge import merge_run
 from lmlab.serve.server import serve
 from lmlab.train.export import export_run
+from lmlab.train.quantize import quantize_run
 from lmlab.train.registry import list_runs
 
 if TYPE_CHECKING:
@@ -381,11 +383,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.data.tokenizers import warn_unknown
     from lmlab.memory.knn import knn_hook
     from lmlab.train.device import pick_device
-    from lmlab.train.run import load_trained_model
+    from lmlab.train.run import load_draft, load_trained_model
 
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p)
     settings.validate()
     memory = knn_settings(args)
+    if memory and args.draft:
+        raise LmlabError("--draft and --memory do not combine yet; give one of them")
     device = pick_device(args.device)
     _, model, tokenizer, _ = load_trained_model(args.run, device)
     hook = knn_hook(open_memory(args, model, tokenizer), memory) if memory else None
@@ -394,17 +398,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not len(ids):
         raise LmlabError("--prompt is empty after tokenisation; give at least one character")
     prompt = torch.tensor([ids.tolist()], device=device)
+    stats = SpeculativeStats()
+    if args.draft:
+        draft = load_draft(args.draft, model, tokenizer, device)
+        tokens = stream_speculative(
+            model, draft, prompt, args.max_new_tokens, settings, args.draft_tokens, args.seed, stats
+        )
+    else:
+        tokens = stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed, hook)
     sys.stdout.write(args.prompt)
     new_ids: list[int] = []
     printed = ""
-    stream = stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed, hook)
-    for token in stream:
+    for token in tokens:
         new_ids.append(int(token))
         text = tokenizer.decode(new_ids)
         sys.stdout.write(text[len(printed) :])
         sys.stdout.flush()
         printed = text
     sys.stdout.write("\n")
+    if args.draft:
+        print(
+            f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per "
+            "verification",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -469,6 +487,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"train on it with: lmlab train data.path={summary['out']}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.int8 == args.int4:
+        raise LmlabError("give exactly one of --int8 and --int4")
+    result = quantize_run(args.run, args.out, "int8" if args.int8 else "int4", args.group_size)
+    group = f", groups of {result['group_size']}" if result["group_size"] else ""
+    kept = f"; kept in float: {', '.join(result['float_layers'])}" if result["float_layers"] else ""
+    print(
+        f"{result['out']}: {result['method']}{group}, step {result['step']}, "
+        f"{result['bytes'] / 1024:.1f} KiB (float checkpoint model: "
+        f"{result['source_bytes'] / 1024:.1f} KiB, {result['source_bytes'] / result['bytes']:.1f}x "
+        f"larger){kept}"
+    )
     return 0
 
 
@@ -763,11 +796,32 @@ COMMANDS: tuple[Command, ...] = (
             dataclasses.replace(SAMPLER_SEED, source=stream_tokens),
             MEMORY_OPTIONS[0],
             *KNN,
+            opt(
+                "--draft",
+                "speculative decoding: a smaller run with the same tokenizer drafts tokens, "
+                "or self:N (early exit after N of the run's own layers)",
+                "draft",
+                source=stream_speculative,
+                default=None,
+            ),
+            opt(
+                "--draft-tokens",
+                "tokens the draft proposes per verification",
+                "draft_tokens",
+                source=stream_speculative,
+                type=at_least(1),
+            ),
             DEVICE,
         ),
         library=SamplingSettings,
-        description="Sample from a run with its state/KV cache (one prefill, then one token "
-        "per step).",
+        description="Sample from a run with its state/KV cache (one prefill, then one token\n"
+        "per step). With --draft, speculative decoding (Leviathan et al. 2023): the draft\n"
+        "proposes --draft-tokens tokens, the run verifies them in one forward; the output\n"
+        "follows the run's own distribution (greedy: the same text). See docs/serving.md.",
+        epilog="Examples:\n"
+        '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab generate runs/target --draft runs/draft --draft-tokens 4 --temperature 0\n"
+        "  lmlab generate runs/target --draft self:2",
     ),
     Command(
         "serve",
@@ -921,6 +975,32 @@ COMMANDS: tuple[Command, ...] = (
         "  lmlab memory build runs/gpt-tiny-20260101-120000 --out store/\n"
         "  lmlab memory build runs/gpt-tiny-20260101-120000 --data folio --out folio-store/\n"
         "  lmlab eval runs/gpt-tiny-20260101-120000 --memory store/ --knn-lambda 0.25",
+    ),
+    Command(
+        "quantize",
+        cmd_quantize,
+        "write a run with int8 or int4 weights (weight-only, PyTorch CPU kernels)",
+        (
+            RUN,
+            opt("--int8", "int8 weights, one scale per output channel", action="store_true"),
+            opt("--int4", "int4 weights, a scale and offset per group", action="store_true"),
+            opt(
+                "--group-size",
+                "int4: inputs per group",
+                "group_size",
+                type=int,
+                choices=[32, 64, 128],
+            ),
+            opt("--out", "new run folder to write", "out", required=True),
+        ),
+        library=quantize_run,
+        description="Write a new run folder holding the run's newest checkpoint with every\n"
+        "linear layer of its blocks quantised (embedding, head and norms stay float):\n"
+        "--int8 per output channel, --int4 group-wise. lmlab eval and lmlab generate load it\n"
+        "like any run. See docs/serving.md.",
+        epilog="Examples:\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4",
     ),
     Command(
         "presets",
@@ -1175,6 +1255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
         "  lmlab eval runs/gpt-tiny-20260101-120000\n"
         '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
         "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

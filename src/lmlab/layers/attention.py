@@ -107,6 +107,12 @@ def append_kv_rows(state: KVState, k: torch.Tensor, v: torch.Tensor) -> KVState:
     return {"k": buf_k, "v": buf_v, "length": longest, "lengths": lengths + 1}
 
 
+def truncate_kv(state: dict, drop: int) -> dict:
+    """A length-counted cache (``"length"``: valid entries) without its last ``drop`` entries:
+    the buffers stay, the next append overwrites the dropped ones in place."""
+    return state | {"length": state["length"] - drop}
+
+
 def append_window(state: KVState | None, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple:
     """Keys and values visible to the new queries, and the trimmed cache that the next call
     needs (its last ``window - 1`` entries): the cache never exceeds the window."""
@@ -209,6 +215,13 @@ class Attention(FeatureCounter, TokenMixer):
     ) -> tuple[torch.Tensor, KVState]:
         y, state = self.attend(x, state)
         return self.out(y.flatten(2)), state
+
+    def truncate_state(self, state: KVState, drop: int) -> KVState | None:
+        """Cut the cache; a windowed cache (its oldest keys are gone) or a ``qkv_conv`` tail
+        (the convolution folded the tokens in) cannot be cut: None, the model recomputes."""
+        if self.window or self.qkv_conv is not None:
+            return None
+        return truncate_kv(state, drop)
 
     def attend(self, x: torch.Tensor, state: KVState | None = None) -> tuple[torch.Tensor, KVState]:
         """Per-head outputs ``[B, T, H, D]`` before the output projection, and the new cache

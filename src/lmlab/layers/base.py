@@ -110,6 +110,18 @@ class TokenMixer(Mixer):
         states whose shapes match exactly."""
         return None
 
+    def truncate_state(self, state: Any, drop: int) -> Any | None:
+        """``state`` without the last ``drop`` tokens it consumed, or None (the default) when
+        that cannot be done without recomputation.
+
+        Speculative decoding verifies several drafted tokens in one forward and then forgets
+        the rejected ones (``LanguageModel.rewind``). A cache that keeps every past token apart
+        (an attention KV cache) is cut by shortening it; a state that has folded the tokens in
+        (a recurrent matrix state, a convolution tail, a windowed cache that dropped its oldest
+        keys) cannot be, and None makes the model re-run the kept tokens from the state before
+        the verification instead, which is exact for every mixer."""
+        return None
+
 
 class ChannelMixer(Mixer):
     """Mixes within each token: ``forward(x [B, T, D]) -> y [B, T, D]``."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.layers.attention import KVState, append_kv, causal_attention
+from lmlab.layers.attention import KVState, append_kv, causal_attention, truncate_kv
 from lmlab.layers.base import TokenMixer
 from lmlab.layers.differential import DifferentialReadout
 from lmlab.layers.position import Rotary
@@ -84,6 +84,10 @@ class DiffAttention(TokenMixer):
         ]
         y = self.differential(*maps)
         return self.out(y.reshape(batch, time, q_width)), state
+
+    def truncate_state(self, state: KVState, drop: int) -> KVState:
+        """A KV cache: cut it (see ``TokenMixer.truncate_state``)."""
+        return truncate_kv(state, drop)
 
     def extra_flops_per_token(self, context: int) -> float:
         """Two score maps of width ``head_dim / 2`` and two value sums of width ``head_dim``."""

@@ -40,7 +40,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.layers.attention import append_kv, attention_mask, causal_attention
+from lmlab.layers.attention import append_kv, attention_mask, causal_attention, truncate_kv
 from lmlab.layers.base import TokenMixer
 from lmlab.layers.differential import DifferentialReadout
 from lmlab.layers.position import Rotary
@@ -192,6 +192,10 @@ class MultiHeadLatentAttention(TokenMixer):
             weights = F.softmax(scores.masked_fill(~mask, float("-inf")), -1)
             outputs.append(torch.einsum("bhts,bsr,hdr->bthd", weights, latents, w_v))
         return outputs
+
+    def truncate_state(self, state: dict, drop: int) -> dict:
+        """A cache of latents and rope keys counted by ``length``: cut it."""
+        return truncate_kv(state, drop)
 
     def cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
         """Decode-cache memory per token: the latent plus the shared rope key."""

@@ -165,27 +165,63 @@ class LanguageModel(nn.Module):
             block.channel.reset_parameters()
 
     def forward(
-        self, idx: torch.Tensor, state: ModelState | None = None
+        self, idx: torch.Tensor, state: ModelState | None = None, n_layers: int | None = None
     ) -> tuple[torch.Tensor, ModelState]:
-        hidden, state = self.features(idx, state)
+        hidden, state = self.features(idx, state, n_layers)
         return self.head(hidden), state
 
     def features(
-        self, idx: torch.Tensor, state: ModelState | None = None
+        self, idx: torch.Tensor, state: ModelState | None = None, n_layers: int | None = None
     ) -> tuple[torch.Tensor, ModelState]:
         """The final normalised hidden states ``[B, T, d_model]`` that ``head`` turns into
         logits: a caller scored at a few positions (the probes) applies ``head`` to those only,
-        which saves most of the head's matmul and softmax when the vocabulary is large."""
+        which saves most of the head's matmul and softmax when the vocabulary is large.
+
+        ``n_layers``: run only the first blocks, then the final norm (an early exit, which
+        self-speculative decoding drafts with); the state then holds those blocks' entries."""
         for module in self._token_id_consumers:
             module.set_token_ids(idx)
         x = self.embed(idx)
-        previous = state.layers if state is not None else [None] * len(self.blocks)
+        blocks = self.blocks if n_layers is None else self.blocks[:n_layers]
+        previous = state.layers if state is not None else [None] * len(blocks)
         layer_states = []
-        for block, layer_state in zip(self.blocks, previous, strict=True):
+        for block, layer_state in zip(blocks, previous, strict=True):
             x, layer_state = block(x, layer_state)
             layer_states.append(layer_state)
         position = (state.position if state is not None else 0) + idx.shape[1]
         return self.norm(x), ModelState(layer_states, position)
+
+    def rewind(
+        self, before: ModelState | None, after: ModelState, tokens: torch.Tensor, keep: int
+    ) -> ModelState:
+        """The state after only the first ``keep`` of ``tokens [B, T]``, given the states
+        before and after the forward over all of them (speculative decoding: forget the
+        rejected drafted tokens).
+
+        Exact for every mixer, cheap where it can be: when every layer's mixer can cut its
+        state (``TokenMixer.truncate_state``: attention caches) and no block is routed
+        (Mixture-of-Depths states hold the routed tokens only), the caches are cut at no cost;
+        otherwise (recurrent and convolution states, which fold tokens in) the kept tokens run
+        again from ``before``, one forward of ``keep`` tokens. That relies on the contract that
+        a forward never changes the state it was given (attention appends past its ``length``
+        only), so ``before`` is still valid after the verification."""
+        drop = tokens.shape[1] - keep
+        if not 0 <= drop <= tokens.shape[1]:
+            raise ValueError(f"keep={keep} must be in [0, {tokens.shape[1]}]")
+        if drop == 0:
+            return after
+        if all(block.router is None for block in self.blocks):
+            cut = [
+                block.mixer.truncate_state(layer_state, drop)
+                for block, layer_state in zip(self.blocks, after.layers, strict=True)
+            ]
+            if all(layer_state is not None for layer_state in cut):
+                return ModelState(cut, after.position - drop)
+        if keep == 0 and before is None:
+            return ModelState([None] * len(self.blocks), 0)
+        if keep == 0:
+            return before
+        return self(tokens[:, :keep], before)[1]
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) that modules stored as

@@ -145,6 +145,11 @@ def resume_trainer(
             )
         if checkpoint is None:
             print(f"no checkpoint in {run_dir} yet; starting it from step 0", file=sys.stderr)
+        elif checkpoint.trainer.get("quantization"):
+            raise LmlabError(
+                f"{run_dir} was written by lmlab quantize and has no float weights to train; "
+                "resume the run it was quantised from"
+            )
         else:
             check_tokenizer_origin(run_dir, tokenizer, checkpoint)
             _check_config_origin(run_dir, before, checkpoint)

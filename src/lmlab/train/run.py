@@ -15,8 +15,10 @@ import torch
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
+from lmlab.layers.quantized import convert_to_quantized
 from lmlab.model.lm import LanguageModel
+from lmlab.model.speculative import Draft, EarlyExit
 from lmlab.train.adapters import ADAPTER_DIR, add_lora
 from lmlab.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -227,6 +229,13 @@ def load_run_checkpoint(
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
     check_tokenizer_origin(run_dir, tokenizer, checkpoint)
     model = build_model(config)
+    quantization = checkpoint.trainer.get("quantization")
+    if quantization:  # a run written by lmlab quantize: the same layers, then its weights
+        if torch.device(device).type != "cpu":
+            raise LmlabError(
+                f"{run_dir} is quantised for PyTorch's CPU kernels; load it with --device cpu"
+            )
+        convert_to_quantized(model.blocks, quantization["bits"], quantization["group_size"])
     load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
@@ -338,3 +347,31 @@ def with_new_token_rows(
             mean = old.mean(0, keepdim=True).expand(new.shape[0] - old.shape[0], -1)
             grown[name] = torch.cat([old, mean.to(old.dtype)])
     return grown
+
+
+SELF_DRAFT = "self:"
+
+
+def load_draft(
+    spec: str, model: LanguageModel, tokenizer: Tokenizer, device: torch.device | str = "cpu"
+) -> Draft:
+    """The draft of speculative decoding for ``model``: ``self:N`` drafts with its own first N
+    layers (early exit through the shared head, LayerSkip-style), anything else is a run
+    folder, which must have been trained with the same tokenizer."""
+    if spec.startswith(SELF_DRAFT):
+        layers, depth = spec[len(SELF_DRAFT) :], len(model.blocks)
+        if not (layers.isdigit() and 1 <= int(layers) < depth):
+            raise ParamError(
+                f"<draft>={spec}: give self:N with N in 1..{depth - 1} (the model has {depth} "
+                "layers; the draft exits below the last)",
+                "draft",
+            )
+        return EarlyExit(model, int(layers))
+    _, draft, draft_tokenizer, _ = load_trained_model(spec, device)
+    if tokenizer_digest(draft_tokenizer) != tokenizer_digest(tokenizer):
+        raise LmlabError(
+            f"the draft run {spec} has another tokenizer ({draft_tokenizer.kind}, "
+            f"{draft_tokenizer.vocab_size} tokens) than the model ({tokenizer.kind}, "
+            f"{tokenizer.vocab_size} tokens); train the draft on the same data and tokenizer"
+        )
+    return draft

@@ -1,0 +1,119 @@
+"""Weight-only quantisation of a trained run: file size, bits per byte, decode tokens/s.
+
+Quantises RUN with ``lmlab quantize`` (int8, and int4 at each group size) into a temporary
+folder, then for the float run and each quantised one reports the checkpoint's
+``model.safetensors`` size, validation bits per byte exactly as ``lmlab eval`` computes them
+(same windows, the run's precision), and greedy decode tokens/s at batch 1 and 8 (float32
+activations, as ``lmlab generate``; each variant timed in turns with the others, median of
+``--repeats``, on the wall clock and on this process's CPU time).
+
+    python benchmarks/bench_quantize.py runs/spec-target --batches 50 --tokens 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from timing import interleaved_wall_and_cpu_ms, print_table
+
+from lmlab.data.dataset import prepare_data
+from lmlab.eval.evaluate import evaluate
+from lmlab.model.generate import SamplingSettings, generate
+from lmlab.train.checkpoint import MODEL_FILE
+from lmlab.train.device import autocast, resolve_precision
+from lmlab.train.quantize import quantize_run
+from lmlab.train.run import load_run_checkpoint
+
+VARIANTS = (
+    ("float", None, 0),
+    ("int8", "int8", 0),
+    *((f"int4 g{group}", "int4", group) for group in (32, 64, 128)),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a trained (float) run folder")
+    parser.add_argument("--batches", type=int, default=50, help="validation batches")
+    parser.add_argument("--tokens", type=int, default=100, help="new tokens per decode")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s), "
+        f"torch {torch.__version__}; run {args.run}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        runs = {}
+        for label, method, group in VARIANTS:
+            if method is None:
+                runs[label] = Path(args.run)
+                continue
+            out = Path(folder) / label.replace(" ", "-")
+            kept = quantize_run(args.run, out, method, group or 64)["float_layers"]
+            if kept:
+                print(f"{label}: kept in float (group size does not divide): {', '.join(kept)}")
+            runs[label] = out
+        loaded = {label: load_run_checkpoint(path) for label, path in runs.items()}
+        config, _, tokenizer, _ = loaded["float"]
+        data, _ = prepare_data(config.data, tokenizer)
+        precision = resolve_precision(config.train.precision, torch.device("cpu"))
+        rows = {}
+        for label, (_, model, _, checkpoint) in loaded.items():
+            result = evaluate(
+                model,
+                data,
+                batch_size=config.train.batch_size,
+                seq_len=config.data.seq_len,
+                max_batches=args.batches,
+                device=torch.device("cpu"),
+                autocast=autocast(torch.device("cpu"), precision),
+                split="val",
+            )
+            rows[label] = [(checkpoint.path / MODEL_FILE).stat().st_size, result["bits_per_byte"]]
+        greedy = SamplingSettings(temperature=0)
+        for batch in (1, 8):
+            generator = torch.Generator().manual_seed(batch)
+            prompt = torch.randint(0, tokenizer.vocab_size, (batch, 16), generator=generator)
+            fns = {
+                label: (lambda m=model, p=prompt: generate(m, p, args.tokens, greedy))
+                for label, (_, model, _, _) in loaded.items()
+            }
+            ms = interleaved_wall_and_cpu_ms(fns, repeats=args.repeats, warmup=1)
+            for label, (wall, cpu) in ms.items():
+                rows[label] += [batch * args.tokens / wall * 1000, batch * args.tokens / cpu * 1000]
+    float_bytes, float_bpb = rows["float"][:2]
+    print(f"validation: {args.batches} batches of the run's windows, {precision} as lmlab eval")
+    print_table(
+        [
+            "weights",
+            "model.safetensors",
+            "smaller",
+            "bits/byte",
+            "vs float",
+            "tok/s b=1 (wall)",
+            "tok/CPU-s b=1",
+            "tok/s b=8 (wall)",
+            "tok/CPU-s b=8",
+        ],
+        (
+            (
+                label,
+                f"{size / 1024:.0f} KiB",
+                f"{float_bytes / size:.2f}x",
+                f"{bpb:.4f}",
+                f"{(bpb - float_bpb) / float_bpb:+.2%}",
+                *(f"{speed:.0f}" for speed in speeds),
+            )
+            for label, (size, bpb, *speeds) in rows.items()
+        ),
+        "lrrrrrrrr",
+    )
+
+
+if __name__ == "__main__":
+    main()

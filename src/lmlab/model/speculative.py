@@ -1,0 +1,202 @@
+"""Speculative decoding: a cheap draft proposes tokens, the target checks them in one forward.
+
+Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative Decoding") and Chen et
+al. 2023: each round the draft samples ``k`` tokens one at a time from its distribution ``q``;
+the target runs once over the last accepted token and the ``k`` drafts, which gives its
+distribution ``p`` at each of the ``k + 1`` positions. Draft token ``x_i`` is accepted with
+probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection the token is resampled from
+``max(0, p_i - q_i)`` (normalised) and the round ends; when all ``k`` are accepted a bonus token
+comes from ``p_{k+1}``. Every emitted token then follows the target's distribution exactly.
+Greedy decoding (temperature 0) uses the same rule with one-hot distributions, which reduces
+to "accept while the draft's token is the target's argmax, then take the target's argmax", so
+the output is plain greedy decoding's. Top-k, top-p and min-p filter both distributions alike.
+
+The target forgets rejected tokens with ``LanguageModel.rewind`` (attention caches are cut,
+recurrent states recomputed from the state before the verification). The draft keeps the state
+after each of its one-token steps, so it just takes the one after the last accepted token.
+
+Self-speculative decoding (:class:`EarlyExit`) drafts with the target's own first ``N`` layers
+and its final norm and shared head, as LayerSkip does (Elhoushi et al. 2024); unlike LayerSkip
+the draft keeps its own cache rather than sharing the first layers' cache with the verification,
+and lmlab does not train with LayerSkip's early-exit loss, so the acceptance rate is whatever a
+normally trained model's lower layers give (measured in docs/serving.md).
+
+Written here rather than taken from a library: ``transformers``' assisted generation works on
+its own model classes and caches, not on lmlab's per-mixer states and rewind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmlab.errors import ParamError
+from lmlab.model.cache import ModelState
+from lmlab.model.generate import SamplingSettings, filter_logits
+from lmlab.model.lm import LanguageModel
+
+Draft = Callable[[torch.Tensor, ModelState | None], tuple[torch.Tensor, ModelState]]
+"""``(idx [1, T], state) -> (logits [1, T, V], state)``: a ``LanguageModel`` or an
+:class:`EarlyExit`."""
+
+
+class EarlyExit(nn.Module):
+    """A LayerSkip-style self-speculative draft: the model's first ``n_layers`` blocks, then
+    its final norm and (shared) head; no weights of its own."""
+
+    def __init__(self, model: LanguageModel, n_layers: int) -> None:
+        super().__init__()
+        if not 1 <= n_layers < len(model.blocks):
+            raise ParamError(
+                f"<n_layers>={n_layers} must be in [1, {len(model.blocks) - 1}] for a model of "
+                f"{len(model.blocks)} layers (the draft exits below the last layer)",
+                "n_layers",
+            )
+        self.model = model
+        self.n_layers = n_layers
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def forward(
+        self, idx: torch.Tensor, state: ModelState | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
+        return self.model(idx, state, n_layers=self.n_layers)
+
+
+@dataclass
+class SpeculativeStats:
+    """What a speculative generation did, for benchmarks and the CLI's summary."""
+
+    rounds: int = 0
+    """Target verification forwards (one per round)."""
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafted tokens over drafted tokens."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+
+def token_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution ``[..., V]`` that plain sampling draws from: filtered and tempered, or
+    one-hot on the argmax at temperature 0 (the same argmax as ``sample_next``)."""
+    logits = logits.float()
+    if settings.temperature == 0:
+        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, settings).softmax(-1)
+
+
+def accept_or_resample(
+    p: torch.Tensor, q: torch.Tensor, token: int, generator: torch.Generator
+) -> int | None:
+    """Leviathan et al.'s rule for one drafted ``token`` drawn from ``q [V]``: None when it is
+    accepted (probability ``min(1, p[token] / q[token])``), else a token from the residual
+    ``max(0, p - q)`` normalised, which makes the emitted token follow ``p`` exactly."""
+    if torch.rand((), generator=generator) * q[token] < p[token]:
+        return None
+    residual = (p - q).clamp_min(0)
+    if residual.sum() <= 0:  # p == q up to rounding: rejection had probability ~0
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def stream_speculative(
+    model: LanguageModel,
+    draft: Draft,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    draft_tokens: int = 4,
+    seed: int = 0,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield ``[1, 1]`` new tokens one at a time, as ``stream_tokens`` does, drafting
+    ``draft_tokens`` per round with ``draft`` and verifying them with ``model``; ``stats``
+    (if given) counts rounds and accepted tokens. Batch 1: each row would accept a different
+    number of tokens."""
+    if prompt.shape[0] != 1 or prompt.shape[1] < 1:
+        raise ParamError(f"<prompt> must be [1, T>=1], got {list(prompt.shape)}", "prompt")
+    if draft_tokens < 1:
+        raise ParamError(f"<draft_tokens>={draft_tokens} must be at least 1", "draft_tokens")
+    if draft.cfg.vocab_size != model.cfg.vocab_size:
+        raise ParamError(
+            f"<draft> has a vocabulary of {draft.cfg.vocab_size}, the model {model.cfg.vocab_size}"
+            "; the draft must use the target's tokenizer",
+            "draft",
+        )
+    stats = stats if stats is not None else SpeculativeStats()
+    return _speculate(model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats)
+
+
+@torch.no_grad()
+def _speculate(
+    model: LanguageModel,
+    draft: Draft,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    draft_tokens: int,
+    seed: int,
+    stats: SpeculativeStats,
+) -> Iterator[torch.Tensor]:
+    """The rounds of :func:`stream_speculative`, whose arguments are checked (at the call, not
+    at the first token)."""
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    # Both models have consumed every token but their pending ones (the target: the last
+    # emitted token; the draft: one or two), so each round starts with them.
+    context, pending = prompt[:, :-1], prompt[:, -1:]
+    target_state = model(context)[1] if context.shape[1] else None
+    draft_state = draft(context, None)[1] if context.shape[1] else None
+    draft_pending = pending
+    emitted = 0
+    while emitted < max_new_tokens:
+        k = min(draft_tokens, max_new_tokens - emitted - 1)
+        drafted: list[int] = []
+        draft_probs, draft_states = [], []
+        step_input = draft_pending
+        for _ in range(k):
+            logits, draft_state = draft(step_input, draft_state)
+            draft_states.append(draft_state)
+            q = token_probabilities(logits[0, -1], settings)
+            drafted.append(int(torch.multinomial(q, 1, generator=generator)))
+            draft_probs.append(q)
+            step_input = prompt.new_tensor([[drafted[-1]]])
+        verify = torch.cat([pending, prompt.new_tensor([drafted])], 1) if k else pending
+        logits, verified_state = model(verify, target_state)
+        p = token_probabilities(logits[0], settings)
+        accepted, new_token = k, None
+        for i, token in enumerate(drafted):
+            new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
+            if new_token is not None:
+                accepted = i
+                break
+        if new_token is None:
+            new_token = int(torch.multinomial(p[k], 1, generator=generator))
+        target_state = model.rewind(target_state, verified_state, verify, accepted + 1)
+        new = prompt.new_tensor([[new_token]])
+        if k == 0:
+            draft_pending = torch.cat([draft_pending, new], 1)
+        elif accepted == k:  # the draft has not consumed its last token yet
+            draft_state = draft_states[-1]
+            draft_pending = prompt.new_tensor([[drafted[-1], new_token]])
+        else:
+            draft_state, draft_pending = draft_states[accepted], new
+        pending = new
+        stats.rounds += 1
+        stats.drafted += k
+        stats.accepted += accepted
+        for token in [*drafted[:accepted], new_token]:
+            stats.emitted += 1
+            emitted += 1
+            yield prompt.new_tensor([[token]])
