@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_settings import TINY_RUN
+from conftest import TINY_GRID as TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.load import build_config

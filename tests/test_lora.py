@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY_GRID as TINY_RUN
 from peft import LoraConfig
-from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.schema import PostConfig

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from run_settings import TINY_RUN
+from conftest import TINY_GRID as TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
