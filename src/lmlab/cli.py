@@ -204,8 +204,37 @@ def finish(lines: list[str], ok: bool) -> int:
     return 0 if ok else 1
 
 
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """``lmlab train`` arguments that repeat ``args`` without ``--nproc`` (what each process of
+    the job runs)."""
+    argv = ["train"]
+    for flag, value in (("--preset", args.preset), ("--config", args.config)):
+        if value:
+            argv += [flag, value]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.quiet:
+        argv.append("--quiet")
+    return argv + args.configs + args.overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.distributed.group import launch, launched_ranks, leave
+
+    if args.nproc > 1:
+        if launched_ranks().several:
+            raise LmlabError("--nproc starts torchrun itself; drop it when launching with torchrun")
+        return launch(args.nproc, train_argv(args))
+    try:
+        return train_here(args)
+    finally:
+        leave()
+
+
+def train_here(args: argparse.Namespace) -> int:
+    """Train in this process (one of several under torchrun: rank 0 alone prints)."""
     from lmlab.config.load import build_config
+    from lmlab.distributed.group import launched_ranks
     from lmlab.train.launch import new_trainer, resume_trainer
 
     sources = [source for source in (args.preset, args.config) if source] + args.configs
@@ -218,25 +247,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = build_config(source, args.overrides)
         trainer = new_trainer(config, Path(source).stem, show_progress=not args.quiet)
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
-    model = trainer.model
+    model, main_rank = trainer.model, launched_ranks().main
     mixers = config.model.layer_mixers()
-    print(
-        f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}, "
-        f"{trainer.precision}, layers {mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
-        file=sys.stderr,
-    )
+    processes = f" x {trainer.ranks.world_size} processes ({config.train.parallel})"
+    if main_rank:
+        print(
+            f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}"
+            f"{processes if trainer.ranks.several else ''}, {trainer.precision}, layers "
+            f"{mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
+            file=sys.stderr,
+        )
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
+        if main_rank:
+            print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
         return 130
-    print(
-        f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
-        f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
-        f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
-    )
-    print(f"run folder: {run_dir}")
+    if main_rank:
+        print(
+            f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
+            f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
+            f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
+        )
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -480,6 +514,12 @@ COMMANDS: tuple[Command, ...] = (
             opt("--config", "a YAML config file"),
             opt("--resume", "continue a run folder exactly", metavar="RUN"),
             opt("--quiet", "no progress line", action="store_true"),
+            opt(
+                "--nproc",
+                "processes on this machine, started with torchrun (set train.parallel=ddp or fsdp)",
+                type=at_least(1),
+                default=1,
+            ),
         ),
         items="a preset or YAML file (or use --preset/--config)",
         description="Train a model. Settings come from a preset or YAML file, then key=value "

@@ -27,6 +27,8 @@ from lmlab.config.schema import Config, TrainConfig
 from lmlab.data.dataset import random_batch, sequential_batch, stream_length
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.data.tokens import TokenData
+from lmlab.distributed.group import Ranks, barrier, current_ranks, gather_numbers, rank_device
+from lmlab.distributed.parallel import CommClock, gradient_sync, make_parallel, model_state
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
 from lmlab.layers.base import TokenMixer
@@ -34,6 +36,7 @@ from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
 from lmlab.train.checkpoint import (
+    CHECKPOINTS_DIR,
     Checkpoint,
     atomic_write_json,
     capture_rng_state,
@@ -159,12 +162,15 @@ class CarriedState:
     position: int = 0
     state: ModelState | None = None
 
-    def segment(self, tokens: np.ndarray, batch_size: int, seq_len: int) -> Batch:
-        """The next ``seq_len`` tokens of every row; at the end of the streams every row wraps
-        to its start and the state, which belongs to the old text, is forgotten."""
+    def segment(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, shard: tuple[int, int] = (0, 1)
+    ) -> Batch:
+        """The next ``seq_len`` tokens of every row (of this rank's rows); at the end of the
+        streams every row wraps to its start and the state, which belongs to the old text, is
+        forgotten."""
         if self.position + seq_len + 1 > stream_length(len(tokens), batch_size, seq_len):
             self.position, self.state = 0, None
-        x, y = sequential_batch(tokens, self.position, batch_size, seq_len)
+        x, y = sequential_batch(tokens, self.position, batch_size, seq_len, shard)
         self.position += seq_len
         return x, y
 
@@ -201,8 +207,29 @@ class TrainerState:
     last_eval: dict = field(default_factory=dict)
 
 
+def check_batch_split(train: TrainConfig, ranks: Ranks) -> None:
+    """Every rank reads an equal share of each micro-batch, so averaging the ranks' gradients
+    gives the whole batch's gradient."""
+    if train.batch_size % ranks.world_size:
+        raise LmlabError(
+            f"train.batch_size={train.batch_size} (the rows of one micro-batch of the whole job) "
+            f"does not split evenly over {ranks.world_size} processes; make it a multiple of "
+            f"{ranks.world_size}"
+        )
+    if train.tbptt and ranks.several:
+        raise LmlabError(
+            "train.tbptt carries each row's state across steps, which several processes do not "
+            "support yet; train it in one process or set train.tbptt=false"
+        )
+
+
 class Trainer:
-    """Trains ``config`` in ``run_dir``; ``resume_from`` continues a checkpoint exactly."""
+    """Trains ``config`` in ``run_dir``; ``resume_from`` continues a checkpoint exactly.
+
+    In a job of several processes (``torchrun``; the process group joined by
+    :func:`lmlab.distributed.group.join`) every rank runs this same loop on its share of each
+    batch, through DDP or FSDP2 (``train.parallel``); the ranks agree on the loss, the time and
+    a stop request once per step, and only rank 0 writes the run folder."""
 
     def __init__(
         self,
@@ -221,29 +248,50 @@ class Trainer:
         self.data = data
         self.tokenizer = tokenizer
         train = config.train
-        self.device = pick_device(train.device)
+        self.ranks = current_ranks()
+        check_batch_split(train, self.ranks)
+        self.device = rank_device(pick_device(train.device), self.ranks)
         self.precision = resolve_precision(train.precision, self.device)
         torch.manual_seed(train.seed)
         self.model = LanguageModel(config.model).to(self.device)
         self.model.set_activation_checkpointing(train.activation_checkpointing)
         if train.tbptt:
             refuse_growing_caches(self.model)
+        if resume_from is not None:
+            load_weights(self.model, resume_from.model, self.run_dir)
+        self.comm: CommClock | None = None
+        """The communication clock of a job of several processes."""
+        module: nn.Module = self.model
+        if self.ranks.several:
+            module, self.comm = make_parallel(self.model, train.parallel, self.device)
         self.optimizers = build_optimizers(self.model, train, self.device)
         self.state = TrainerState()
         self.carried = CarriedState() if train.tbptt else None
         if resume_from is not None:
             self._restore(resume_from)
-        self.forward = torch.compile(self.model) if train.compile else self.model
-        self.train_step = TrainStep(self.model, self.optimizers, train.grad_accum, train.grad_clip)
-        self.budget = budget_for(config)
-        self.metrics = MetricsLog(
-            run_dir / METRICS_FILE,
-            keep_through_step=self.state.step,
-            tensorboard_dir=run_dir / "tensorboard" if train.tensorboard else None,
+        self.forward = torch.compile(module) if train.compile else module
+        self.train_step = TrainStep(
+            self.model,
+            self.optimizers,
+            train.grad_accum,
+            train.grad_clip,
+            sync=lambda last: gradient_sync(module, last),
         )
-        self.progress = Progress(enabled=show_progress)
+        self.budget = budget_for(config)
+        self.metrics = (
+            MetricsLog(
+                run_dir / METRICS_FILE,
+                keep_through_step=self.state.step,
+                tensorboard_dir=run_dir / "tensorboard" if train.tensorboard else None,
+            )
+            if self.ranks.main
+            else None
+        )
+        self.progress = Progress(enabled=show_progress and self.ranks.main)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
         self.stop = StopRequest()
+        self.stop_agreed = False
+        """A stop request seen by any rank, as all ranks learnt it at the end of a step."""
         self.registry = registry.run_registry(run_dir.parent)
         """The run registry this run records itself in (compare, scale and search point it at
         theirs)."""
@@ -252,9 +300,9 @@ class Trainer:
         it is logged; an exception raised there stops training (e.g. a search pruning a trial)."""
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        load_weights(self.model, checkpoint.model, self.run_dir)
+        """Everything but the weights, which are loaded before the model is made parallel."""
         try:
-            self.optimizers.load_state_dict(checkpoint.optimizer)
+            self.optimizers.load_state_dict(checkpoint.optimizer, self.model)
         except (ValueError, KeyError) as exc:
             raise LmlabError(
                 f"the optimiser state in {checkpoint.path} does not fit train.optimizer="
@@ -273,11 +321,17 @@ class Trainer:
     def _batch(self, step: int, micro: int, seq_len: int) -> Batch:
         train = self.config.train
         if self.carried is not None:
-            x, y = self.carried.segment(self.data.train, train.batch_size, seq_len)
+            x, y = self.carried.segment(self.data.train, train.batch_size, seq_len, self._shard())
         else:
             index = step * train.grad_accum + micro
-            x, y = random_batch(self.data.train, index, train.batch_size, seq_len, train.seed)
+            x, y = random_batch(
+                self.data.train, index, train.batch_size, seq_len, train.seed, self._shard()
+            )
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _shard(self) -> tuple[int, int]:
+        """This rank's part of every batch."""
+        return self.ranks.rank, self.ranks.world_size
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy (the shared step adds the model's auxiliary loss)."""
@@ -301,18 +355,26 @@ class Trainer:
         )
 
     def save(self) -> Path:
+        """Write a checkpoint of the whole (unsharded) state; a collective: every rank gathers
+        its shards, rank 0 writes, and the others wait until the checkpoint is in place."""
         trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
         if self.carried is not None:
             trainer_state.update(self.carried.checkpoint())
-        return save_checkpoint(
-            self.run_dir,
-            self.state.step,
-            self.model.state_dict(),
-            self.optimizers.state_dict(),
-            trainer_state,
-            rng=capture_rng_state(),
-            keep_last=self.config.train.keep_checkpoints,
-        )
+        weights = model_state(self.model) if self.ranks.several else self.model.state_dict()
+        optimizer = self.optimizers.state_dict(self.model)
+        path = self.run_dir / CHECKPOINTS_DIR
+        if self.ranks.main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                weights,
+                optimizer,
+                trainer_state,
+                rng=capture_rng_state(),
+                keep_last=self.config.train.keep_checkpoints,
+            )
+        barrier()
+        return path
 
     def train(self) -> dict:
         """Run until the budget is spent; returns the summary (also written to summary.json).
@@ -321,14 +383,20 @@ class Trainer:
         after the current step: that step is saved, then KeyboardInterrupt is raised, and
         ``lmlab train --resume`` continues exactly. The run is recorded in the run registry
         when it starts and however it ends."""
-        with registry.recording(self.run_dir, self.registry, self.config) as record:
+        recording = (
+            registry.recording(self.run_dir, self.registry, self.config)
+            if self.ranks.main
+            else contextlib.nullcontext({})
+        )
+        with recording as record:
             try:
                 with torch_settings(self.config.train), self.stop.installed():
                     self._loop()
                 record["summary"] = self._write_summary()  # while the run folder is held
             finally:
                 self.progress.close()
-                self.metrics.close()
+                if self.metrics is not None:
+                    self.metrics.close()
                 if self.hold is not None:
                     self.hold.release()
         return record["summary"]
@@ -337,7 +405,7 @@ class Trainer:
         train, budget, state = self.config.train, self.budget, self.state
         self.model.train()
         while not budget.done(state.step, state.elapsed):
-            if self.stop.requested:
+            if self.stop_agreed if self.ranks.several else self.stop.requested:
                 self.save()
                 raise KeyboardInterrupt
             self._step()
@@ -361,17 +429,22 @@ class Trainer:
             lambda micro: self._batch(state.step, micro, seq_len),
             self._loss,
         )
+        per_rank = self._agree(result, time.perf_counter() - started)
         if not math.isfinite(result.loss):
             raise LmlabError(
                 f"loss became {result.loss} at step {state.step}; lower train.lr or raise "
                 "train.warmup_steps, then resume from the last checkpoint"
             )
-        step_time = time.perf_counter() - started
+        step_time = max(per_rank["step_ms"]) / 1000
         tokens = train.batch_size * train.grad_accum * seq_len
         state.step += 1
         state.tokens += tokens
         state.elapsed += step_time
+        if self.metrics is None:
+            return
         row = self._metrics_row(result, seq_len, tokens, step_time)
+        if self.ranks.several:
+            row["ranks"] = per_rank
         self.metrics.write(row)
         self.progress.update(
             state.step,
@@ -381,6 +454,25 @@ class Trainer:
             row["tokens_per_s"],
             state.last_eval.get("loss"),
         )
+
+    def _agree(self, result: StepResult, step_time: float) -> dict[str, list[float]]:
+        """Share this step's numbers between the ranks (one all-gather): the mean loss over
+        ranks replaces this rank's in ``result``, a stop request on any rank stops all of them,
+        and every rank's time, tokens/s and communication time is returned, by rank (each rank
+        takes the slowest rank's time, so their clocks and time budgets agree)."""
+        comm_ms = self.comm.pop_ms() if self.comm is not None else 0.0
+        table = gather_numbers(
+            [result.loss, result.aux_loss, 1000 * step_time, comm_ms, float(self.stop.requested)]
+        )
+        result.loss, result.aux_loss = table[:, 0].mean().item(), table[:, 1].mean().item()
+        self.stop_agreed = bool(table[:, 4].any())
+        rank_tokens = self.config.train.batch_size // self.ranks.world_size
+        rank_tokens *= self.config.train.grad_accum * seq_len_at(self.config, self.state.step)
+        return {
+            "step_ms": table[:, 2].tolist(),
+            "tokens_per_s": (1000 * rank_tokens / table[:, 2]).tolist(),
+            "comm_ms": table[:, 3].tolist(),
+        }
 
     def _lr_multiplier(self) -> float:
         train, state = self.config.train, self.state
@@ -428,7 +520,8 @@ class Trainer:
         result.update(step=self.state.step, tokens=self.state.tokens, eval_ms=eval_ms)
         self.state.last_eval = result
         self.state.best_val_loss = min(self.state.best_val_loss, result["loss"])
-        self.metrics.write({"kind": "eval", **result, "elapsed_s": self.state.elapsed})
+        if self.metrics is not None:
+            self.metrics.write({"kind": "eval", **result, "elapsed_s": self.state.elapsed})
         self.progress.note(
             f"step {self.state.step}: val loss {result['loss']:.4f}, "
             f"{result['bits_per_byte']:.4f} bits/byte"
@@ -437,8 +530,11 @@ class Trainer:
             listener(result)
 
     def _write_summary(self) -> dict:
-        self.model.on_training_end(self.run_dir, self.tokenizer.decode)
+        """The run's summary (rank 0 writes it, with the model's end-of-training files)."""
         state = self.state
+        if not self.ranks.main:
+            return {"run": str(self.run_dir), "steps": state.step, "tokens": state.tokens}
+        self.model.on_training_end(self.run_dir, self.tokenizer.decode)
         summary = {
             "run": str(self.run_dir),
             "steps": state.step,
@@ -452,6 +548,8 @@ class Trainer:
             "parameters": self.model.num_parameters(),
             "training_flops_per_token": self.flops_per_token,
             "device": str(self.device),
+            "processes": self.ranks.world_size,
+            "parallel": self.config.train.parallel if self.ranks.several else "none",
             "precision": self.precision,
             "tokenizer": self.tokenizer.kind,
             "vocab_size": self.tokenizer.vocab_size,
