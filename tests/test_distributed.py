@@ -10,6 +10,11 @@ another order.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from lmlab.config.schema import TrainConfig
 from lmlab.data.dataset import random_batch, sequential_batch
 from lmlab.distributed.group import Ranks, join, torchrun_command
 from lmlab.errors import LmlabError
+from lmlab.train.checkpoint import list_checkpoints
 from lmlab.train.trainer import check_batch_split
 
 TINY = [
@@ -104,3 +110,79 @@ def test_two_processes_with_ddp_or_fsdp_give_the_one_process_losses(tmp_path):
         assert summary["val_loss"] == pytest.approx(
             json.loads((tmp_path / "one" / "summary.json").read_text())["val_loss"], rel=1e-5
         )
+
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def torchrun_worker(tmp_path: Path, env: dict[str, str], *settings: str) -> subprocess.Popen:
+    """A 2-rank job of ``distributed_worker.py`` (lmlab with a rank that may break)."""
+    command = [*torchrun_command(2, [])[:-2], str(WORKER), "train", "--quiet", *TINY]
+    return subprocess.Popen(
+        [*command, *settings, f"out_dir={tmp_path}", "name=job"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_rank_that_fails_ends_the_job_with_its_error(tmp_path):
+    job = torchrun_worker(
+        tmp_path, {"LMLAB_TEST_FAIL": "1:3"}, "train.parallel=ddp", "train.max_steps=100000"
+    )
+    _, stderr = job.communicate(timeout=300)  # a hang fails the test here
+    assert job.returncode != 0
+    assert "RuntimeError: rank 1 broke after step 3" in stderr
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_ends_the_job_after_the_timeout(tmp_path):
+    job = torchrun_worker(
+        tmp_path,
+        {"LMLAB_TEST_HANG": "1:3"},
+        "train.parallel=ddp",
+        "train.max_steps=100000",
+        "train.comm_timeout=5",
+    )
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert "[rank0]" in stderr and "Timed out waiting 5000ms" in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_after_a_common_save_and_the_run_resumes(tmp_path):
+    settings = [*TINY, "train.parallel=fsdp", "train.max_steps=100000", "train.eval_interval=1000"]
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmlab",
+            "train",
+            "--nproc",
+            "2",
+            "--quiet",
+            *settings,
+            f"out_dir={tmp_path}",
+            "name=job",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "job" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(train_rows(tmp_path / "job")) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "interrupted; continue with: lmlab train --resume" in stderr
+    last = train_rows(tmp_path / "job")[-1]["step"]
+    assert [path.name for path in list_checkpoints(tmp_path / "job")][-1] == f"step_{last:08d}"
+    assert (
+        main(["train", "--quiet", "--resume", str(tmp_path / "job"), f"train.max_steps={last + 2}"])
+        == 0
+    )
+    assert [row["step"] for row in train_rows(tmp_path / "job")] == list(range(1, last + 3))

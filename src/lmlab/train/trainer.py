@@ -127,15 +127,22 @@ class StopRequest:
     between steps, saves and raises KeyboardInterrupt. Interrupting inside a step could save an
     optimiser state from the middle of ``optimizer.step()`` (Muon's momentum updated for some
     parameters only), and the resumed run would then differ. A second signal raises at once,
-    without saving, for a user who cannot wait for the step to end."""
+    without saving, for a user who cannot wait for the step to end.
+
+    In a job of several processes a rank receives each signal twice (Ctrl-C reaches every
+    process of the terminal, and torchrun passes it on to its workers), and a rank leaving in
+    the middle of a collective would stall the others; there ``second_signal_raises=False``
+    keeps every rank on its way to the common save (torchrun kills ranks that outlast its
+    grace period)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, second_signal_raises: bool = True) -> None:
         self.requested = False
+        self.second_signal_raises = second_signal_raises
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
+        if self.requested and self.second_signal_raises:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -289,7 +296,7 @@ class Trainer:
         )
         self.progress = Progress(enabled=show_progress and self.ranks.main)
         self.flops_per_token = 3 * self.model.flops_per_token(config.data.seq_len)
-        self.stop = StopRequest()
+        self.stop = StopRequest(second_signal_raises=not self.ranks.several)
         self.stop_agreed = False
         """A stop request seen by any rank, as all ranks learnt it at the end of a step."""
         self.registry = registry.run_registry(run_dir.parent)
