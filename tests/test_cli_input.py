@@ -43,6 +43,8 @@ CASES = [
     ["train", "model.widht=3"],
     ["train", "--preset", "gpt-tiny", "train.lr=nan"],
     ["train", "--nproc", "0"],
+    ["compare", *ARMS, "--nproc-per-run", "2"],
+    ["compare", *ARMS, "--parallel", "1", "--nproc-per-run", "0"],
     ["train", "--nproc", "two"],
     ["train", "train.parallel=mpi"],
     ["train", "train.comm_timeout=0"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,11 +22,14 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.config.schema import TrainConfig
+from lmlab.config.schema import ModelConfig, TrainConfig
 from lmlab.data.dataset import random_batch, sequential_batch
 from lmlab.distributed.group import Ranks, join, torchrun_command
+from lmlab.distributed.sharded import load_model_and_optimizers
 from lmlab.errors import LmlabError
-from lmlab.train.checkpoint import list_checkpoints
+from lmlab.model.lm import LanguageModel
+from lmlab.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_sharded_checkpoint
+from lmlab.train.optim import build_optimizers
 from lmlab.train.trainer import check_batch_split
 
 TINY = [
@@ -127,6 +131,7 @@ def torchrun_worker(tmp_path: Path, env: dict[str, str], *settings: str) -> subp
     )
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_ends_the_job_with_its_error(tmp_path):
     job = torchrun_worker(
         tmp_path, {"LMLAB_TEST_FAIL": "1:3"}, "train.parallel=ddp", "train.max_steps=100000"
@@ -186,3 +191,116 @@ def test_sigterm_stops_every_rank_after_a_common_save_and_the_run_resumes(tmp_pa
         == 0
     )
     assert [row["step"] for row in train_rows(tmp_path / "job")] == list(range(1, last + 3))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_sharded_checkpoint_gives_back_weights_optimiser_and_rng_exactly(tmp_path, optimizer):
+    config = TrainConfig(optimizer=optimizer)
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2))
+    optimizers = build_optimizers(model, config)
+    for _ in range(2):
+        model(torch.randint(0, 40, (2, 12)))[0].float().square().mean().backward()
+        optimizers.step()
+    path = save_sharded_checkpoint(tmp_path, 2, model, optimizers.optimizers, {"step": 2}, Ranks())
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["layout"], manifest["world_size"]) == ("sharded", 1)
+    assert any(name.startswith("state/") for name in manifest["files"])
+    rng = torch.get_rng_state()
+
+    torch.manual_seed(1)
+    copy = LanguageModel(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2))
+    copy_optimizers = build_optimizers(copy, config)
+    checkpoint = load_latest_checkpoint(tmp_path)
+    load_model_and_optimizers(
+        copy, copy_optimizers.optimizers, checkpoint.sharded, checkpoint.optimizer
+    )
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], tensor), name
+    assert copy.head.weight is copy.embed.weight
+    saved, loaded = optimizers.state_dict(model), copy_optimizers.state_dict(copy)
+    for name in saved:
+        assert saved[name]["param_groups"] == loaded[name]["param_groups"]
+        for fqn, moments in saved[name]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(loaded[name]["state"][fqn][key], value), (fqn, key)
+    assert torch.equal(checkpoint.rng_of(0)["torch"], rng)
+    assert checkpoint.rng_of(3) is checkpoint.rng  # a rank the saving job lacked
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_continues_the_same_run(tmp_path):
+    """2 -> 1 and 1 -> 2 processes (FSDP2, sharded checkpoints): the losses after the resume
+    are the uninterrupted run's; eval and generate read the sharded checkpoint directly."""
+    settings = [
+        *TINY,
+        "train.parallel=fsdp",
+        "train.schedule=constant",  # a budget extended on resume keeps the same rates
+        "train.checkpoint_interval=4",
+        f"out_dir={tmp_path}",
+    ]
+    assert main(["train", "--quiet", *settings, "train.max_steps=8", "name=whole"]) == 0
+    whole = [row["loss"] for row in train_rows(tmp_path / "whole")]
+    for name, first, then in (("two_one", ["--nproc", "2"], []), ("one_two", [], ["--nproc", "2"])):
+        assert (
+            main(["train", "--quiet", *first, *settings, "train.max_steps=4", f"name={name}"]) == 0
+        )
+        run = tmp_path / name
+        resume = ["train", "--quiet", *then, "--resume", str(run), "train.max_steps=8"]
+        assert main(resume) == 0
+        assert [row["loss"] for row in train_rows(run)] == pytest.approx(whole, rel=LOSS_RTOL)
+    sharded = list_checkpoints(tmp_path / "two_one")[0]
+    assert sorted(p.name for p in sharded.glob("rng-*.json")) == [
+        "rng-00000.json",
+        "rng-00001.json",
+    ]
+    assert main(["eval", str(tmp_path / "two_one"), "--batches", "1"]) == 0  # step 8: 1 process
+    two = list_checkpoints(tmp_path / "one_two")[-1]
+    assert json.loads((two / "manifest.json").read_text())["layout"] == "sharded"
+    assert main(["generate", str(tmp_path / "one_two"), "--max-new-tokens", "4"]) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_launchers_on_127_0_0_1_act_as_two_nodes(tmp_path):
+    """``torchrun --nnodes 2 --node_rank R --master_addr --master_port`` once per "node"."""
+    settings = [*TINY, "train.max_steps=6", f"out_dir={tmp_path}"]
+    assert main(["train", "--quiet", *settings, "name=one"]) == 0
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "lmlab",
+                "train",
+                "--quiet",
+                *settings,
+                "train.parallel=ddp",
+                "name=nodes",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        node.communicate(timeout=300)
+        assert node.returncode == 0
+    one = [row["loss"] for row in train_rows(tmp_path / "one")]
+    rows = train_rows(tmp_path / "nodes")
+    assert [row["loss"] for row in rows] == pytest.approx(one, rel=LOSS_RTOL)
+    assert all(len(row["ranks"]["step_ms"]) == 2 for row in rows)

@@ -411,6 +411,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         out=args.out,
         target=args.target,
         parallel=args.parallel,
+        nproc_per_run=args.nproc_per_run,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
@@ -642,6 +643,14 @@ COMMANDS: tuple[Command, ...] = (
                 "parallel",
                 type=int,
                 metavar="K",
+            ),
+            opt(
+                "--nproc-per-run",
+                "processes per run with --parallel (torchrun; train.parallel=ddp unless a "
+                "config says fsdp)",
+                "nproc_per_run",
+                type=int,
+                metavar="N",
             ),
             opt(
                 "--target-loss",

@@ -21,9 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -149,19 +147,10 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model state on the CPU (a collective under FSDP: every rank calls it)."""
-    return get_model_state_dict(model, options=FULL)
-
-
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The whole optimiser state keyed by parameter names (not positions), so it loads into
     the same model sharded any other way."""
     return get_optimizer_state_dict(model, optimizer, options=FULL)
-
-
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -15,6 +15,7 @@ import torch
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
+from lmlab.distributed.sharded import load_model
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import (
@@ -218,7 +219,10 @@ def load_run_checkpoint(
         raise LmlabError(f"{run_dir} has no valid checkpoint yet; train it longer or resume it")
     check_tokenizer_origin(run_dir, tokenizer, checkpoint)
     model = LanguageModel(config.model)
-    load_weights(model, checkpoint.model, run_dir)
+    if checkpoint.sharded is not None:
+        load_model(model, checkpoint.sharded)
+    else:
+        load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
 

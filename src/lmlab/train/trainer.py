@@ -27,8 +27,9 @@ from lmlab.config.schema import Config, TrainConfig
 from lmlab.data.dataset import random_batch, sequential_batch, stream_length
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.data.tokens import TokenData
-from lmlab.distributed.group import Ranks, barrier, current_ranks, gather_numbers, rank_device
-from lmlab.distributed.parallel import CommClock, gradient_sync, make_parallel, model_state
+from lmlab.distributed.group import Ranks, current_ranks, gather_numbers, rank_device
+from lmlab.distributed.parallel import CommClock, gradient_sync, make_parallel
+from lmlab.distributed.sharded import load_model_and_optimizers
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
 from lmlab.layers.base import TokenMixer
@@ -36,12 +37,12 @@ from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
 from lmlab.train.checkpoint import (
-    CHECKPOINTS_DIR,
     Checkpoint,
     atomic_write_json,
     capture_rng_state,
     restore_rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from lmlab.train.device import autocast, peak_memory_bytes, pick_device, resolve_precision
 from lmlab.train.metrics import MetricsLog, Progress
@@ -264,7 +265,7 @@ class Trainer:
         self.model.set_activation_checkpointing(train.activation_checkpointing)
         if train.tbptt:
             refuse_growing_caches(self.model)
-        if resume_from is not None:
+        if resume_from is not None and resume_from.sharded is None:
             load_weights(self.model, resume_from.model, self.run_dir)
         self.comm: CommClock | None = None
         """The communication clock of a job of several processes."""
@@ -307,9 +308,15 @@ class Trainer:
         it is logged; an exception raised there stops training (e.g. a search pruning a trial)."""
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        """Everything but the weights, which are loaded before the model is made parallel."""
+        """Everything but the weights of an unsharded checkpoint, which are loaded before the
+        model is made parallel; a sharded one loads into the model as it is sharded now."""
         try:
-            self.optimizers.load_state_dict(checkpoint.optimizer, self.model)
+            if checkpoint.sharded is not None:
+                load_model_and_optimizers(
+                    self.model, self.optimizers.optimizers, checkpoint.sharded, checkpoint.optimizer
+                )
+            else:
+                self.optimizers.load_state_dict(checkpoint.optimizer, self.model)
         except (ValueError, KeyError) as exc:
             raise LmlabError(
                 f"the optimiser state in {checkpoint.path} does not fit train.optimizer="
@@ -323,7 +330,7 @@ class Trainer:
         self.state = TrainerState(**saved)
         if self.carried is not None:
             self.carried = CarriedState.restored(carried)
-        restore_rng_state(checkpoint.rng)
+        restore_rng_state(checkpoint.rng_of(self.ranks.rank))
 
     def _batch(self, step: int, micro: int, seq_len: int) -> Batch:
         train = self.config.train
@@ -362,26 +369,31 @@ class Trainer:
         )
 
     def save(self) -> Path:
-        """Write a checkpoint of the whole (unsharded) state; a collective: every rank gathers
-        its shards, rank 0 writes, and the others wait until the checkpoint is in place."""
+        """Write a checkpoint; in a job of several processes a sharded one, which every rank
+        writes together (``torch.distributed.checkpoint``)."""
         trainer_state = dict(vars(self.state), origin=run_origin(self.config, self.tokenizer))
         if self.carried is not None:
             trainer_state.update(self.carried.checkpoint())
-        weights = model_state(self.model) if self.ranks.several else self.model.state_dict()
-        optimizer = self.optimizers.state_dict(self.model)
-        path = self.run_dir / CHECKPOINTS_DIR
-        if self.ranks.main:
-            path = save_checkpoint(
+        keep = self.config.train.keep_checkpoints
+        if self.ranks.several:
+            return save_sharded_checkpoint(
                 self.run_dir,
                 self.state.step,
-                weights,
-                optimizer,
+                self.model,
+                self.optimizers.optimizers,
                 trainer_state,
-                rng=capture_rng_state(),
-                keep_last=self.config.train.keep_checkpoints,
+                self.ranks,
+                keep_last=keep,
             )
-        barrier()
-        return path
+        return save_checkpoint(
+            self.run_dir,
+            self.state.step,
+            self.model.state_dict(),
+            self.optimizers.state_dict(self.model),
+            trainer_state,
+            rng=capture_rng_state(),
+            keep_last=keep,
+        )
 
     def train(self) -> dict:
         """Run until the budget is spent; returns the summary (also written to summary.json).
