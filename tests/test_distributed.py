@@ -304,3 +304,22 @@ def test_two_launchers_on_127_0_0_1_act_as_two_nodes(tmp_path):
     rows = train_rows(tmp_path / "nodes")
     assert [row["loss"] for row in rows] == pytest.approx(one, rel=LOSS_RTOL)
     assert all(len(row["ranks"]["step_ms"]) == 2 for row in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_device_trains_on_cuda_in_bf16_compiled(tmp_path):
+    settings = [s for s in TINY if not s.startswith("train.precision")]
+    args = ["train", "--quiet", *settings, "train.max_steps=3", "train.compile=true"]
+    assert main([*args, "train.device=auto", f"out_dir={tmp_path}", "name=gpu"]) == 0
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["precision"] == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl)")
+def test_two_gpus_with_nccl_give_the_one_gpu_losses(tmp_path):
+    settings = [*TINY, "train.max_steps=10", "train.device=cuda", f"out_dir={tmp_path}"]
+    assert main(["train", "--quiet", *settings, "name=one"]) == 0
+    args = ["train", "--nproc", "2", "--quiet", *settings, "train.parallel=fsdp", "name=two"]
+    assert main(args) == 0
+    one = [row["loss"] for row in train_rows(tmp_path / "one")]
+    assert [row["loss"] for row in train_rows(tmp_path / "two")] == pytest.approx(one, rel=1e-4)

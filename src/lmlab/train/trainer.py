@@ -107,20 +107,29 @@ def refuse_growing_caches(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def torch_settings(train: TrainConfig) -> Iterator[None]:
-    """Apply a run's process-wide torch settings (threads, deterministic algorithms) while it
-    trains and restore the caller's afterwards, so one run never slows down or alters the next
-    one (or the caller's own work) in this process."""
+def torch_settings(train: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Apply a run's process-wide torch settings (threads, deterministic algorithms, TF32
+    matmuls on CUDA) while it trains and restore the caller's afterwards, so one run never slows
+    down or alters the next one (or the caller's own work) in this process.
+
+    On CUDA, float32 matmuls run in TF32 (``torch.set_float32_matmul_precision("high")``), as
+    nanoGPT and torchtitan train: about 8x the float32 throughput on Ampere and later, with a
+    10-bit mantissa in the products (accumulation stays float32); deterministic mode keeps full
+    float32."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    matmul_precision = torch.get_float32_matmul_precision()
     try:
         if train.threads:
             torch.set_num_threads(train.threads)
         if train.deterministic:
             torch.use_deterministic_algorithms(True)
+        elif device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
         yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision(matmul_precision)
 
 
 class StopRequest:
@@ -341,6 +350,8 @@ class Trainer:
             x, y = random_batch(
                 self.data.train, index, train.batch_size, seq_len, train.seed, self._shard()
             )
+        if self.device.type == "cuda":  # page-locked, so the copies below run asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _shard(self) -> tuple[int, int]:
@@ -409,7 +420,7 @@ class Trainer:
         )
         with recording as record:
             try:
-                with torch_settings(self.config.train), self.stop.installed():
+                with torch_settings(self.config.train, self.device), self.stop.installed():
                     self._loop()
                 record["summary"] = self._write_summary()  # while the run folder is held
             finally:
