@@ -45,6 +45,7 @@ CASES = [
     ["train", "--nproc", "0"],
     ["compare", *ARMS, "--nproc-per-run", "2"],
     ["compare", *ARMS, "--parallel", "1", "--nproc-per-run", "0"],
+    ["search", "SPACE.yaml", "--budget", "tokens=4k", "--nproc-per-run", "0"],
     ["train", "--nproc", "two"],
     ["train", "train.parallel=mpi"],
     ["train", "train.comm_timeout=0"],

@@ -125,6 +125,14 @@ BUDGET = opt(
 RUN = opt("run", "run folder")
 DEVICE = opt("--device", "cpu, cuda, mps or auto", default="auto")
 JSON = opt("--json", "print JSON", action="store_true")
+NPROC_PER_RUN = opt(
+    "--nproc-per-run",
+    "processes per run, each run a torchrun job (train.parallel=ddp unless the config says fsdp;"
+    " compare needs --parallel)",
+    "nproc_per_run",
+    type=int,
+    metavar="N",
+)
 SAMPLER_SEED = opt("--seed", "random seed", "seed", type=at_least(0))
 
 
@@ -439,7 +447,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from lmlab.experiments.search import run_search, summary_lines
 
     plan = plan_search(
-        args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
+        args.space,
+        trials=args.trials,
+        budget=args.budget,
+        out=args.out,
+        seed=args.seed,
+        nproc_per_run=args.nproc_per_run,
     )
     print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
     results = run_resumable(run_search, plan, args)
@@ -644,14 +657,7 @@ COMMANDS: tuple[Command, ...] = (
                 type=int,
                 metavar="K",
             ),
-            opt(
-                "--nproc-per-run",
-                "processes per run with --parallel (torchrun; train.parallel=ddp unless a "
-                "config says fsdp)",
-                "nproc_per_run",
-                type=int,
-                metavar="N",
-            ),
+            NPROC_PER_RUN,
             opt(
                 "--target-loss",
                 "validation bits per byte for 'time to target' (the baseline's median final)",
@@ -725,6 +731,7 @@ COMMANDS: tuple[Command, ...] = (
             dataclasses.replace(BUDGET, kwargs={"required": True}),
             dataclasses.replace(SAMPLER_SEED, help="sampler seed"),
             OUT,
+            NPROC_PER_RUN,
             REGISTRY,
             QUIET,
         ),
