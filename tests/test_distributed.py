@@ -29,7 +29,9 @@ from lmlab.distributed.sharded import load_model_and_optimizers
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_sharded_checkpoint
+from lmlab.train.export import load_ternary
 from lmlab.train.optim import build_optimizers
+from lmlab.train.run import load_trained_model
 from lmlab.train.trainer import check_batch_split
 
 TINY = [
@@ -323,3 +325,27 @@ def test_two_gpus_with_nccl_give_the_one_gpu_losses(tmp_path):
     assert main(args) == 0
     one = [row["loss"] for row in train_rows(tmp_path / "one")]
     assert [row["loss"] for row in train_rows(tmp_path / "two")] == pytest.approx(one, rel=1e-4)
+
+
+def test_eval_generate_and_export_read_a_sharded_checkpoint(tmp_path, capsys):
+    """A sharded checkpoint written into a trained run (as a job would) is what the commands
+    that read a run use, with the same weights."""
+    settings = [*TINY, "model.bitlinear=true", "train.max_steps=2", f"out_dir={tmp_path}"]
+    assert main(["train", "--quiet", *settings, "name=run"]) == 0
+    run = tmp_path / "run"
+    config, model, _, _ = load_trained_model(run)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)  # weights no single-file checkpoint holds
+    optimizers = build_optimizers(model, config.train)
+    save_sharded_checkpoint(run, 3, model, optimizers.optimizers, {"step": 3}, Ranks())
+    _, loaded, _, step = load_trained_model(run)
+    assert step == 3
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "ternary.safetensors")]) == 0
+    assert load_ternary(tmp_path / "ternary.safetensors")[3] == 3
