@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY_RUN, metrics_rows
 
 from lmlab.cli import main
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, ParamError
 from lmlab.experiments.compare import plan_compare, time_to_target
 from lmlab.experiments.runset import curve_area, parse_budget, read_probes
 from lmlab.train import registry
@@ -314,3 +314,39 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys):
         assert fragment in err, (argv, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_each_run_in_several_processes(tmp_path, corpus):
+    args = compare_args(
+        tmp_path,
+        corpus,
+        "gpt-tiny",
+        "--variant",
+        "model.d_model=32",
+        "--seeds",
+        "1",
+        "--budget",
+        "tokens=2k",
+        "--parallel",
+        "1",
+        "--nproc-per-run",
+        "2",
+    )
+    assert main(args) == 0
+    results = results_of(tmp_path)
+    assert [r["status"] for r in results["runs"]] == ["finished", "finished"]
+    for r in results["runs"]:
+        summary = json.loads((Path(r["path"]) / "summary.json").read_text())
+        assert (summary["processes"], summary["parallel"]) == (2, "ddp")
+
+
+def test_several_processes_per_run_need_child_processes(tmp_path, corpus):
+    with pytest.raises(ParamError, match=r"nproc_per_run.*parallel"):
+        plan_compare(
+            ["gpt-tiny"],
+            variants=["model.d_model=32"],
+            budget="tokens=2k",
+            nproc_per_run=2,
+            out=tmp_path / "cmp",
+        )

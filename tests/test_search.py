@@ -206,3 +206,28 @@ def test_another_space_in_the_same_folder_is_refused(space):
     write_space(space, **{"train.lr": {"low": 1.0e-4, "high": 1.0e-3}})
     with pytest.raises(LmlabError, match="another space or budget"):
         _open_study(plan_search(space, trials=1, budget="tokens=4k", out=out))
+
+
+@pytest.mark.slow
+def test_each_trial_in_several_processes(space):
+    assert main(search_args(space, 1, "--nproc-per-run", "2")) == 0
+    results = json.loads((space.parent / "search" / "results.json").read_text())
+    [trial] = results["trials"]
+    assert trial["state"] == "complete"
+    summary = json.loads((Path(trial["run"]) / "summary.json").read_text())
+    assert (summary["processes"], summary["parallel"]) == (2, "ddp")
+    assert summary["val_bits_per_byte"] == trial["value"]
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_trial_job_through_its_metrics(space):
+    plan = plan_search(
+        space, trials=1, budget="tokens=64k", out=space.parent / "pruned", nproc_per_run=2
+    )
+    plan.out.mkdir()
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    study.optimize(lambda trial: _objective(plan, False, None, trial), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [trial.user_attrs["tokens"]]
+    assert not (Path(trial.user_attrs["run"]) / "summary.json").exists()

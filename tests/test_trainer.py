@@ -289,3 +289,17 @@ def test_sigint_stops_after_the_step_saves_it_and_resumes_exactly(tmp_path, corp
     assert part == list(train_losses(tmp_path / "whole").values())
     status = {Path(r["path"]).name: r["status"] for r in registry.list_runs(tmp_path)[0]}
     assert status == {"whole": "finished", "part": "finished"}
+
+
+def test_cuda_runs_matmuls_in_tf32_while_training_unless_deterministic():
+    """Only the process-wide precision setting is involved, so no GPU is needed."""
+    from lmlab.config.schema import TrainConfig
+    from lmlab.train.trainer import torch_settings
+
+    before = torch.get_float32_matmul_precision()
+    with torch_settings(TrainConfig(), torch.device("cuda")):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    for train, device in ((TrainConfig(), "cpu"), (TrainConfig(deterministic=True), "cuda")):
+        with torch_settings(train, torch.device(device)):
+            assert torch.get_float32_matmul_precision() == before == "highest"

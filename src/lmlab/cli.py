@@ -139,6 +139,14 @@ BUDGET = opt(
 RUN = opt("run", "run folder")
 DEVICE = opt("--device", "cpu, cuda, mps or auto", default="auto")
 JSON = opt("--json", "print JSON", action="store_true")
+NPROC_PER_RUN = opt(
+    "--nproc-per-run",
+    "processes per run, each run a torchrun job (train.parallel=ddp unless the config says fsdp;"
+    " compare needs --parallel)",
+    "nproc_per_run",
+    type=int,
+    metavar="N",
+)
 SAMPLER_SEED = opt("--seed", "random seed", "seed", type=at_least(0))
 
 
@@ -226,7 +234,35 @@ def is_init_from(overrides: list[str]) -> bool:
     )
 
 
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """``lmlab train`` arguments that repeat ``args`` without ``--nproc`` (what each process of
+    the job runs)."""
+    argv = ["train"]
+    for flag, value in (("--preset", args.preset), ("--config", args.config)):
+        if value:
+            argv += [flag, value]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.quiet:
+        argv.append("--quiet")
+    return argv + args.configs + args.overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.distributed.group import launch, launched_ranks, leave
+
+    if args.nproc > 1:
+        if launched_ranks().several:
+            raise LmlabError("--nproc starts torchrun itself; drop it when launching with torchrun")
+        return launch(args.nproc, train_argv(args))
+    try:
+        return train_here(args)
+    finally:
+        leave()
+
+
+def train_here(args: argparse.Namespace) -> int:
+    """Train in this process (one of several under torchrun: rank 0 alone prints)."""
     from lmlab.posttrain.launch import start_run
     from lmlab.train.launch import parent_config, resume_trainer
 
@@ -265,18 +301,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def train_to_end(trainer: Trainer) -> int:
     """Train a started run, printing its header, its result and how to continue it."""
+    from lmlab.distributed.group import launched_ranks
     from lmlab.train.adapters import trainable_parameters
 
     run_dir, config, tokenizer = trainer.run_dir, trainer.config, trainer.tokenizer
-    model = trainer.model
+    model, main_rank = trainer.model, launched_ranks().main
     mixers = config.model.layer_mixers()
-    print(
-        f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}, "
-        f"{trainer.precision}, layers {mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
-        file=sys.stderr,
-    )
-    if trainer.adapter is not None:
+    processes = f" x {trainer.ranks.world_size} processes ({config.train.parallel})"
+    if main_rank:
+        print(
+            f"run {run_dir}: {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{tokenizer.kind} tokenizer ({tokenizer.vocab_size}), {trainer.device}"
+            f"{processes if trainer.ranks.several else ''}, {trainer.precision}, layers "
+            f"{mixers[0] if len(set(mixers)) == 1 else ','.join(mixers)}",
+            file=sys.stderr,
+        )
+    if trainer.adapter is not None and main_rank:
         trained, total = trainable_parameters(model)
         print(
             f"LoRA: {trained:,} of {total:,} parameters train ({trained / total:.2%}), "
@@ -286,16 +326,18 @@ def train_to_end(trainer: Trainer) -> int:
     try:
         summary = trainer.train()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
+        if main_rank:
+            print(f"\ninterrupted; continue with: lmlab train --resume {run_dir}", file=sys.stderr)
         return 130
-    accuracy = summary.get("val_accuracy")
-    print(
-        f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
-        f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
-        f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
-        + ("" if accuracy is None else f", accuracy {accuracy:.1%}")
-    )
-    print(f"run folder: {run_dir}")
+    if main_rank:
+        accuracy = summary.get("val_accuracy")
+        print(
+            f"done: {summary['steps']} steps, {summary['tokens']} tokens in "
+            f"{summary['train_seconds']:.1f}s ({summary['tokens_per_s'] / 1000:.1f}k tok/s); "
+            f"val loss {summary['val_loss']:.4f}, {summary['val_bits_per_byte']:.4f} bits/byte"
+            + ("" if accuracy is None else f", accuracy {accuracy:.1%}")
+        )
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -570,6 +612,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         out=args.out,
         target=args.target,
         parallel=args.parallel,
+        nproc_per_run=args.nproc_per_run,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
@@ -597,7 +640,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from lmlab.experiments.search import run_search, summary_lines
 
     plan = plan_search(
-        args.space, trials=args.trials, budget=args.budget, out=args.out, seed=args.seed
+        args.space,
+        trials=args.trials,
+        budget=args.budget,
+        out=args.out,
+        seed=args.seed,
+        nproc_per_run=args.nproc_per_run,
     )
     print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
     results = run_resumable(run_search, plan, args)
@@ -713,6 +761,12 @@ COMMANDS: tuple[Command, ...] = (
             opt("--config", "a YAML config file"),
             opt("--resume", "continue a run folder exactly", metavar="RUN"),
             opt("--quiet", "no progress line", action="store_true"),
+            opt(
+                "--nproc",
+                "processes on this machine, started with torchrun (set train.parallel=ddp or fsdp)",
+                type=at_least(1),
+                default=1,
+            ),
         ),
         items="a preset or YAML file (or use --preset/--config)",
         description="Train a model. Settings come from a preset or YAML file, then key=value "
@@ -1054,6 +1108,7 @@ COMMANDS: tuple[Command, ...] = (
                 type=int,
                 metavar="K",
             ),
+            NPROC_PER_RUN,
             opt(
                 "--target-loss",
                 "validation bits per byte for 'time to target' (the baseline's median final)",
@@ -1127,6 +1182,7 @@ COMMANDS: tuple[Command, ...] = (
             dataclasses.replace(BUDGET, kwargs={"required": True}),
             dataclasses.replace(SAMPLER_SEED, help="sampler seed"),
             OUT,
+            NPROC_PER_RUN,
             REGISTRY,
             QUIET,
         ),

@@ -170,6 +170,10 @@ RULES: dict[str, Range | Choice] = {
     "post.lora_alpha": Range(0, low_open=True),
     "post.lora_dropout": Range(0, 1, high_open=True),
     "post.quantize_base": Choice(("none", "int8")),
+    "train.parallel": Choice(("none", "ddp", "fsdp")),
+    "train.comm_timeout": Range(
+        0, low_open=True, note="seconds a collective may wait for the other processes"
+    ),
 }
 """One rule per setting, keyed ``section.field``. Every int and float field must have one
 (:func:`check_rules` fails on a numeric field without), so a new setting is range-checked too."""
@@ -466,6 +470,8 @@ class TrainConfig:
     """The optimisation recipe and its budget."""
 
     batch_size: int = 32
+    """Rows per micro-batch of the whole job: with N processes each reads batch_size / N of
+    them, so one optimiser step sees ``batch_size x grad_accum`` rows whatever N is."""
     grad_accum: int = 1
     optimizer: str = "adamw"
     """``adamw``, or ``muon`` (Muon for 2-D hidden weights, AdamW for the rest)."""
@@ -521,6 +527,13 @@ class TrainConfig:
     """Start from the weights (only the weights) of another run's checkpoint: ``RUN`` (its
     newest valid checkpoint) or ``RUN@STEP``. The optimiser, schedule and data are this run's;
     the model must have the same parameters. The checkpoint used is recorded in ``parent``."""
+    parallel: str = "none"
+    """Under torchrun (or ``lmlab train --nproc N``): ``ddp`` (a replica per process) or
+    ``fsdp`` (FSDP2: parameters, gradients and optimiser state sharded); ``none`` refuses to
+    run in several processes. One process ignores it."""
+    comm_timeout: float = 600.0
+    """Seconds a collective waits for the other processes before the job fails (a rank that
+    died or hangs ends the job instead of blocking it forever)."""
 
     def validate(self) -> None:
         check_rules(self, "train")

@@ -122,15 +122,31 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+    """The rows of a ``batch_size``-row batch that part ``index`` of ``count`` reads (a rank of
+    a data-parallel job): contiguous and disjoint, together all the rows."""
+    index, count = shard
+    if batch_size % count or not 0 <= index < count:
+        raise ValueError(f"cannot take part {index} of {count} of {batch_size} rows")
+    size = batch_size // count
+    return slice(index * size, (index + 1) * size)
+
+
 def random_batch(
-    tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
+    tokens: np.ndarray,
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` windows at random offsets; the same for a given (seed, step) whatever ran
-    before. Returns int64 ``(x, y)`` of shape [batch_size, seq_len] with y = x shifted by one."""
+    before. Returns int64 ``(x, y)`` of shape [batch_size, seq_len] with y = x shifted by one.
+    ``shard=(rank, world_size)`` returns only that rank's rows of the same batch."""
     require_tokens(len(tokens), seq_len + 1, "token array")
     generator = _step_generator(seed, step)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
-    return _windows(tokens, starts.numpy(), seq_len)
+    return _windows(tokens, starts.numpy()[shard_rows(batch_size, shard)], seq_len)
 
 
 def stream_length(n_tokens: int, batch_size: int, seq_len: int) -> int:
@@ -140,18 +156,23 @@ def stream_length(n_tokens: int, batch_size: int, seq_len: int) -> int:
 
 
 def sequential_batch(
-    tokens: np.ndarray, offset: int, batch_size: int, seq_len: int
+    tokens: np.ndarray,
+    offset: int,
+    batch_size: int,
+    seq_len: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batches for truncated backpropagation through time: row b reads its own contiguous
     stream starting at ``b * stream_length``; ``offset`` is how far each row has read, so the
     next call with ``offset + seq_len`` continues exactly where this one stopped (also when the
     sequence length changes under a curriculum). The caller wraps ``offset`` to 0, and resets
-    the carried state, when ``offset + seq_len + 1`` exceeds the stream."""
+    the carried state, when ``offset + seq_len + 1`` exceeds the stream. ``shard`` is as for
+    :func:`random_batch`: a rank reads its own rows' streams."""
     stream = stream_length(len(tokens), batch_size, seq_len)
     if offset + seq_len + 1 > stream:
         raise ValueError(f"offset {offset} + {seq_len + 1} tokens runs past the stream ({stream})")
     starts = np.arange(batch_size) * stream + offset
-    return _windows(tokens, starts, seq_len)
+    return _windows(tokens, starts[shard_rows(batch_size, shard)], seq_len)
 
 
 def eval_batches(

@@ -26,6 +26,7 @@ from lmlab.experiments.runset import (
     RunSet,
     arm_name,
     build_arm,
+    check_nproc_per_run,
     outcome_record,
     parse_budget,
     seed_runs,
@@ -83,10 +84,13 @@ def plan_compare(
     out: str | Path | None = None,
     target: float | None = None,
     parallel: int = 0,
+    nproc_per_run: int = 1,
 ) -> ComparePlan:
     """Check every input and decide every run; raises :class:`LmlabError` on bad input before
     anything trains. ``variants`` add arms: the first source plus one ``key=value`` each;
-    ``overrides`` apply to every arm."""
+    ``overrides`` apply to every arm. ``nproc_per_run`` > 1 trains each run in that many
+    processes (torchrun, ``train.parallel=ddp`` unless a config says ``fsdp``); it needs
+    ``parallel`` child processes."""
     if not sources:
         raise LmlabError("give at least one config (a preset or YAML file) to compare")
     if len(sources) + len(variants) < 2:
@@ -100,6 +104,7 @@ def plan_compare(
         raise ParamError(
             f"<parallel>={parallel} must be 0 (in this process) or a process count", "parallel"
         )
+    check_nproc_per_run(nproc_per_run, parallel)
     for variant in variants:
         if "=" not in variant:
             raise ParamError(f"<variants> {variant!r} must look like section.key=value", "variants")
@@ -127,8 +132,8 @@ def plan_compare(
     folder = (
         Path(out) if out else Path(arms[0].config.out_dir) / ("compare-" + "-vs-".join(names))[:120]
     )
-    runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder, parallel)]
-    runset = RunSet(folder, runs, parallel)
+    runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder, parallel, nproc_per_run)]
+    runset = RunSet(folder, runs, parallel, nproc_per_run)
     return ComparePlan(arms, chosen, seeds, parsed_budget, parsed_rule, target, runset)
 
 

@@ -188,6 +188,8 @@ class RunSet:
     out: Path
     runs: list[RunSpec] = field(default_factory=list)
     parallel: int = 0
+    nproc_per_run: int = 1
+    """Processes of each run (``lmlab train --nproc``): data parallelism inside a run."""
 
 
 def error_line(exc: BaseException) -> str:
@@ -210,17 +212,34 @@ def model_skeleton(model: ModelConfig) -> LanguageModel:
         return LanguageModel(model)
 
 
-def seed_runs(arm: Arm, seeds: int, folder: Path, parallel: int = 0) -> list[RunSpec]:
+def check_nproc_per_run(nproc_per_run: int, parallel: int) -> None:
+    """Several processes per run are started as child jobs, so they need ``parallel``."""
+    if nproc_per_run < 1:
+        raise ParamError(f"<nproc_per_run>={nproc_per_run} must be at least 1", "nproc_per_run")
+    if nproc_per_run > 1 and not parallel:
+        raise ParamError(
+            f"<nproc_per_run>={nproc_per_run} starts each run as a torchrun job; give "
+            "<parallel> >= 1 too (how many such jobs at once)",
+            "nproc_per_run",
+        )
+
+
+def seed_runs(
+    arm: Arm, seeds: int, folder: Path, parallel: int = 0, nproc_per_run: int = 1
+) -> list[RunSpec]:
     """The runs of one arm: seed index i sets ``train.seed = i``, in ``folder/runs/<arm>/seed<i>``
-    (with a share of the cores when ``parallel`` processes train at once)."""
+    (with a share of the cores when ``parallel`` jobs of ``nproc_per_run`` processes train at
+    once; a run of several processes uses DDP unless its config says FSDP)."""
     specs = []
     for seed in range(seeds):
         config = copy.deepcopy(arm.config)
         config.train.seed = seed
         config.out_dir = str(folder / "runs" / arm.name)
         config.name = f"seed{seed}"
+        if nproc_per_run > 1 and config.train.parallel == "none":
+            config.train.parallel = "ddp"
         if parallel:
-            config.train.threads = _threads_per_process(parallel)
+            config.train.threads = _threads_per_process(parallel * nproc_per_run)
         specs.append(RunSpec(arm, seed, config))
     return specs
 
@@ -294,6 +313,8 @@ def _train_in_process(
 
 def _subprocess_command(runset: RunSet, spec: RunSpec, how: str) -> list[str]:
     base = [sys.executable, "-m", "lmlab.cli", "train", "--quiet"]
+    if runset.nproc_per_run > 1:
+        base += ["--nproc", str(runset.nproc_per_run)]
     if how == "resumed":
         return [*base, "--resume", str(spec.run_dir), *_threads_override(spec)]
     return [*base, "--config", str(_config_path(runset, spec))]

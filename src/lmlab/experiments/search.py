@@ -23,9 +23,13 @@ import copy
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,8 @@ from lmlab.experiments.runset import (
 from lmlab.posttrain.launch import start_run
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
-from lmlab.train.run import SUMMARY_FILE, open_run
+from lmlab.train.metrics import read_metrics
+from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, open_run
 
 STUDY_FILE = "study.sqlite3"
 STUDY_NAME = "lmlab-search"
@@ -96,6 +101,8 @@ class SearchPlan:
     trials: int
     seed: int
     fingerprint: str
+    nproc_per_run: int = 1
+    """Processes of each trial (a ``lmlab train --nproc`` job when above 1)."""
 
 
 def _param(key: str, spec: Any, where: str) -> Param:
@@ -142,8 +149,11 @@ def plan_search(
     budget: str,
     out: str | Path | None = None,
     seed: int = 0,
+    nproc_per_run: int = 1,
 ) -> SearchPlan:
-    """Read and check the space file and budget before anything trains."""
+    """Read and check the space file and budget before anything trains. ``nproc_per_run`` > 1
+    trains each trial as a torchrun job of that many processes (``train.parallel=ddp`` unless
+    the space's config says ``fsdp``)."""
     path = Path(space)
     if not path.is_file():
         raise LmlabError(
@@ -151,6 +161,8 @@ def plan_search(
         )
     if trials < 1:
         raise ParamError(f"<trials>={trials} must be at least 1", "trials")
+    if nproc_per_run < 1:
+        raise ParamError(f"<nproc_per_run>={nproc_per_run} must be at least 1", "nproc_per_run")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
@@ -196,6 +208,7 @@ def plan_search(
         trials,
         seed,
         _fingerprint(data, parsed_budget.text),
+        nproc_per_run,
     )
 
 
@@ -300,10 +313,13 @@ def _train_trial(
     trial.set_user_attr("run", str(run_dir))
     status, summary = "failed", None
     try:
-        trainer = start_run(config, config.name, show_progress)
-        trainer.registry = registry.registry_path(registry_location)
-        trainer.eval_listeners.append(report)
-        summary = trainer.train()
+        if plan.nproc_per_run > 1:
+            summary = _train_trial_job(plan, config, report, registry_location)
+        else:
+            trainer = start_run(config, config.name, show_progress)
+            trainer.registry = registry.registry_path(registry_location)
+            trainer.eval_listeners.append(report)
+            summary = trainer.train()
         status = "finished"
         return summary[FINAL_METRIC]
     except optuna.TrialPruned:
@@ -321,6 +337,50 @@ def _train_trial(
                 compare=str(plan.out.resolve()),
             )
             registry.record_runs([row], registry_location)
+
+
+def _train_trial_job(
+    plan: SearchPlan, config: Config, report: Callable[[dict], None], registry_location
+) -> dict:
+    """Train a trial as ``lmlab train --nproc N`` and feed each evaluation rank 0 writes to
+    ``report`` as it appears in ``metrics.jsonl``; when ``report`` prunes the trial, the job
+    is stopped with SIGTERM (every rank saves and exits, as on Ctrl-C) and the error goes on."""
+    if config.train.parallel == "none":
+        config.train.parallel = "ddp"
+    path = plan.out / "configs" / f"{config.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dump_config(config))
+    log = plan.out / "logs" / f"{config.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "lmlab.cli", "train", "--quiet"]
+    command += ["--nproc", str(plan.nproc_per_run), "--config", str(path)]
+    env = {**os.environ, registry.REGISTRY_ENV: str(registry.registry_path(registry_location))}
+    run_dir = Path(config.out_dir) / config.name
+    seen = 0
+    with log.open("w", encoding="utf-8") as output:
+        job = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                finished = job.poll() is not None
+                metrics = run_dir / METRICS_FILE
+                evals = (
+                    [r for r in read_metrics(metrics) if r.get("kind") == "eval"]
+                    if (metrics.is_file())
+                    else []
+                )
+                for row in evals[seen:]:
+                    report(row)
+                seen = len(evals)
+                if finished:
+                    break
+                time.sleep(0.5)
+        except BaseException:
+            job.send_signal(signal.SIGTERM)
+            job.wait()
+            raise
+    if job.returncode != 0:
+        raise LmlabError(f"the trial's job exited with {job.returncode} (see {log})")
+    return json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
 
 def _show(value: Any) -> str:

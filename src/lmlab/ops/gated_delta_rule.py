@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.fla import fla_gated_delta_rule, use_fla
 from lmlab.ops.triangular import unit_lower_solve
 
 __all__ = ["gated_delta_rule"]
@@ -63,6 +64,12 @@ def gated_delta_rule(
     )
     cdt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_fla(q, mode):  # CUDA with lmlab[cuda]: fla's Triton kernel (see lmlab.ops.fla)
+        result = fla_gated_delta_rule(
+            q, k, v, beta, log_decay, scale, initial_state, output_final_state
+        )
+        if result is not None:
+            return result
     g = None
     if log_decay is not None:
         g = log_decay.to(cdt)

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 import torch
 
 from lmlab.ops.checks import check_core_args
+from lmlab.ops.fla import fla_gated_linear_attention, use_fla
 
 # Largest |exponent| of a per-channel decay factor in the one-factorisation-per-chunk form:
 # factors stay far from overflow, and their products (up to exp(2 * this)) below float32's max.
@@ -77,10 +78,14 @@ def gated_linear_attention(
         (float64 for float64 inputs) when ``output_final_state`` is set, else ``None``.
     """
     check_core_args(q, k, v, initial_state, mode, chunk_size, log_decay=log_decay)
-    out_dtype = v.dtype
-    dtype = torch.float64 if torch.float64 in {q.dtype, k.dtype, v.dtype} else torch.float32
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if use_fla(q, mode):  # CUDA with lmlab[cuda]: fla's Triton kernel (see lmlab.ops.fla)
+        return fla_gated_linear_attention(
+            q, k, v, log_decay, scale, initial_state, output_final_state
+        )
+    out_dtype = v.dtype
+    dtype = torch.float64 if torch.float64 in {q.dtype, k.dtype, v.dtype} else torch.float32
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # One layout for both decay kinds: [B, T, H, K] or [B, T, H, 1], broadcast against K.
     gate = None

@@ -19,6 +19,19 @@ checkpoint is reported in one line and the previous one is used.
 every float (non-finite ones included), so ``optimizer.load_state_dict`` of a loaded state gives
 back an equal ``state_dict()`` and a resumed run continues bit for bit.
 
+A job of several processes writes a *sharded* checkpoint instead (``save_sharded_checkpoint``)::
+
+    state/*.safetensors                    model and optimiser tensors, each rank its own shards
+                                           (``torch.distributed.checkpoint``, safetensors format)
+    optimizer.json + optimizer.safetensors the optimisers' parameter groups
+    trainer.json + trainer.safetensors     as above
+    rng-00000.json + rng-00000.safetensors RNG state of each rank (rng-00001.*, ...)
+    manifest.json                          every file above, ``"layout": "sharded"``
+
+It is as safe, atomic and verified as the other: written in ``.tmp-step_...`` by every rank,
+then rank 0 writes the manifest and renames the folder. It loads into any number of
+processes, one included (``lmlab.distributed.sharded``).
+
 Tensors that share memory (tied embeddings) are stored once and come back as one tensor object
 under both names; tensors that only partly overlap are stored as copies (equal values, aliasing
 not kept). Non-contiguous tensors are stored contiguous.
@@ -38,14 +51,17 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import safetensors.torch
 import torch
+from torch import nn
 
+from lmlab.distributed.group import Ranks, barrier
+from lmlab.distributed.sharded import save_sharded, sharded_state
 from lmlab.errors import LmlabError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -60,6 +76,9 @@ TMP_PREFIX = ".tmp-"
 FORMAT = "lmlab-checkpoint"
 VERSION = 1
 
+SHARDED_DIR = "state"
+SHARDED = "sharded"
+
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
 _KEYS_METADATA = "lmlab.keys"
@@ -73,8 +92,19 @@ class Checkpoint:
     path: Path
     model: dict[str, torch.Tensor]
     optimizer: dict
+    """Optimiser states by name; in a sharded checkpoint only their parameter groups."""
     trainer: dict
     rng: dict
+    """Rank 0's RNG state."""
+    sharded: Path | None = None
+    """The tensors' folder of a sharded checkpoint (``model`` is then empty)."""
+    rank_rng: list[dict] = field(default_factory=list)
+    """Every rank's RNG state, in a sharded checkpoint."""
+
+    def rng_of(self, rank: int) -> dict:
+        """The RNG state rank ``rank`` continues with (a rank the saving job lacked takes rank
+        0's)."""
+        return self.rank_rng[rank] if rank < len(self.rank_rng) else self.rng
 
 
 class _Corrupt(Exception):
@@ -397,34 +427,50 @@ def save_checkpoint(
     }
     for name in TREES:
         files.update(_tree_files(name, trees[name]))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "files": {
-            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for name, data in files.items()
-        },
-    }
-    files[MANIFEST_FILE] = _json_bytes(manifest, sort_keys=True)
+    tmp = _new_tmp_folder(run_dir, step)
+    try:
+        _write_files(tmp, files)
+        _write_manifest(tmp, step, {name: _entry(data) for name, data in files.items()}, {})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit(run_dir, tmp, step, keep_last)
 
+
+def _entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _new_tmp_folder(run_dir: Path, step: int) -> Path:
+    """An empty ``.tmp-step_...`` folder (other leftovers removed) to write a checkpoint in."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         root.mkdir(parents=True)
         _fsync_dir(root.parent)
     _remove_leftovers(root)
-    final = root / _step_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+    tmp = root / f"{TMP_PREFIX}{_step_name(step)}"
     tmp.mkdir()
-    try:
-        with disk_full_is_an_error(tmp):
-            for name, data in files.items():
-                with open(tmp / name, "xb") as file:
-                    _write_synced(file, data)
-            _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    with disk_full_is_an_error(folder):
+        for name, data in files.items():
+            with open(folder / name, "xb") as file:
+                _write_synced(file, data)
+        _fsync_dir(folder)
+
+
+def _write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict) -> None:
+    """The manifest, last: its presence says every file it lists is complete."""
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, **extra}
+    _write_files(folder, {MANIFEST_FILE: _json_bytes(manifest, sort_keys=True)})
+
+
+def _commit(run_dir: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """Rename the finished ``tmp`` into place, then prune (see :func:`save_checkpoint`)."""
+    root = tmp.parent
+    final = root / _step_name(step)
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
@@ -435,6 +481,55 @@ def save_checkpoint(
     newer = [path for path in others if _step_of(path) > step]
     for path in newer + older[: max(0, len(older) - (keep_last - 1))]:
         _discard(path)
+    return final
+
+
+def _rng_tree(rank: int) -> str:
+    return f"rng-{rank:05d}"
+
+
+def _hashed_files(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``folder``, by relative path."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            entries[path.relative_to(folder).as_posix()] = _entry(path.read_bytes())
+    return entries
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    trainer_state: dict,
+    ranks: Ranks,
+    keep_last: int = 3,
+) -> Path:
+    """Write ``checkpoints/step_<step>`` of a job of several processes: a collective that every
+    rank calls. Each rank writes its shards and its RNG state into the temporary folder, rank 0
+    the small trees, the manifest (after every rank finished) and the rename."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    tmp = _new_tmp_folder(run_dir, step) if ranks.main else root / f"{TMP_PREFIX}{_step_name(step)}"
+    barrier()
+    tensors, param_groups = sharded_state(model, optimizers)
+    try:
+        with disk_full_is_an_error(tmp):
+            save_sharded(tmp / SHARDED_DIR, tensors)
+        _write_files(tmp, _tree_files(_rng_tree(ranks.rank), capture_rng_state()))
+        if ranks.main:
+            _write_files(tmp, _tree_files("optimizer", param_groups))
+            _write_files(tmp, _tree_files("trainer", trainer_state))
+        barrier()
+        if ranks.main:
+            extra = {"layout": SHARDED, "world_size": ranks.world_size}
+            _write_manifest(tmp, step, _hashed_files(tmp), extra)
+    except BaseException:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = _commit(run_dir, tmp, step, keep_last) if ranks.main else root / _step_name(step)
+    barrier()
     return final
 
 
@@ -466,16 +561,24 @@ def _manifest_fields(raw: bytes) -> tuple[tuple, dict[str, tuple[int, str]]]:
     return (manifest["format"], manifest["version"], manifest["step"]), files
 
 
-def _read_manifest(folder: Path) -> tuple[int, dict[str, tuple[int, str]]]:
-    """The step and the ``name -> (size, sha256)`` table of a checkpoint's manifest."""
-    (kind, version, step), files = _parse(
-        MANIFEST_FILE, _manifest_fields, _read(folder, MANIFEST_FILE)
-    )
+def _read_manifest(folder: Path) -> tuple[int, dict[str, tuple[int, str]], dict]:
+    """The step, the ``name -> (size, sha256)`` table and the layout (``world_size`` of a
+    sharded checkpoint) of a checkpoint's manifest."""
+    raw = _read(folder, MANIFEST_FILE)
+    (kind, version, step), files = _parse(MANIFEST_FILE, _manifest_fields, raw)
+    layout = _parse(MANIFEST_FILE, _layout, raw)
     if (kind, version) != (FORMAT, VERSION):
         raise _Corrupt(f"{MANIFEST_FILE}: not a {FORMAT} version {VERSION} manifest")
     if step != _step_of(folder):
         raise _Corrupt(f"{MANIFEST_FILE}: it is for step {step}")
-    return step, files
+    return step, files, layout
+
+
+def _layout(raw: bytes) -> dict:
+    manifest = json.loads(raw)
+    if manifest.get("layout") != SHARDED:
+        return {}
+    return {"world_size": int(manifest["world_size"])}
 
 
 def _verified(folder: Path, name: str, files: dict[str, tuple[int, str]]) -> bytes:
@@ -496,14 +599,40 @@ def _decode_json(raw: bytes, tensors: dict[str, torch.Tensor]) -> Any:
     return _decode(json.loads(raw), tensors)
 
 
+def _read_tree(data: dict[str, bytes], tree: str) -> Any:
+    tensors = _parse(f"{tree}.safetensors", _tensors_from_bytes, data[f"{tree}.safetensors"])
+    return _parse(f"{tree}.json", _decode_json, data[f"{tree}.json"], tensors)
+
+
 def _read_checkpoint(folder: Path) -> Checkpoint:
-    """Verify every file against the manifest, then parse them."""
-    step, files = _read_manifest(folder)
+    """Verify every file against the manifest, then parse them (a sharded checkpoint's tensors
+    are verified here and read by whoever loads them)."""
+    step, files, layout = _read_manifest(folder)
+    if layout:
+        world_size = layout["world_size"]
+        rank_trees = [_rng_tree(rank) for rank in range(world_size)]
+        needed = [
+            f"{tree}{ext}"
+            for tree in TREES[:2] + tuple(rank_trees)
+            for ext in (".json", ".safetensors")
+        ]
+        missing = [name for name in needed if name not in files]
+        if missing or not any(name.startswith(f"{SHARDED_DIR}/") for name in files):
+            raise _Corrupt(f"{(missing or [SHARDED_DIR])[0]}: not in the manifest")
+        data = {name: _verified(folder, name, files) for name in files}
+        rank_rng = [_read_tree(data, tree) for tree in rank_trees]
+        return Checkpoint(
+            step=step,
+            path=folder,
+            model={},
+            optimizer=_read_tree(data, "optimizer"),
+            trainer=_read_tree(data, "trainer"),
+            rng=rank_rng[0],
+            sharded=folder / SHARDED_DIR,
+            rank_rng=rank_rng,
+        )
     data = {name: _verified(folder, name, files) for name in CHECKPOINT_FILES}
-    trees = {}
-    for tree in TREES:
-        tensors = _parse(f"{tree}.safetensors", _tensors_from_bytes, data[f"{tree}.safetensors"])
-        trees[tree] = _parse(f"{tree}.json", _decode_json, data[f"{tree}.json"], tensors)
+    trees = {tree: _read_tree(data, tree) for tree in TREES}
     model = _parse(MODEL_FILE, _tensors_from_bytes, data[MODEL_FILE])
     return Checkpoint(step=step, path=folder, model=model, **trees)
 

@@ -29,7 +29,7 @@ from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state, tokenizer_sta
 from lmlab.errors import LmlabError, ParamError
 from lmlab.layers.bitlinear import BitLinear, pack_ternary, unpack_ternary
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import MODEL_FILE, atomic_write_bytes
+from lmlab.train.checkpoint import MODEL_FILE, Checkpoint, atomic_write_bytes
 from lmlab.train.run import load_run_checkpoint
 
 FORMATS = ("ternary",)
@@ -97,8 +97,17 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "ternary") -> dict:
         "step": checkpoint.step,
         "ternary_layers": sum(isinstance(m, BitLinear) for m in model.modules()),
         "bytes": len(data),
-        "checkpoint_bytes": (checkpoint.path / MODEL_FILE).stat().st_size,
+        "checkpoint_bytes": _float_weights_bytes(checkpoint, model),
     }
+
+
+def _float_weights_bytes(checkpoint: Checkpoint, model: LanguageModel) -> int:
+    """The size of the float weights the checkpoint holds: its ``model.safetensors``, or for a
+    sharded checkpoint (whose shards hold the optimiser state too) the model's tensors."""
+    if checkpoint.sharded is None:
+        return (checkpoint.path / MODEL_FILE).stat().st_size
+    unique = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def load_ternary(path: str | Path) -> tuple[Config, LanguageModel, Tokenizer, int]:

@@ -11,8 +11,10 @@ from lmlab.config.load import build_config, config_to_dict
 from lmlab.config.schema import Config, ParentRun
 from lmlab.data.dataset import fit_vocab, prepare_data
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.distributed.group import join, rank_zero_decides
 from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
+from lmlab.train.device import pick_device
 from lmlab.train.registry import config_hash
 from lmlab.train.run import (
     CONFIG_FILE,
@@ -40,9 +42,12 @@ RESUMABLE_KEYS = (
     "train.threads",
     "train.compile",
     "train.device",
+    "train.parallel",
+    "train.comm_timeout",
 )
 """Settings that may change when a run is resumed: the budget and bookkeeping, nothing that
-changes what a step computes."""
+changes what a step computes (checkpoints hold the whole state, so a run saved by N processes
+continues in M, with DDP or FSDP alike)."""
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -82,6 +87,12 @@ def start_from_parent(config: Config) -> Tokenizer | None:
     return tokenizer
 
 
+def join_job(config: Config) -> None:
+    """Join the other processes of a ``torchrun`` job (nothing for one process)."""
+    train = config.train
+    join(train.parallel, pick_device(train.device), train.comm_timeout)
+
+
 def new_trainer(
     config: Config,
     label: str,
@@ -95,36 +106,59 @@ def new_trainer(
     started from another keeps the parent's). A post-training method reads its own examples,
     with ``tokenizer`` (the parent's, possibly with special tokens added) and ``save_extra``,
     which writes what it needs beside the tokenizer (e.g. the chat template) in the new folder's
-    ``tokenizer/``."""
-    parent_tokenizer = start_from_parent(config)
-    tokenizer = tokenizer or parent_tokenizer
-    if config.post.method == "none":
-        data, tokenizer = prepare_data(config.data, tokenizer)
-    else:
-        data = None
-        config.model.vocab_size = max(config.model.vocab_size, tokenizer.vocab_size)
-    fit_vocab(config, tokenizer)
+    ``tokenizer/``. In a job of several processes rank 0 prepares the data, claims and fills the
+    folder; the other ranks then read its config and tokenizer from there, so all train the
+    same thing."""
     config.validate()
-    hold = claim_new_run(config, label)
-    run_dir = hold.run_dir
-    try:
+    join_job(config)
+    mine: dict = {}
+    """Rank 0's hold, data and tokenizer."""
+
+    def claim() -> str:
+        parent_tokenizer = start_from_parent(config)
+        chosen = tokenizer or parent_tokenizer
+        if config.post.method == "none":
+            data, chosen = prepare_data(config.data, chosen)
+        else:
+            data = None
+            config.model.vocab_size = max(config.model.vocab_size, chosen.vocab_size)
+        fit_vocab(config, chosen)
+        config.validate()
+        hold = claim_new_run(config, label)
         try:
-            tokenizer.save(run_dir / TOKENIZER_DIR)
+            chosen.save(hold.run_dir / TOKENIZER_DIR)
             if save_extra is not None:
-                save_extra(run_dir / TOKENIZER_DIR)
-            save_run_config(run_dir, config)
+                save_extra(hold.run_dir / TOKENIZER_DIR)
+            save_run_config(hold.run_dir, config)
         except OSError as exc:
-            raise LmlabError(f"cannot write run folder {run_dir} ({exc.strerror})") from None
-        return Trainer(config, run_dir, data, tokenizer, None, show_progress, hold=hold)
+            hold.release()
+            raise LmlabError(f"cannot write run folder {hold.run_dir} ({exc.strerror})") from None
+        except BaseException:
+            hold.release()
+            raise
+        mine.update(hold=hold, data=data, tokenizer=chosen)
+        return str(hold.run_dir)
+
+    run_dir = Path(rank_zero_decides(claim))
+    hold = mine.get("hold")
+    try:
+        if hold is None:
+            run_dir, config = open_run(run_dir)
+            data, run_tok = prepare_data(config.data, run_tokenizer(run_dir, config))
+            return Trainer(config, run_dir, data, run_tok, None, show_progress, hold=None)
+        data, chosen = mine["data"], mine["tokenizer"]
+        return Trainer(config, run_dir, data, chosen, None, show_progress, hold=hold)
     except BaseException:
-        hold.release()  # a run that cannot start leaves nothing of its own
+        if hold is not None:
+            hold.release()  # a run that cannot start leaves nothing of its own
         raise
 
 
 def resume_trainer(
     path: str, overrides: list[str] | tuple[str, ...] = (), show_progress: bool = True
 ) -> Trainer:
-    """A trainer that continues a run folder from its newest valid checkpoint."""
+    """A trainer that continues a run folder from its newest valid checkpoint (in any number
+    of processes: every rank reads it, rank 0 alone locks and writes the folder)."""
     run_dir, saved = open_run(path)
     config = build_config(base=config_to_dict(saved), overrides=overrides)
     before = _flatten(config_to_dict(saved))
@@ -134,7 +168,11 @@ def resume_trainer(
             f"cannot change {changed} when resuming (it changes what a step computes); "
             "start a new run instead, or change only the budget (train.max_steps, ...)"
         )
-    hold = RunHold(run_dir)
+    config.validate()
+    join_job(config)
+    held: list[RunHold] = []
+    rank_zero_decides(lambda: held.append(RunHold(run_dir)))  # the lock: rank 0's alone
+    hold = held[0] if held else None
     try:
         tokenizer = run_tokenizer(run_dir, config)
         checkpoint = load_latest_checkpoint(run_dir)
@@ -144,7 +182,8 @@ def resume_trainer(
                 "the folder was left as it is: start a new run or restore a checkpoint"
             )
         if checkpoint is None:
-            print(f"no checkpoint in {run_dir} yet; starting it from step 0", file=sys.stderr)
+            if hold is not None:
+                print(f"no checkpoint in {run_dir} yet; starting it from step 0", file=sys.stderr)
         elif checkpoint.trainer.get("quantization"):
             raise LmlabError(
                 f"{run_dir} was written by lmlab quantize and has no float weights to train; "
@@ -153,11 +192,16 @@ def resume_trainer(
         else:
             check_tokenizer_origin(run_dir, tokenizer, checkpoint)
             _check_config_origin(run_dir, before, checkpoint)
-        data = None if config.post.method != "none" else prepare_data(config.data, tokenizer)[0]
-        save_run_config(run_dir, config)
+        if config.post.method == "none":
+            data, tokenizer = prepare_data(config.data, tokenizer)
+        else:
+            data = None
+        if hold is not None:
+            save_run_config(run_dir, config)
         return Trainer(config, run_dir, data, tokenizer, checkpoint, show_progress, hold=hold)
     except BaseException:
-        hold.release()
+        if hold is not None:
+            hold.release()
         raise
 
 

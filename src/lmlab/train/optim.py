@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmlab.config.schema import TrainConfig
+from lmlab.distributed.parallel import load_optimizer_state, optimizer_state
 from lmlab.layers.base import LayerHooks
 from lmlab.train.device import cpu_has_fast_bf16
 from lmlab.train.muon import Muon
@@ -52,16 +53,24 @@ class OptimizerSet:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+    def state_dict(self, model: nn.Module) -> dict:
+        """Each optimiser's whole state, keyed by the names of ``model``'s parameters, so it
+        loads into the same model in any number of processes (a collective under FSDP)."""
+        return {name: optimizer_state(model, opt) for name, opt in self.optimizers.items()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Load :meth:`state_dict`'s states (or those of checkpoints written before the names,
+        keyed by position, which load in one process only)."""
         if set(state) != set(self.optimizers):
             raise ValueError(
                 f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}"
             )
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state[name])
+            saved = state[name]
+            if all(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):
+                optimizer.load_state_dict(saved)
+            else:
+                load_optimizer_state(model, optimizer, saved)
 
 
 def split_parameters(

@@ -15,6 +15,7 @@ import torch
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
+from lmlab.distributed.sharded import load_model
 from lmlab.errors import LmlabError, ParamError
 from lmlab.layers.quantized import convert_to_quantized
 from lmlab.model.lm import LanguageModel
@@ -236,7 +237,10 @@ def load_run_checkpoint(
                 f"{run_dir} is quantised for PyTorch's CPU kernels; load it with --device cpu"
             )
         convert_to_quantized(model.blocks, quantization["bits"], quantization["group_size"])
-    load_weights(model, checkpoint.model, run_dir)
+    if checkpoint.sharded is not None:
+        load_model(model, checkpoint.sharded)
+    else:
+        load_weights(model, checkpoint.model, run_dir)
     model.to(device).eval()
     return config, model, tokenizer, checkpoint
 

@@ -5,6 +5,7 @@ optional feature switched on really ran."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lmlab.distributed.parallel import full_value
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.optim import OptimizerSet
@@ -59,13 +61,14 @@ class FeatureCheck:
 
 
 def layer_grad_norms(model: LanguageModel) -> list[float]:
-    """The gradient norm of each block (0.0 for a block without gradients)."""
+    """The gradient norm of each block (0.0 for a block without gradients); under FSDP the
+    norm of the whole gradient, not of this rank's shard."""
     norms = []
     for block in model.blocks:
         grads = [p.grad for p in block.parameters() if p.grad is not None]
         norms.append(
             torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                torch.stack([full_value(torch.linalg.vector_norm(g)) for g in grads])
             ).item()
             if grads
             else 0.0
@@ -75,7 +78,9 @@ def layer_grad_norms(model: LanguageModel) -> list[float]:
 
 class TrainStep:
     """Runs optimiser steps of ``model``: ``grad_accum`` micro-batches per step, gradients
-    clipped to ``grad_clip`` (0: not clipped)."""
+    clipped to ``grad_clip`` (0: not clipped). ``sync(last)`` is the context of each
+    micro-batch's forward and backward: data parallelism averages gradients over processes
+    only in the last one (``lmlab.distributed.parallel.gradient_sync``)."""
 
     def __init__(
         self,
@@ -83,9 +88,11 @@ class TrainStep:
         optimizers: OptimizerSet,
         grad_accum: int = 1,
         grad_clip: float = 1.0,
+        sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.model = model
         self.optimizers = optimizers
+        self.sync = sync or (lambda last: contextlib.nullcontext())
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip if grad_clip > 0 else math.inf
         self.features = FeatureCheck(model)
@@ -108,10 +115,11 @@ class TrainStep:
             t0 = time.perf_counter()
             drawn = batch(micro)
             t1 = time.perf_counter()
-            main = loss(drawn)
-            aux = self.model.auxiliary_loss()
-            total = main if aux is None else main + aux
-            (total / self.grad_accum).backward()
+            with self.sync(micro == self.grad_accum - 1):
+                main = loss(drawn)
+                aux = self.model.auxiliary_loss()
+                total = main if aux is None else main + aux
+                (total / self.grad_accum).backward()
             loss_sum += main.item()
             aux_sum += 0.0 if aux is None else aux.item()
             data_s += t1 - t0
@@ -120,7 +128,7 @@ class TrainStep:
         t2 = time.perf_counter()
         layer_norms = layer_grad_norms(self.model)
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.grad_clip).item()
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trained, self.grad_clip)).item()
         self.optimizers.step()
         self.optimizers.zero_grad()
         return StepResult(
