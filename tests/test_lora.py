@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY_GRID as TINY_RUN
+from conftest import TINY_GRID
 from peft import LoraConfig
 
 from lmlab.cli import main
@@ -24,7 +24,7 @@ from lmlab.train.adapters import Int8Linear, add_lora, lora_target_names, traina
 from lmlab.train.checkpoint import load_latest_checkpoint
 from lmlab.train.run import load_trained_model
 
-PRETRAIN = [*TINY_RUN, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
+PRETRAIN = [*TINY_GRID, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
 LORA = ["--lora", "train.warmup_steps=1", "train.eval_interval=1000", "post.eval_examples=4"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_GRID as TINY_RUN
+from conftest import TINY_GRID
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
@@ -61,7 +61,7 @@ def test_prompt_tokens_get_no_loss():
     assert grad[0, 2:].abs().sum() > 0 and grad[1, :2].abs().sum() > 0
 
 
-PRETRAIN = [*TINY_RUN, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
+PRETRAIN = [*TINY_GRID, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
 
 
 @pytest.fixture(scope="module")
