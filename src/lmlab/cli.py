@@ -26,8 +26,9 @@ from lmlab.experiments.compare import plan_compare
 from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
+from lmlab.interop.export import export_run
+from lmlab.interop.hf import import_hf
 from lmlab.model.generate import SamplingSettings, stream_tokens
-from lmlab.train.export import export_run
 from lmlab.train.registry import list_runs
 
 DEFAULT_PRESET = "gpt-tiny"
@@ -304,11 +305,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     result = export_run(args.run, args.out, args.fmt)
+    if result["format"] == "hf":
+        why = f" (not Llama: {', '.join(result['not_llama'])})" if result["not_llama"] else ""
+        print(
+            f"{result['out']}: step {result['step']}, model_type {result['model_type']}{why}, "
+            f"{result['bytes'] / 1024:.1f} KiB of weights"
+        )
+        return 0
     print(
         f"{result['out']}: step {result['step']}, {result['ternary_layers']} ternary layers, "
         f"{result['bytes'] / 1024:.1f} KiB (fp32 checkpoint model: "
         f"{result['checkpoint_bytes'] / 1024:.1f} KiB, "
         f"{result['checkpoint_bytes'] / result['bytes']:.1f}x larger)"
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    result = import_hf(args.source, args.out)
+    print(
+        f"run {result['run']}: {result['parameters'] / 1e6:.2f}M parameters, "
+        f"{result['layers']} layers, vocabulary {result['vocab_size']}"
     )
     return 0
 
@@ -537,19 +554,44 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "export",
         cmd_export,
-        "write a trained BitLinear run as packed ternary weights (safetensors)",
+        "write a run as packed ternary weights or a Hugging Face model folder",
         (
             RUN,
-            opt("--format", "export format: ternary", "fmt"),
-            opt("--out", "file to write (replaced atomically)", "out", required=True),
+            opt("--format", "export format: ternary or hf", "fmt", choices=["ternary", "hf"]),
+            opt(
+                "--out",
+                "file (ternary) or folder (hf) to write; files are replaced atomically",
+                "out",
+                required=True,
+            ),
         ),
         library=export_run,
-        description="Write a run's newest valid checkpoint as one safetensors file: every\n"
-        "BitLinear weight packed (2 bits per weight) with its scale, every other tensor as is,\n"
-        "the config and tokenizer in the metadata. Needs a run trained with\n"
-        "model.bitlinear=true. See docs/bitlinear.md.",
-        epilog="Example:\n"
-        "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
+        description="Write a run's newest valid checkpoint.\n"
+        "ternary: one safetensors file, every BitLinear weight packed (2 bits per weight) with\n"
+        "its scale, every other tensor as is, the config and tokenizer in the metadata (needs\n"
+        "model.bitlinear=true; see docs/bitlinear.md).\n"
+        "hf: a transformers folder (config.json, model.safetensors, generation_config.json,\n"
+        "tokenizer.json): a plain LlamaForCausalLM when every layer is Llama's, else\n"
+        "model_type lmlab, which loads after 'import lmlab'. See docs/ecosystem.md.",
+        epilog="Examples:\n"
+        "  lmlab export runs/bitnet-run --format ternary --out tiny.safetensors\n"
+        "  lmlab export runs/gpt-tiny-20260101-120000 --format hf --out hf-tiny",
+    ),
+    Command(
+        "import",
+        cmd_import,
+        "turn a local Hugging Face Llama-family model folder into an lmlab run",
+        (
+            opt("source", "model folder (config.json, model.safetensors, tokenizer.json)"),
+            opt("--out", "run folder to create (must not exist)", "out", required=True),
+        ),
+        library=import_hf,
+        description="Read a local LlamaForCausalLM (or Mistral without sliding window) folder\n"
+        "and write a run folder (config.yaml, tokenizer/, checkpoints/step_00000000) whose model\n"
+        "gives the same logits; lmlab eval, generate, export and lm-eval then work on it.\n"
+        "Features lmlab lacks (biases, rope scaling, sliding windows, ...) are refused by\n"
+        "name. See docs/ecosystem.md.",
+        epilog="Example:\n  lmlab import ~/models/SmolLM2-135M --out runs/smollm2-135m",
     ),
     Command(
         "presets",
@@ -804,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab train --resume runs/gpt-tiny-20260101-120000\n"
         "  lmlab eval runs/gpt-tiny-20260101-120000\n"
         '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
-        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
+        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors\n"
+        "  lmlab export runs/gpt-tiny-20260101-120000 --format hf --out hf-tiny",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
