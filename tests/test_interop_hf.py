@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interop_runs import TEXT, make_run
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -23,45 +24,18 @@ from transformers import (
 )
 
 from lmlab.cli import main
-from lmlab.config.load import build_config
-from lmlab.data.tokenizers import train_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.interop.hf import import_hf
 from lmlab.interop.tokenizer import to_hf_tokenizer
 from lmlab.model.generate import SamplingSettings, generate
-from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import save_checkpoint
-from lmlab.train.run import claim_new_run, load_trained_model, run_origin, save_run_config
+from lmlab.train.run import load_trained_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 8
 RARE = "naïve café — Ωmega ∑ 漢字 🦀\t\x00 end\n"
 PROMPT = "To be, or no"
 GREEDY = SamplingSettings(temperature=0)
-
-
-def make_run(out: Path, name: str, tokenizer: str = "char", overrides: tuple = ()) -> Path:
-    """A run folder holding a randomly initialised model (init_std 0.3, so greedy decoding has
-    clear winners) saved as checkpoint step 1: what export reads, without training."""
-    texts = [TEXT]
-    tok = train_tokenizer(tokenizer, texts, vocab_size=300)
-    settings = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.init_std=0.3"]
-    config = build_config("gpt-tiny", [*settings, *overrides, f"out_dir={out}", f"name={name}"])
-    config.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = LanguageModel(config.model)
-    hold = claim_new_run(config, name)
-    try:
-        tok.save(hold.run_dir / "tokenizer")
-        save_run_config(hold.run_dir, config)
-        save_checkpoint(
-            hold.run_dir, 1, model.state_dict(), {}, {"origin": run_origin(config, tok)}
-        )
-    finally:
-        hold.release()
-    return hold.run_dir
 
 
 def lmlab_reference(run: Path, prompt: str, new_tokens: int) -> tuple[torch.Tensor, list[int]]:

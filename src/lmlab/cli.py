@@ -28,6 +28,7 @@ from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
 from lmlab.interop.export import export_run
 from lmlab.interop.hf import import_hf
+from lmlab.interop.lm_eval_tasks import run_lm_eval
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.train.registry import list_runs
 
@@ -241,8 +242,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    result = run_lm_eval(
+        args.run,
+        args.tasks,
+        tasks_path=args.tasks_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        registry=args.registry,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.run} @ step {result['step']}: lm-eval in {result['seconds']:.1f}s")
+    for task, metrics in result["tasks"].items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        print(f"  {task}: {shown}")
+    print(f"scores written to {Path(args.run) / 'lm_eval.json'} and the run registry")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
+
+    if args.tasks is not None:
+        return cmd_lm_eval(args)
 
     from lmlab.data.dataset import prepare_data
     from lmlab.train.device import autocast, pick_device, resolve_precision
@@ -519,11 +547,52 @@ COMMANDS: tuple[Command, ...] = (
                 type=at_least(0),
                 default=0,
             ),
+            opt(
+                "--tasks",
+                "lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy) "
+                "instead of the validation split",
+                "tasks",
+                source=run_lm_eval,
+            ),
+            opt(
+                "--tasks-path",
+                "folder of your own lm-eval task YAML files",
+                "tasks_path",
+                source=run_lm_eval,
+            ),
+            opt(
+                "--limit",
+                "lm-eval: examples per task (a quick check; below 1 a fraction)",
+                "limit",
+                type=positive_float,
+                source=run_lm_eval,
+            ),
+            opt(
+                "--num-fewshot",
+                "lm-eval: few-shot examples (the task's default)",
+                "num_fewshot",
+                type=at_least(0),
+                source=run_lm_eval,
+            ),
+            opt(
+                "--batch-size",
+                "lm-eval: requests per forward",
+                "batch_size",
+                type=at_least(1),
+                source=run_lm_eval,
+            ),
+            REGISTRY,
             DEVICE,
             JSON,
         ),
         library=evaluate,
-        description="Evaluate a run's newest valid checkpoint on its validation split.",
+        description="Evaluate a run's newest valid checkpoint on its validation split, or with\n"
+        "--tasks on lm-evaluation-harness tasks: the scores go to RUN/lm_eval.json and the run\n"
+        "registry. See docs/ecosystem.md.",
+        epilog="Examples:\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --tasks my_task --tasks-path my_tasks\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --tasks hellaswag,arc_easy --limit 200",
     ),
     Command(
         "generate",
@@ -557,7 +626,7 @@ COMMANDS: tuple[Command, ...] = (
         "write a run as packed ternary weights or a Hugging Face model folder",
         (
             RUN,
-            opt("--format", "export format: ternary or hf", "fmt", choices=["ternary", "hf"]),
+            opt("--format", "export format: ternary or hf", "fmt"),
             opt(
                 "--out",
                 "file (ternary) or folder (hf) to write; files are replaced atomically",
