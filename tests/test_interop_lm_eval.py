@@ -1,6 +1,6 @@
 """lmlab runs under lm-evaluation-harness: the adapter's log-likelihoods and generations equal
-a direct computation with the model, and ``lmlab eval --tasks`` runs YAML tasks over the local
-JSONL files in tests/data/lm_eval offline and records the scores."""
+a direct computation with the model, and ``lmlab eval --tasks`` runs the YAML tasks of
+tests/data/lm_eval (over the JSONL files there) offline and records the scores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from interop_runs import make_run
 from lm_eval.api.instance import Instance
 
@@ -19,7 +18,8 @@ from lmlab.cli import main
 from lmlab.interop.harness import LmlabLM
 from lmlab.model.generate import SamplingSettings, generate
 
-DATA = Path(__file__).parent / "data" / "lm_eval"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "lm_eval"
 
 
 @pytest.fixture(autouse=True)
@@ -119,46 +119,15 @@ def test_generate_until_decodes_greedily_with_the_cache(run: Path):
         assert text == (full[: min(cuts)] if cuts else full)
 
 
-def write_tasks(folder: Path) -> Path:
-    """The two YAML tasks over the shipped JSONL files (absolute paths: the harness resolves
-    data files against the working directory)."""
-    folder.mkdir()
-    common = {"dataset_path": "json", "test_split": "test"}
-    tasks = {
-        "lmlab_test_mc": {
-            "dataset_kwargs": {"data_files": {"test": str(DATA / "mc.jsonl")}},
-            "output_type": "multiple_choice",
-            "doc_to_text": "{{question}}",
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{answer}}",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        },
-        "lmlab_test_gen": {
-            "dataset_kwargs": {"data_files": {"test": str(DATA / "gen.jsonl")}},
-            "output_type": "generate_until",
-            "doc_to_text": "{{prompt}}",
-            "doc_to_target": "{{target}}",
-            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
-            "metric_list": [
-                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
-            ],
-        },
-    }
-    for name, task in tasks.items():
-        text = yaml.safe_dump({"task": name, **common, **task})
-        (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
-    return folder
-
-
-def test_lmlab_eval_tasks_scores_and_records(run: Path, tmp_path: Path, capsys):
+def test_lmlab_eval_tasks_scores_and_records(run: Path, tmp_path: Path, capsys, monkeypatch):
     """``lmlab eval --tasks`` offline on a multiple-choice and a generation task: accuracy is
     the share of questions whose answer has the highest direct log-likelihood, exact match the
     share of greedy continuations equal to the target; both land in lm_eval.json and the
     registry."""
-    tasks = write_tasks(tmp_path / "tasks")
+    monkeypatch.chdir(ROOT)  # the task files name their data relative to the repository
     registry = tmp_path / "registry.sqlite"
     argv = ["eval", str(run), "--tasks", "lmlab_test_mc,lmlab_test_gen", "--tasks-path"]
-    assert main([*argv, str(tasks), "--registry", str(registry), "--device", "cpu"]) == 0
+    assert main([*argv, str(DATA), "--registry", str(registry), "--device", "cpu"]) == 0
     assert "lmlab_test_mc: acc " in capsys.readouterr().out
     saved = json.loads((run / "lm_eval.json").read_text())["tasks"]
     lm = LmlabLM(str(run), device="cpu")
@@ -184,3 +153,50 @@ def test_lmlab_eval_tasks_scores_and_records(run: Path, tmp_path: Path, capsys):
         }
     assert rows[("lmlab_test_mc", "acc")] == saved["lmlab_test_mc"]["metrics"]["acc"]
     assert rows[("lmlab_test_gen", "exact_match")] == exact
+
+
+def test_compare_tasks_scoreboard_passes_and_fails_per_task(tmp_path, corpus, monkeypatch, capsys):
+    """``lmlab compare --tasks``: every run is scored, each candidate gets PASS/FAIL per task
+    against the baseline's mean under the rule's tolerance, and a task drop beyond it blocks
+    promotion; a rerun reuses runs and scores."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LMLAB_REGISTRY", str(tmp_path / "registry.sqlite"))
+    tiny = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32"]
+    args = [
+        "compare", "gpt-tiny", "--variant", "model.d_model=24", "--seeds", "1", "--budget",
+        "tokens=2k", "--quiet", "--out", str(tmp_path / "cmp"), "--tasks",
+        "lmlab_test_mc,lmlab_test_gen", "--tasks-path", str(DATA), *tiny,
+        "train.batch_size=8", "train.eval_batches=1", "train.threads=1", f"data.path={corpus}",
+    ]  # fmt: skip
+    assert main(args) in (0, 1)
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    (candidate,) = results["scoreboard"]
+    rows = {row["task"]: row for row in results["scoreboard"][candidate]}
+    assert set(rows) == {"lmlab_test_mc", "lmlab_test_gen"}
+    by_arm: dict[str, list[float]] = {}
+    for run in results["runs"]:
+        saved = json.loads((Path(run["path"]) / "lm_eval.json").read_text())["tasks"]
+        by_arm.setdefault(run["arm"], []).append(saved["lmlab_test_mc"]["metrics"]["acc"])
+    mc = rows["lmlab_test_mc"]
+    assert mc["metric"] == "acc" and mc["higher_is_better"]
+    assert mc["baseline"] == pytest.approx(by_arm["gpt-tiny"][0])
+    assert mc["candidate"] == pytest.approx(by_arm[candidate][0])
+    assert mc["gain"] == pytest.approx(mc["candidate"] - mc["baseline"])
+    assert mc["passed"] == (mc["gain"] >= -0.02)
+    assert rows["lmlab_test_gen"]["metric"] == "exact_match"
+
+    for run in results["runs"]:  # the candidate now answers every question wrong
+        path = Path(run["path"]) / "lm_eval.json"
+        saved = json.loads(path.read_text())
+        saved["tasks"]["lmlab_test_mc"]["metrics"]["acc"] = 0.0 if run["arm"] == candidate else 0.5
+        path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(args) in (0, 1)
+    out = capsys.readouterr().out
+    assert "FAIL lmlab_test_mc acc: 0.0000 vs 0.5000 (gain -0.5000)" in out
+    rerun = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert {run["how"] for run in rerun["runs"]} == {"reused"}
+    (verdict,) = rerun["verdicts"]
+    assert verdict["decision"] != "PROMOTE"
+    assert "lm-eval task lmlab_test_mc (acc) drops 0.5 > tolerance 0.02: fail" in verdict["reasons"]
+    assert "## lm-eval scoreboard" in (tmp_path / "cmp" / "report.md").read_text()

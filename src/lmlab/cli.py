@@ -422,6 +422,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         out=args.out,
         target=args.target,
         parallel=args.parallel,
+        tasks=args.tasks,
+        tasks_path=args.tasks_path,
+        tasks_limit=args.tasks_limit,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
@@ -721,6 +724,20 @@ COMMANDS: tuple[Command, ...] = (
                 type=positive_float,
                 metavar="BPB",
             ),
+            opt(
+                "--tasks",
+                "lm-eval tasks to score every run on, comma-separated: adds a pass/fail "
+                "scoreboard per task (tolerance: the rule's probe_tolerance)",
+                "tasks",
+            ),
+            opt("--tasks-path", "folder of your own lm-eval task YAML files", "tasks_path"),
+            opt(
+                "--tasks-limit",
+                "lm-eval examples per task (below 1 a fraction)",
+                "tasks_limit",
+                type=positive_float,
+                aliases=("limit",),
+            ),
             REGISTRY,
             QUIET,
         ),
@@ -735,7 +752,9 @@ COMMANDS: tuple[Command, ...] = (
         epilog="Examples:\n"
         "  lmlab compare base.yaml cand.yaml --seeds 3 --budget tokens=2M\n"
         "  lmlab compare gpt-tiny --variant model.mixer=gla --budget time=5m model.d_model=64\n"
-        "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml",
+        "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml\n"
+        "  lmlab compare gpt-tiny --variant model.mixer=gla --budget tokens=2M \\\n"
+        "      --tasks hellaswag,arc_easy --tasks-limit 500",
     ),
     Command(
         "scale",

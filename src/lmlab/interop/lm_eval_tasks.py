@@ -7,6 +7,7 @@ few seconds that every other lmlab command would otherwise pay.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -18,23 +19,12 @@ from lmlab.train.registry import record_evals
 LM_EVAL_FILE = "lm_eval.json"
 
 
-def run_lm_eval(
-    run: str | Path,
-    tasks: str,
-    tasks_path: str | None = None,
-    limit: float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 16,
-    device: str = "auto",
-    registry: str | None = None,
-) -> dict:
-    """Score a run on lm-evaluation-harness tasks (comma-separated names; YAML tasks of your
-    own in ``tasks_path``); the scores go to ``RUN/lm_eval.json`` (merged per task with earlier
-    ones) and the run registry. Returns that file's content for these tasks."""
-    import lm_eval
+@functools.lru_cache(maxsize=8)
+def check_tasks(tasks: str, tasks_path: str | None = None, limit: float | None = None):
+    """The task names of ``tasks`` (comma-separated) and an lm-eval ``TaskManager`` that knows
+    them all, or a one-line error: what every caller checks before spending time on a model
+    (cached: a comparison scores many runs on the same tasks)."""
     from lm_eval.tasks import TaskManager
-
-    from lmlab.interop.harness import LmlabLM
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not names:
@@ -56,7 +46,50 @@ def run_lm_eval(
             f"unknown lm-eval task(s) {', '.join(unknown)}; see 'lm_eval ls tasks', or give "
             "--tasks-path with your own task YAML files"
         )
+    return names, manager
+
+
+def read_lm_eval(run: str | Path) -> dict:
+    """The run's ``lm_eval.json`` (``{"tasks": {}}`` when it has none yet)."""
+    path = Path(run) / LM_EVAL_FILE
+    if not path.is_file():
+        return {"tasks": {}}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise LmlabError(f"{path} is not JSON; delete it and evaluate again") from None
+
+
+def run_lm_eval(
+    run: str | Path,
+    tasks: str,
+    tasks_path: str | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    registry: str | None = None,
+    reuse: bool = False,
+) -> dict:
+    """Score a run on lm-evaluation-harness tasks (comma-separated names; YAML tasks of your
+    own in ``tasks_path``); the scores go to ``RUN/lm_eval.json`` (merged per task with earlier
+    ones) and the run registry. With ``reuse``, tasks already scored at this step with the same
+    limit and few-shot setting are not run again. Returns the scores of these tasks."""
+    import lm_eval
+
+    from lmlab.interop.harness import LmlabLM
+
+    names, manager = check_tasks(tasks, tasks_path, limit)
     model = LmlabLM(str(run), batch_size=batch_size, device=device)
+    saved = read_lm_eval(run)
+    setting = {"step": model.step, "limit": limit, "num_fewshot": num_fewshot}
+    if reuse and all(
+        name in saved["tasks"]
+        and all(saved["tasks"][name].get(key) == value for key, value in setting.items())
+        for name in names
+    ):
+        scores = {name: saved["tasks"][name]["metrics"] for name in names}
+        return {"run": str(run), "seconds": 0.0, "step": model.step, "tasks": scores}
     start = time.perf_counter()
     try:
         output = lm_eval.simple_evaluate(
@@ -77,23 +110,36 @@ def run_lm_eval(
         ) from None
     seconds = time.perf_counter() - start
     scores = {task: _metrics(values) for task, values in output["results"].items()}
-    record = {
-        "step": model.step,
-        "lm_eval_version": lm_eval.__version__,
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "seconds": round(seconds, 3),
-        "samples": {
-            task: output.get("n-samples", {}).get(task, {}).get("effective") for task in scores
-        },
-    }
-    path = Path(run) / LM_EVAL_FILE
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"tasks": {}}
+    better = output.get("higher_is_better", {})
+    samples = output.get("n-samples", {})
     for task, metrics in scores.items():
-        saved["tasks"][task] = {**record, "metrics": metrics, "samples": record["samples"][task]}
-    atomic_write_json(path, saved)
+        saved["tasks"][task] = {
+            **setting,
+            "lm_eval_version": lm_eval.__version__,
+            "seconds": round(seconds, 3),
+            "samples": samples.get(task, {}).get("effective"),
+            "metrics": metrics,
+            "higher_is_better": {
+                metric: bool(value)
+                for metric, value in better.get(task, {}).items()
+                if metric in metrics and value is not None
+            },
+        }
+    atomic_write_json(Path(run) / LM_EVAL_FILE, saved)
     record_evals(Path(run), scores, model.step, registry)
     return {"run": str(run), "seconds": seconds, "step": model.step, "tasks": scores}
+
+
+def headline_score(run: str | Path, task: str) -> tuple[str, float, bool] | None:
+    """The first metric a task reports (its ``metric_list`` order, standard errors left out):
+    name, value and whether higher is better; None when the run has no score for the task."""
+    entry = read_lm_eval(run)["tasks"].get(task)
+    if entry is None:
+        return None
+    for metric, value in entry["metrics"].items():
+        if not metric.endswith("_stderr"):
+            return metric, value, entry.get("higher_is_better", {}).get(metric, True)
+    return None
 
 
 def _metrics(values: dict) -> dict[str, float]:
