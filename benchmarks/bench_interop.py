@@ -73,7 +73,8 @@ def logit_gap(run: Path, folder: Path) -> tuple[str, float, bool]:
 def export_rows(scratch: Path, steps: int) -> list[tuple]:
     rows = []
     for name, overrides in ARCHITECTURES.items():
-        settings = [*TINY, *overrides, f"train.max_steps={steps}", f"out_dir={scratch}"]
+        budget = [f"train.max_steps={steps}", "train.max_time=0", "train.eval_interval=50"]
+        settings = [*TINY, *overrides, *budget, f"out_dir={scratch}"]
         config = build_config("gpt-tiny", [*settings, f"name=r{len(rows)}", "train.threads=2"])
         trainer = new_trainer(config, "bench", show_progress=False)
         trainer.train()

@@ -73,6 +73,7 @@ CASES = [
     ["export", "RUN", "--format", "hf", "--out", "RUN"],
     ["export", "RUN", "--format", "hf", "--out", "RUN/config.yaml"],
     ["export", "RUN", "--format", "hf", "--out", "missing/hf"],
+    ["export", "RUNS", "--format", "hf", "--out", "hf"],
     ["import", "RUN", "--out", "imported"],
     ["import", "missing", "--out", "imported"],
     ["import", "RUN"],

@@ -46,8 +46,10 @@ class LmlabLM(LM):
         batch_size: int | str = 16,
         device: str = "auto",
         max_length: int | None = None,
-        **unused: object,
+        max_batch_size: int | None = None,
     ) -> None:
+        """``max_batch_size`` is accepted because the harness passes it to every model; the
+        batch size is fixed (no automatic search)."""
         super().__init__()
         self.run = str(run)
         self._device = pick_device(str(device))

@@ -26,7 +26,7 @@ from lmlab.interop.llama import (
     model_config_from_llama,
     to_llama_tensors,
 )
-from lmlab.interop.tokenizer import load_hf_tokenizer, save_hf_tokenizer
+from lmlab.interop.tokenizer import hf_tokenizer_files, load_hf_tokenizer
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_text, save_checkpoint
 from lmlab.train.registry import record_runs, run_row
@@ -40,7 +40,8 @@ LMLAB_ARCHITECTURE = "LmlabForCausalLM"
 
 
 def _export_folder(out: str | Path) -> Path:
-    """``out`` as a folder to write into: new, empty, or a previous export (replaced)."""
+    """``out`` checked as a folder to write into: new, empty, or a previous export (its files
+    are replaced); nothing is created yet."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ParamError(f"<out> {out} is a file; give a folder for the Hugging Face files", "out")
@@ -50,7 +51,6 @@ def _export_folder(out: str | Path) -> Path:
         )
     if not out.parent.is_dir():
         raise ParamError(f"the folder of <out> {out} does not exist; create it first", "out")
-    out.mkdir(exist_ok=True)
     return out
 
 
@@ -90,12 +90,13 @@ def export_hf(run: str | Path, out: str | Path) -> dict:
     out = _export_folder(out)
     config, model, tokenizer, checkpoint = load_run_checkpoint(run)
     hf_config, tensors = hf_files(config, model)
+    out.mkdir(exist_ok=True)
     data = safetensors.torch.save(tensors, metadata={"format": "pt"})
     generation = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     texts = {
         HF_CONFIG_FILE: json.dumps(hf_config, indent=2) + "\n",
         GENERATION_CONFIG_FILE: json.dumps(generation, indent=2) + "\n",
-        **save_hf_tokenizer(tokenizer, out),
+        **hf_tokenizer_files(tokenizer),
     }
     atomic_write_bytes(out / HF_WEIGHTS_FILE, data)
     for name, text in texts.items():

@@ -61,9 +61,9 @@ def to_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     raise LmlabError(f"the {tokenizer.kind} tokenizer has no Hugging Face export")
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, directory: Path) -> dict[str, str]:
-    """The files ``AutoTokenizer.from_pretrained(directory)`` reads, as name -> text (the
-    caller writes them). lmlab adds no special tokens, so neither does the export."""
+def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    """The files ``AutoTokenizer.from_pretrained`` reads, as name -> text (the caller writes
+    them). lmlab adds no special tokens, so neither does the export."""
     hf = to_hf_tokenizer(tokenizer)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
