@@ -248,3 +248,40 @@ def test_import_names_every_unsupported_feature(tmp_path: Path):
     assert "attention biases" in message and "rope scaling 'linear'" in message
     assert "\n" not in message
     assert not (tmp_path / "run").exists()
+
+
+LAZY_REGISTRATION = """
+import sys
+import lmlab
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "lmlab must stay light"
+from transformers import AutoConfig, AutoModelForCausalLM
+config = AutoConfig.for_model("lmlab", lmlab={"d_model": 32, "n_layers": 1}, vocab_size=11)
+model = AutoModelForCausalLM.from_config(config)
+print(type(model).__name__, model.model.cfg.d_model, model.model.cfg.vocab_size)
+"""
+
+
+def test_import_lmlab_registers_the_model_type_when_transformers_comes_later():
+    """``import lmlab`` imports neither transformers nor torch, yet the auto classes build
+    lmlab models once transformers is imported (a fresh interpreter, so the order is known)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_REGISTRATION],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["LmlabForCausalLM", "32", "11"]
+
+
+def test_install_registers_at_once_when_transformers_is_loaded(monkeypatch):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from lmlab.interop.autoregister import install
+
+    monkeypatch.delitem(CONFIG_MAPPING._extra_content, "lmlab", raising=False)
+    assert "lmlab" not in CONFIG_MAPPING
+    install()
+    assert CONFIG_MAPPING["lmlab"].__name__ == "LmlabConfig"

@@ -42,8 +42,12 @@ class LmlabConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def model_config(self) -> ModelConfig:
-        """lmlab's validated model config (defaults filled in for fields a newer lmlab added)."""
-        return build_config(base={"model": dict(self.lmlab or {})}).model
+        """lmlab's validated model config (defaults filled in for fields a newer lmlab added);
+        ``vocab_size`` is this config's, which transformers keeps up to date."""
+        section = dict(self.lmlab or {})
+        if self.vocab_size:
+            section["vocab_size"] = self.vocab_size
+        return build_config(base={"model": section}).model
 
 
 class LmlabCache:
