@@ -146,7 +146,7 @@ def main() -> None:
         total = time.perf_counter() - start
         print()
         print_table(
-            ["lm-eval tasks", "inside simple_evaluate (s)", "whole command incl. task index (s)"],
+            ["lm-eval tasks", "inside simple_evaluate (s)", "run_lm_eval in all (s)"],
             [("lmlab_test_mc + lmlab_test_gen", f"{result['seconds']:.2f}", f"{total:.2f}")],
         )
 

@@ -56,7 +56,7 @@ class LmlabLM(LM):
         self.config, self.model, self.tokenizer, self.step = load_trained_model(run, self._device)
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
-            raise ParamError(f"batch_size={batch_size} must be at least 1", "batch_size")
+            raise ParamError(f"<batch_size>={batch_size} must be at least 1", "batch_size")
         self.max_length = int(max_length or self.config.data.seq_len)
         separator = self.tokenizer.encode(DOCUMENT_SEPARATOR)
         self.prefix_token = separator[0] if separator else 0
