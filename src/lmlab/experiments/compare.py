@@ -319,7 +319,10 @@ def _task_scores(run_dir: Path, tasks: list[str]) -> dict[str, dict]:
 def scoreboard(plan: ComparePlan, arms: list[dict], finished: list[dict]) -> dict[str, list]:
     """Per candidate, one row per task: baseline and candidate mean of the task's headline
     metric, the gain (positive is better, whichever way the metric runs) and PASS when the
-    candidate loses no more than the rule's tolerance (the one probes are held to)."""
+    candidate loses no more than the rule's tolerance (the one probes are held to); empty
+    without tasks."""
+    if not plan.tasks:
+        return {}
     metrics: dict[str, tuple[str, bool]] = {}
     for record in finished:
         for task, score in record["tasks"].items():
@@ -413,6 +416,8 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"{verdict['candidate']} vs {verdict['baseline']}: {verdict['decision']}")
         lines.extend(f"  - {reason}" for reason in verdict["reasons"])
     for candidate, rows in results["scoreboard"].items():
+        if not rows:
+            continue
         tolerance = results["rule"]["probe_tolerance"]
         lines.append(f"scoreboard {candidate} vs {results['baseline']} (tolerance {tolerance:g}):")
         lines.extend(
