@@ -102,6 +102,16 @@ CASES = [
     ["eval", "RUN", "--seq-len", "-5"],
     ["eval", "RUN", "--split", "test"],
     ["eval", "RUN", "--batches", "many"],
+    ["eval", "RUN", "--tasks", " , "],
+    # Indexes every lm-eval task (seconds) to know the name is unknown.
+    pytest.param(
+        ["eval", "RUN", "--tasks", "lmlab_no_such_task", "--tasks-path", "RUN"],
+        marks=pytest.mark.slow,
+    ),
+    ["eval", "RUN", "--tasks", "lmlab_no_such_task", "--tasks-path", "missing"],
+    ["eval", "RUN", "--tasks", "arc_easy", "--limit", "0"],
+    ["eval", "RUN", "--tasks", "arc_easy", "--num-fewshot", "-1"],
+    ["eval", "RUN", "--tasks", "arc_easy", "--batch-size", "0"],
     ["generate", "RUN", "--temperature", "nan"],
     ["generate", "RUN", "--temperature", "inf"],
     ["generate", "RUN", "--temperature", "-1"],
@@ -185,6 +195,13 @@ CASES = [
     ["quantize", "RUN", "--int8", "--out", "RUN"],
     ["quantize", "RUN", "--int8", "--out", "no/such/folder/small"],
     ["quantize", "missing-run", "--int8", "--out", "small"],
+    ["export", "RUN", "--format", "hf", "--out", "RUN"],
+    ["export", "RUN", "--format", "hf", "--out", "RUN/config.yaml"],
+    ["export", "RUN", "--format", "hf", "--out", "missing/hf"],
+    ["export", "RUNS", "--format", "hf", "--out", "hf"],
+    ["import", "RUN", "--out", "imported"],
+    ["import", "missing", "--out", "imported"],
+    ["import", "RUN"],
     ["presets", "extra"],
     ["info", "nope"],
     ["info", "gpt-tiny", "model.d_model=-1"],
@@ -242,7 +259,8 @@ def files_under(folder: Path) -> dict[str, int]:
 
 
 def test_the_cases_cover_every_verb():
-    assert {case[0] for case in CASES} == {command.name for command in COMMANDS}
+    argvs = [case.values[0] if hasattr(case, "values") else case for case in CASES]
+    assert {argv[0] for argv in argvs} == {command.name for command in COMMANDS}
 
 
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)

@@ -24,8 +24,10 @@ LAYERS = [
     ("serve", "experiments"),
     ("cli",),
     ("__main__",),
+    ("lmlab",),
 ]
-"""Bottom to top; the packages on one row never import each other."""
+"""Bottom to top; the packages on one row never import each other. ``lmlab`` is the package's
+own ``__init__``: it only installs the ``transformers`` registration hook of ``interop``."""
 
 RANK = {name: rank for rank, row in enumerate(LAYERS) for name in row}
 

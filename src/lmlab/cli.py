@@ -28,13 +28,15 @@ from lmlab.experiments.compare import plan_compare
 from lmlab.experiments.probe import run_loss_by_position, run_probe
 from lmlab.experiments.scale import plan_scale
 from lmlab.experiments.search import plan_search
+from lmlab.interop.export import export_run
+from lmlab.interop.hf import import_hf
+from lmlab.interop.lm_eval_tasks import run_lm_eval
 from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.posttrain.merge import merge_run
 from lmlab.serve.server import serve
-from lmlab.train.export import export_run
 from lmlab.train.quantize import quantize_run
 from lmlab.train.registry import list_runs
 
@@ -368,8 +370,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    result = run_lm_eval(
+        args.run,
+        args.tasks,
+        tasks_path=args.tasks_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        registry=args.registry,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.run} @ step {result['step']}: lm-eval in {result['seconds']:.1f}s")
+    for task, metrics in result["tasks"].items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        print(f"  {task}: {shown}")
+    print(f"scores written to {Path(args.run) / 'lm_eval.json'} and the run registry")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
+
+    if args.tasks is not None:
+        return cmd_lm_eval(args)
 
     from lmlab.data.dataset import prepare_data, with_source
     from lmlab.memory.knn import evaluate_with_memory
@@ -487,6 +516,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     result = export_run(args.run, args.out, args.fmt)
+    if result["format"] == "hf":
+        why = f" (not Llama: {', '.join(result['not_llama'])})" if result["not_llama"] else ""
+        print(
+            f"{result['out']}: step {result['step']}, model_type {result['model_type']}{why}, "
+            f"{result['bytes'] / 1024:.1f} KiB of weights"
+        )
+        return 0
     print(
         f"{result['out']}: step {result['step']}, {result['ternary_layers']} ternary layers, "
         f"{result['bytes'] / 1024:.1f} KiB (fp32 checkpoint model: "
@@ -543,6 +579,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{result['bytes'] / 1024:.1f} KiB (float checkpoint model: "
         f"{result['source_bytes'] / 1024:.1f} KiB, {result['source_bytes'] / result['bytes']:.1f}x "
         f"larger){kept}"
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    result = import_hf(args.source, args.out)
+    print(
+        f"run {result['run']}: {result['parameters'] / 1e6:.2f}M parameters, "
+        f"{result['layers']} layers, vocabulary {result['vocab_size']}"
     )
     return 0
 
@@ -613,6 +658,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         target=args.target,
         parallel=args.parallel,
         nproc_per_run=args.nproc_per_run,
+        tasks=args.tasks,
+        tasks_path=args.tasks_path,
+        tasks_limit=args.tasks_limit,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
     results = run_resumable(run_compare, plan, args)
@@ -821,12 +869,54 @@ COMMANDS: tuple[Command, ...] = (
             DATA_SOURCE,
             MEMORY_OPTIONS[0],
             *KNN,
+            opt(
+                "--tasks",
+                "lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy) "
+                "instead of the validation split",
+                "tasks",
+                source=run_lm_eval,
+            ),
+            opt(
+                "--tasks-path",
+                "folder of your own lm-eval task YAML files",
+                "tasks_path",
+                source=run_lm_eval,
+            ),
+            opt(
+                "--limit",
+                "lm-eval: examples per task (a quick check; below 1 a fraction)",
+                "limit",
+                type=positive_float,
+                source=run_lm_eval,
+            ),
+            opt(
+                "--num-fewshot",
+                "lm-eval: few-shot examples (the task's default)",
+                "num_fewshot",
+                type=at_least(0),
+                source=run_lm_eval,
+            ),
+            opt(
+                "--batch-size",
+                "lm-eval: requests per forward",
+                "batch_size",
+                type=at_least(1),
+                source=run_lm_eval,
+            ),
+            REGISTRY,
             DEVICE,
             JSON,
         ),
         library=evaluate,
-        description="Evaluate a run's newest valid checkpoint on its validation split; with "
-        "--memory, also with a kNN-LM retrieval store mixed in (see docs/memory.md).",
+        description="Evaluate a run's newest valid checkpoint on its validation split; with\n"
+        "--memory, also with a kNN-LM retrieval store mixed in (see docs/memory.md); or with\n"
+        "--tasks on lm-evaluation-harness tasks: the scores go to RUN/lm_eval.json and the run\n"
+        "registry (see docs/ecosystem.md).",
+        epilog="Examples:\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --memory store/ --knn-lambda 0.25\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --tasks my_task --tasks-path my_tasks\n"
+        "  lmlab eval runs/gpt-tiny-20260101-120000 --tasks hellaswag,arc_easy --limit 200",
     ),
     Command(
         "generate",
@@ -937,19 +1027,44 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "export",
         cmd_export,
-        "write a trained BitLinear run as packed ternary weights (safetensors)",
+        "write a run as packed ternary weights or a Hugging Face model folder",
         (
             RUN,
-            opt("--format", "export format: ternary", "fmt"),
-            opt("--out", "file to write (replaced atomically)", "out", required=True),
+            opt("--format", "export format: ternary or hf", "fmt"),
+            opt(
+                "--out",
+                "file (ternary) or folder (hf) to write; files are replaced atomically",
+                "out",
+                required=True,
+            ),
         ),
         library=export_run,
-        description="Write a run's newest valid checkpoint as one safetensors file: every\n"
-        "BitLinear weight packed (2 bits per weight) with its scale, every other tensor as is,\n"
-        "the config and tokenizer in the metadata. Needs a run trained with\n"
-        "model.bitlinear=true. See docs/bitlinear.md.",
-        epilog="Example:\n"
-        "  lmlab export runs/gpt-tiny-20260101-120000 --format ternary --out tiny.safetensors",
+        description="Write a run's newest valid checkpoint.\n"
+        "ternary: one safetensors file, every BitLinear weight packed (2 bits per weight) with\n"
+        "its scale, every other tensor as is, the config and tokenizer in the metadata (needs\n"
+        "model.bitlinear=true; see docs/bitlinear.md).\n"
+        "hf: a transformers folder (config.json, model.safetensors, generation_config.json,\n"
+        "tokenizer.json): a plain LlamaForCausalLM when every layer is Llama's, else\n"
+        "model_type lmlab, which loads after 'import lmlab'. See docs/ecosystem.md.",
+        epilog="Examples:\n"
+        "  lmlab export runs/bitnet-run --format ternary --out tiny.safetensors\n"
+        "  lmlab export runs/gpt-tiny-20260101-120000 --format hf --out hf-tiny",
+    ),
+    Command(
+        "import",
+        cmd_import,
+        "turn a local Hugging Face Llama-family model folder into an lmlab run",
+        (
+            opt("source", "model folder (config.json, model.safetensors, tokenizer.json)"),
+            opt("--out", "run folder to create (must not exist)", "out", required=True),
+        ),
+        library=import_hf,
+        description="Read a local LlamaForCausalLM (or Mistral without sliding window) folder\n"
+        "and write a run folder (config.yaml, tokenizer/, checkpoints/step_00000000) whose model\n"
+        "gives the same logits; lmlab eval, generate, export and lm-eval then work on it.\n"
+        "Features lmlab lacks (biases, rope scaling, sliding windows, ...) are refused by\n"
+        "name. See docs/ecosystem.md.",
+        epilog="Example:\n  lmlab import ~/models/SmolLM2-135M --out runs/smollm2-135m",
     ),
     Command(
         "prepare",
@@ -1116,6 +1231,20 @@ COMMANDS: tuple[Command, ...] = (
                 type=positive_float,
                 metavar="BPB",
             ),
+            opt(
+                "--tasks",
+                "lm-eval tasks to score every run on, comma-separated: adds a pass/fail "
+                "scoreboard per task (tolerance: the rule's probe_tolerance)",
+                "tasks",
+            ),
+            opt("--tasks-path", "folder of your own lm-eval task YAML files", "tasks_path"),
+            opt(
+                "--tasks-limit",
+                "lm-eval examples per task (below 1 a fraction)",
+                "tasks_limit",
+                type=positive_float,
+                aliases=("limit",),
+            ),
             REGISTRY,
             QUIET,
         ),
@@ -1130,7 +1259,9 @@ COMMANDS: tuple[Command, ...] = (
         epilog="Examples:\n"
         "  lmlab compare base.yaml cand.yaml --seeds 3 --budget tokens=2M\n"
         "  lmlab compare gpt-tiny --variant model.mixer=gla --budget time=5m model.d_model=64\n"
-        "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml",
+        "  lmlab compare a.yaml b.yaml c.yaml --budget flops=1e15 --baseline b --rule rule.yaml\n"
+        "  lmlab compare gpt-tiny --variant model.mixer=gla --budget tokens=2M \\\n"
+        "      --tasks hellaswag,arc_easy --tasks-limit 500",
     ),
     Command(
         "scale",
@@ -1312,7 +1443,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmlab eval runs/gpt-tiny-20260101-120000\n"
         '  lmlab generate runs/gpt-tiny-20260101-120000 --prompt "ROMEO:"\n'
         "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
-        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors",
+        "  lmlab export runs/bitnet-run --format ternary --out model.safetensors\n"
+        "  lmlab export runs/gpt-tiny-20260101-120000 --format hf --out hf-tiny",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -12,7 +12,7 @@ failed; the others still run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from lmlab.experiments.runset import (
     variant_name,
 )
 from lmlab.experiments.stats import METRICS, Rule, decide, describe, load_rule
+from lmlab.interop.lm_eval_tasks import check_tasks, headline_score, run_lm_eval
 from lmlab.train import registry
 from lmlab.train.checkpoint import atomic_write_json
 
@@ -51,6 +52,10 @@ class ComparePlan:
     rule: Rule
     target: float | None
     runset: RunSet
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks every finished run is scored on (none: no scoreboard)."""
+    tasks_path: str | None = None
+    tasks_limit: float | None = None
 
     @property
     def out(self) -> Path:
@@ -85,12 +90,16 @@ def plan_compare(
     target: float | None = None,
     parallel: int = 0,
     nproc_per_run: int = 1,
+    tasks: str | None = None,
+    tasks_path: str | None = None,
+    tasks_limit: float | None = None,
 ) -> ComparePlan:
     """Check every input and decide every run; raises :class:`LmlabError` on bad input before
     anything trains. ``variants`` add arms: the first source plus one ``key=value`` each;
     ``overrides`` apply to every arm. ``nproc_per_run`` > 1 trains each run in that many
     processes (torchrun, ``train.parallel=ddp`` unless a config says ``fsdp``); it needs
-    ``parallel`` child processes."""
+    ``parallel`` child processes. ``tasks`` (comma-separated lm-eval task names, own YAML
+    tasks in ``tasks_path``, ``tasks_limit`` examples each) add a per-task scoreboard."""
     if not sources:
         raise LmlabError("give at least one config (a preset or YAML file) to compare")
     if len(sources) + len(variants) < 2:
@@ -108,6 +117,7 @@ def plan_compare(
     for variant in variants:
         if "=" not in variant:
             raise ParamError(f"<variants> {variant!r} must look like section.key=value", "variants")
+    task_names = list(check_tasks(tasks, tasks_path, tasks_limit)[0]) if tasks else []
     parsed_budget = parse_budget(budget)
     parsed_rule = load_rule(rule)
     wanted = [(Path(s).stem if s.endswith((".yaml", ".yml")) else s, s, []) for s in sources]
@@ -134,7 +144,18 @@ def plan_compare(
     )
     runs = [spec for arm in arms for spec in seed_runs(arm, seeds, folder, parallel, nproc_per_run)]
     runset = RunSet(folder, runs, parallel, nproc_per_run)
-    return ComparePlan(arms, chosen, seeds, parsed_budget, parsed_rule, target, runset)
+    return ComparePlan(
+        arms,
+        chosen,
+        seeds,
+        parsed_budget,
+        parsed_rule,
+        target,
+        runset,
+        task_names,
+        tasks_path,
+        tasks_limit,
+    )
 
 
 # ------------------------------------------------------------------------ measuring
@@ -174,6 +195,12 @@ def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
     """Per-run records, per-arm statistics and one verdict per candidate."""
     ordered = sorted(outcomes, key=lambda o: (plan.arms.index(o.spec.arm), o.spec.seed))
     records = [outcome_record(outcome) for outcome in ordered]
+    for record in records:
+        if record["status"] == "finished":
+            try:
+                record["tasks"] = _task_scores(Path(record["path"]), plan.tasks)
+            except (OSError, KeyError, ValueError) as exc:
+                record.update(status="failed", error=f"unreadable task scores: {exc}")
     finished = [r for r in records if r["status"] == "finished"]
     by_arm = {
         arm.name: {r["seed"]: r for r in finished if r["arm"] == arm.name} for arm in plan.arms
@@ -219,11 +246,16 @@ def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
                     name: min(r["feature_calls"].get(name, 0) for r in runs)
                     for name in feature_names
                 },
+                "tasks": {
+                    task: describe([r["tasks"][task]["value"] for r in runs if task in r["tasks"]])
+                    for task in plan.tasks
+                },
             }
         )
 
     metric = plan.rule.metric
     base = next(a for a in arms if a["baseline"])
+    board = scoreboard(plan, arms, finished)
     verdicts = []
     for arm in arms:
         if arm["baseline"]:
@@ -238,6 +270,11 @@ def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
             expected_pairs=plan.seeds,
             probe_changes={p: arm["probes"][p] - base["probes"][p] for p in shared},
             features=arm["feature_calls_min"],
+            task_changes=(
+                {f"{row['task']} ({row['metric']})": row["gain"] for row in board[arm["name"]]}
+                if plan.tasks
+                else None
+            ),
         )
         verdicts.append(verdict.to_dict())
 
@@ -257,8 +294,74 @@ def analyse(plan: ComparePlan, outcomes: list[Outcome]) -> dict:
         "arms": arms,
         "runs": records,
         "verdicts": verdicts,
+        "scoreboard": board,
         "failed": [f"{r['arm']}/seed{r['seed']}: {r['error']}" for r in records if r["error"]],
     }
+
+
+def _task_scores(run_dir: Path, tasks: list[str]) -> dict[str, dict]:
+    """The headline score of each task the run has one for: metric, value, higher_is_better."""
+    scores = {}
+    for task in tasks:
+        found = headline_score(run_dir, task)
+        if found is not None:
+            metric, value, higher = found
+            scores[task] = {"metric": metric, "value": value, "higher_is_better": higher}
+    return scores
+
+
+def scoreboard(plan: ComparePlan, arms: list[dict], finished: list[dict]) -> dict[str, list]:
+    """Per candidate, one row per task: baseline and candidate mean of the task's headline
+    metric, the gain (positive is better, whichever way the metric runs) and PASS when the
+    candidate loses no more than the rule's tolerance (the one probes are held to); empty
+    without tasks."""
+    if not plan.tasks:
+        return {}
+    metrics: dict[str, tuple[str, bool]] = {}
+    for record in finished:
+        for task, score in record["tasks"].items():
+            metrics.setdefault(task, (score["metric"], score["higher_is_better"]))
+    base = next(a for a in arms if a["baseline"])
+    board: dict[str, list] = {}
+    for arm in arms:
+        if arm["baseline"]:
+            continue
+        rows = []
+        for task, (metric, higher) in metrics.items():
+            ours, theirs = arm["tasks"][task]["mean"], base["tasks"][task]["mean"]
+            if ours is None or theirs is None:
+                continue
+            gain = (ours - theirs) * (1 if higher else -1)
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "higher_is_better": higher,
+                    "baseline": theirs,
+                    "candidate": ours,
+                    "gain": gain,
+                    "passed": gain >= -plan.rule.probe_tolerance,
+                }
+            )
+        board[arm["name"]] = rows
+    return board
+
+
+def score_tasks(
+    plan: ComparePlan, outcomes: list[Outcome], registry_location: str | Path | None
+) -> None:
+    """Score every finished run on the plan's tasks (runs scored before at the same step and
+    settings are reused, so a rerun of the comparison does not evaluate again)."""
+    for outcome in outcomes:
+        if outcome.error is None:
+            run_lm_eval(
+                outcome.spec.run_dir,
+                ",".join(plan.tasks),
+                plan.tasks_path,
+                plan.tasks_limit,
+                registry=None if registry_location is None else str(registry_location),
+                reuse=True,
+            )
 
 
 def run_compare(
@@ -270,6 +373,8 @@ def run_compare(
     the plots in the compare folder and record the comparison in the run registry."""
     started = time.perf_counter()
     outcomes = train_runs(plan.runset, show_progress, registry_location)
+    if plan.tasks:
+        score_tasks(plan, outcomes, registry_location)
     results = analyse(plan, outcomes)
     results["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(plan.out / RESULTS_FILE, results)
@@ -304,6 +409,16 @@ def summary_lines(results: dict) -> list[str]:
     for verdict in results["verdicts"]:
         lines.append(f"{verdict['candidate']} vs {verdict['baseline']}: {verdict['decision']}")
         lines.extend(f"  - {reason}" for reason in verdict["reasons"])
+    for candidate, rows in results["scoreboard"].items():
+        if not rows:
+            continue
+        tolerance = results["rule"]["probe_tolerance"]
+        lines.append(f"scoreboard {candidate} vs {results['baseline']} (tolerance {tolerance:g}):")
+        lines.extend(
+            f"  {'PASS' if row['passed'] else 'FAIL'} {row['task']} {row['metric']}: "
+            f"{row['candidate']:.4f} vs {row['baseline']:.4f} (gain {row['gain']:+.4f})"
+            for row in rows
+        )
     lines.extend(f"FAILED {failure}" for failure in results["failed"])
     lines.append(f"report: {Path(results['path']) / 'report.md'}")
     return lines

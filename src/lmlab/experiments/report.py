@@ -115,6 +115,36 @@ def _number(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def scoreboard_lines(results: dict) -> list[str]:
+    """The lm-eval scoreboard: each task's headline metric per arm (mean ± sd over seeds) and,
+    per candidate, PASS or FAIL against the baseline under the rule's tolerance."""
+    board = results.get("scoreboard") or {}
+    rows = [row for candidate_rows in board.values() for row in candidate_rows]
+    if not rows:
+        return []
+    tolerance = results["rule"]["probe_tolerance"]
+    arms = {arm["name"]: arm for arm in results["arms"]}
+    lines = [
+        "## lm-eval scoreboard",
+        "",
+        f"Headline metric of each task, mean ± sd over seeds; a candidate passes a task when it "
+        f"loses at most {tolerance:g} (the rule's probe tolerance) against the baseline.",
+        "",
+        "| candidate | task | metric | baseline | candidate | gain | result |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    base = arms[results["baseline"]]
+    for candidate, candidate_rows in board.items():
+        for row in candidate_rows:
+            lines.append(
+                f"| {candidate} | {row['task']} | {row['metric']} "
+                f"| {_spread(base['tasks'][row['task']])} "
+                f"| {_spread(arms[candidate]['tasks'][row['task']])} | {row['gain']:+.4f} "
+                f"| {'PASS' if row['passed'] else '**FAIL**'} |"
+            )
+    return [*lines, ""]
+
+
 def render_markdown(results: dict, plots: list[str]) -> str:
     """The report text (plots referenced by file name, next to it in the compare folder)."""
     rule = results["rule"]
@@ -187,6 +217,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
             cells = [f"{arm['probes'][p]:.4f}" if p in arm["probes"] else "—" for p in probes]
             lines.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += scoreboard_lines(results)
     features = sorted({name for arm in results["arms"] for name in arm["feature_calls_min"]})
     if features:
         lines += ["## Integrity counters (fewest calls in any run)", ""]

@@ -259,6 +259,20 @@ def _check(passed: bool, sentence: str) -> str:
     return f"{sentence}: {'pass' if passed else 'fail'}"
 
 
+def tolerated_drops(rule: Rule, kind: str, changes: dict[str, float]) -> str:
+    """The check that no score (``kind``: probe, lm-eval task; higher is better) falls by more
+    than the rule's ``probe_tolerance``; names the largest drop when one does."""
+    drops = {
+        name: -change for name, change in sorted(changes.items()) if -change > rule.probe_tolerance
+    }
+    if drops:
+        name, drop = max(drops.items(), key=lambda item: item[1])
+        return _check(False, f"{kind} {name} drops {drop:.4g} > tolerance {rule.probe_tolerance:g}")
+    if changes:
+        return _check(True, f"no {kind} of {len(changes)} drops more than {rule.probe_tolerance:g}")
+    return _check(True, f"no {kind} scores to check")
+
+
 def decide(
     rule: Rule,
     candidate: str,
@@ -268,11 +282,14 @@ def decide(
     expected_pairs: int,
     probe_changes: dict[str, float] | None = None,
     features: dict[str, int] | None = None,
+    task_changes: dict[str, float] | None = None,
 ) -> Verdict:
     """Apply ``rule`` to per-seed values of the rule's metric (keyed by seed index).
 
     ``probe_changes`` is candidate minus baseline mean score per probe; ``features`` the
-    smallest total of each enabled feature's integrity counter over the candidate's runs.
+    smallest total of each enabled feature's integrity counter over the candidate's runs;
+    ``task_changes`` (when benchmark tasks were scored) the candidate's mean gain per task,
+    positive when better, held to the probes' tolerance (see :func:`tolerated_drops`).
     PROMOTE needs every check to pass; REGRESSION needs only the interval to lie on the worse
     side; anything else is NO EVIDENCE.
     """
@@ -316,25 +333,9 @@ def decide(
             )
         )
 
-    drops = {
-        name: -change
-        for name, change in sorted((probe_changes or {}).items())
-        if -change > rule.probe_tolerance
-    }
-    if drops:
-        name, drop = max(drops.items(), key=lambda item: item[1])
-        reasons.append(
-            _check(False, f"probe {name} drops {drop:.4g} > tolerance {rule.probe_tolerance:g}")
-        )
-    elif probe_changes:
-        reasons.append(
-            _check(
-                True,
-                f"no probe of {len(probe_changes)} drops more than {rule.probe_tolerance:g}",
-            )
-        )
-    else:
-        reasons.append(_check(True, "no probe scores to check"))
+    reasons.append(tolerated_drops(rule, "probe", probe_changes or {}))
+    if task_changes is not None:
+        reasons.append(tolerated_drops(rule, "lm-eval task", task_changes))
 
     idle = sorted(name for name, calls in (features or {}).items() if calls <= 0)
     if idle:

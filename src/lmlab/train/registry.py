@@ -70,6 +70,15 @@ CREATE TABLE IF NOT EXISTS runs (
     updated TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_compare ON runs (compare);
+CREATE TABLE IF NOT EXISTS evals (
+    path TEXT,
+    task TEXT,
+    metric TEXT,
+    value REAL,
+    step INTEGER,
+    created TEXT,
+    PRIMARY KEY (path, task, metric)
+);
 CREATE TABLE IF NOT EXISTS compares (
     name TEXT,
     path TEXT PRIMARY KEY,
@@ -148,7 +157,7 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
 
 def _has_tables(connection: sqlite3.Connection) -> bool:
     names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-    return {"runs", "compares"} <= names
+    return {"runs", "compares", "evals"} <= names
 
 
 def _add_new_columns(connection: sqlite3.Connection) -> None:
@@ -252,6 +261,49 @@ def recording(
             run_dir, status=status, config=config, summary=result.get("summary"), **fields
         )
         record_runs([row], location)
+
+
+def record_evals(
+    run_dir: str | Path,
+    scores: dict[str, dict[str, float]],
+    step: int,
+    location: str | Path | None = None,
+) -> bool:
+    """Record a run's benchmark scores (task -> metric -> value, e.g. from lm-eval), replacing
+    earlier values of the same task and metric; never raises, warns instead."""
+    path = registry_path(location)
+    run = str(Path(run_dir).resolve())
+    rows = [
+        (run, task, metric, value, step, _now())
+        for task, metrics in scores.items()
+        for metric, value in metrics.items()
+    ]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _connect(path) as connection:
+            connection.executemany(
+                "INSERT INTO evals (path, task, metric, value, step, created) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path, task, metric) DO UPDATE SET "
+                "value = excluded.value, step = excluded.step, created = excluded.created",
+                rows,
+            )
+        return True
+    except (sqlite3.Error, OSError) as exc:
+        print(f"warning: run registry {path} not updated ({exc})", file=sys.stderr)
+        return False
+
+
+def read_evals(location: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Every recorded benchmark score: run path -> task -> metric -> value."""
+    path = _open_for_reading(location)
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        with _connect(path) as connection:
+            for row in connection.execute("SELECT path, task, metric, value FROM evals"):
+                found.setdefault(row[0], {}).setdefault(row[1], {})[row[2]] = row[3]
+    except sqlite3.Error as exc:
+        raise LmlabError(f"cannot read the run registry {path} ({exc})") from None
+    return found
 
 
 def record_compare(
