@@ -111,6 +111,18 @@ def accept_or_resample(
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
+def check_draft(model: LanguageModel, draft: Draft, draft_tokens: int) -> None:
+    """A ParamError unless ``draft`` can draft ``draft_tokens`` tokens per round for ``model``."""
+    if draft_tokens < 1:
+        raise ParamError(f"<draft_tokens>={draft_tokens} must be at least 1", "draft_tokens")
+    if draft.cfg.vocab_size != model.cfg.vocab_size:
+        raise ParamError(
+            f"<draft> has a vocabulary of {draft.cfg.vocab_size}, the model {model.cfg.vocab_size}"
+            "; the draft must use the target's tokenizer",
+            "draft",
+        )
+
+
 def stream_speculative(
     model: LanguageModel,
     draft: Draft,
@@ -127,16 +139,82 @@ def stream_speculative(
     number of tokens."""
     if prompt.shape[0] != 1 or prompt.shape[1] < 1:
         raise ParamError(f"<prompt> must be [1, T>=1], got {list(prompt.shape)}", "prompt")
-    if draft_tokens < 1:
-        raise ParamError(f"<draft_tokens>={draft_tokens} must be at least 1", "draft_tokens")
-    if draft.cfg.vocab_size != model.cfg.vocab_size:
-        raise ParamError(
-            f"<draft> has a vocabulary of {draft.cfg.vocab_size}, the model {model.cfg.vocab_size}"
-            "; the draft must use the target's tokenizer",
-            "draft",
-        )
+    check_draft(model, draft, draft_tokens)
     stats = stats if stats is not None else SpeculativeStats()
     return _speculate(model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats)
+
+
+@dataclass
+class SpeculativeCursor:
+    """Where a speculative generation stands between rounds: both models have consumed every
+    token but their pending ones (the target: the last emitted token; the draft: that token,
+    after the last drafted one when every drafted token was accepted)."""
+
+    target_state: ModelState | None
+    draft_state: ModelState | None
+    pending: torch.Tensor
+    """``[1, 1]``: the last emitted token, which the target has not consumed."""
+    draft_pending: torch.Tensor
+    """``[1, P]``: the tokens the draft has not consumed (ending with ``pending``)."""
+
+
+def start_cursor(model: LanguageModel, draft: Draft, prompt: torch.Tensor) -> SpeculativeCursor:
+    """Both models past all of ``prompt [1, T]`` but its last token."""
+    context, pending = prompt[:, :-1], prompt[:, -1:]
+    target_state = model(context)[1] if context.shape[1] else None
+    draft_state = draft(context, None)[1] if context.shape[1] else None
+    return SpeculativeCursor(target_state, draft_state, pending, pending)
+
+
+@torch.no_grad()
+def speculative_round(
+    model: LanguageModel,
+    draft: Draft,
+    cursor: SpeculativeCursor,
+    k: int,
+    settings: SamplingSettings,
+    generator: torch.Generator,
+    stats: SpeculativeStats,
+) -> tuple[list[int], SpeculativeCursor]:
+    """One round: ``k`` drafted tokens (0: plain decoding), one verification, the tokens it
+    emits (the accepted drafts and one more) and where the generation then stands. Batch 1;
+    ``stats`` counts the round but not the emitted tokens (the caller may discard some)."""
+    template = cursor.pending
+    drafted: list[int] = []
+    draft_probs, draft_states = [], []
+    draft_state, step_input = cursor.draft_state, cursor.draft_pending
+    for _ in range(k):
+        logits, draft_state = draft(step_input, draft_state)
+        draft_states.append(draft_state)
+        q = token_probabilities(logits[0, -1], settings)
+        drafted.append(int(torch.multinomial(q, 1, generator=generator)))
+        draft_probs.append(q)
+        step_input = template.new_tensor([[drafted[-1]]])
+    verify = torch.cat([cursor.pending, template.new_tensor([drafted])], 1) if k else cursor.pending
+    logits, verified_state = model(verify, cursor.target_state)
+    p = token_probabilities(logits[0], settings)
+    accepted, new_token = k, None
+    for i, token in enumerate(drafted):
+        new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
+        if new_token is not None:
+            accepted = i
+            break
+    if new_token is None:
+        new_token = int(torch.multinomial(p[k], 1, generator=generator))
+    target_state = model.rewind(cursor.target_state, verified_state, verify, accepted + 1)
+    new = template.new_tensor([[new_token]])
+    if k == 0:
+        draft_state, draft_pending = cursor.draft_state, torch.cat([cursor.draft_pending, new], 1)
+    elif accepted == k:  # the draft has not consumed its last token yet
+        draft_state = draft_states[-1]
+        draft_pending = template.new_tensor([[drafted[-1], new_token]])
+    else:
+        draft_state, draft_pending = draft_states[accepted], new
+    stats.rounds += 1
+    stats.drafted += k
+    stats.accepted += accepted
+    tokens = [*drafted[:accepted], new_token]
+    return tokens, SpeculativeCursor(target_state, draft_state, new, draft_pending)
 
 
 @torch.no_grad()
@@ -153,50 +231,12 @@ def _speculate(
     """The rounds of :func:`stream_speculative`, whose arguments are checked (at the call, not
     at the first token)."""
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    # Both models have consumed every token but their pending ones (the target: the last
-    # emitted token; the draft: one or two), so each round starts with them.
-    context, pending = prompt[:, :-1], prompt[:, -1:]
-    target_state = model(context)[1] if context.shape[1] else None
-    draft_state = draft(context, None)[1] if context.shape[1] else None
-    draft_pending = pending
+    cursor = start_cursor(model, draft, prompt)
     emitted = 0
     while emitted < max_new_tokens:
         k = min(draft_tokens, max_new_tokens - emitted - 1)
-        drafted: list[int] = []
-        draft_probs, draft_states = [], []
-        step_input = draft_pending
-        for _ in range(k):
-            logits, draft_state = draft(step_input, draft_state)
-            draft_states.append(draft_state)
-            q = token_probabilities(logits[0, -1], settings)
-            drafted.append(int(torch.multinomial(q, 1, generator=generator)))
-            draft_probs.append(q)
-            step_input = prompt.new_tensor([[drafted[-1]]])
-        verify = torch.cat([pending, prompt.new_tensor([drafted])], 1) if k else pending
-        logits, verified_state = model(verify, target_state)
-        p = token_probabilities(logits[0], settings)
-        accepted, new_token = k, None
-        for i, token in enumerate(drafted):
-            new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
-            if new_token is not None:
-                accepted = i
-                break
-        if new_token is None:
-            new_token = int(torch.multinomial(p[k], 1, generator=generator))
-        target_state = model.rewind(target_state, verified_state, verify, accepted + 1)
-        new = prompt.new_tensor([[new_token]])
-        if k == 0:
-            draft_pending = torch.cat([draft_pending, new], 1)
-        elif accepted == k:  # the draft has not consumed its last token yet
-            draft_state = draft_states[-1]
-            draft_pending = prompt.new_tensor([[drafted[-1], new_token]])
-        else:
-            draft_state, draft_pending = draft_states[accepted], new
-        pending = new
-        stats.rounds += 1
-        stats.drafted += k
-        stats.accepted += accepted
-        for token in [*drafted[:accepted], new_token]:
+        tokens, cursor = speculative_round(model, draft, cursor, k, settings, generator, stats)
+        for token in tokens:
             stats.emitted += 1
             emitted += 1
             yield prompt.new_tensor([[token]])
