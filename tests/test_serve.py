@@ -27,9 +27,12 @@ import torch
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
 from lmlab.data.chat import ChatTemplate as RolesTemplate
+from lmlab.memory.knn import KnnSettings
+from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
 from lmlab.serve.batching import Batcher
+from lmlab.serve.decoders import SpeculativeDecoder
 from lmlab.serve.limits import Limits
 from lmlab.serve.scheduler import Decoder, Event, Request, Scheduler, first_stop, safe_end
 from lmlab.serve.server import open_service, serving_in_thread
@@ -389,6 +392,90 @@ def test_a_decoder_that_fails_answers_500_and_the_server_goes_on(runs, capfd):
         reply = client(url).completions.create(model="gla", prompt="a", max_tokens=5)
         assert reply.usage.completion_tokens == 5
     assert "RuntimeError: boom" in capfd.readouterr().err  # the server's log has the traceback
+
+
+@pytest.fixture(scope="module")
+def other_run(runs: dict[str, Path]) -> Path:
+    """A run with another tokenizer (bytes) and hidden size beside the tiny runs: neither a
+    draft nor a store of it fits them."""
+    out = runs["attention"].parent
+    argv = ["train", "--quiet", *TINY, "model.d_model=16", "data.tokenizer=byte"]
+    assert main([*argv, f"out_dir={out}", "name=other"]) == 0
+    return out / "other"
+
+
+@pytest.mark.parametrize(("mixer", "draft"), [("attention", "self"), ("gla", "self:1")])
+def test_a_speculative_server_completes_what_plain_decoding_does(runs, mixer, draft, capfd):
+    """Greedy speculative decoding (the run or its first layer as draft) is plain greedy
+    decoding; every row decodes on its own, n choices included."""
+    run = runs[mixer]
+    spec = str(run) if draft == "self" else draft
+    service = open_service(run, draft=spec, draft_tokens=3)
+    decoder = service.scheduler.decoder
+    assert isinstance(decoder, SpeculativeDecoder) and not service.scheduler.batcher.enabled
+    with serving_in_thread(service) as url:
+        api = client(url)
+        for prompt in PROMPTS[:2]:
+            reply = api.completions.create(model=mixer, prompt=prompt, max_tokens=20, temperature=0)
+            assert reply.choices[0].text == expected(run, prompt, 20)
+            assert reply.usage.completion_tokens == 20
+        two = api.completions.create(model=mixer, prompt="O", max_tokens=9, temperature=0, n=2)
+        assert [c.text for c in two.choices] == [expected(run, "O", 9)] * 2
+        sampled = api.completions.create(
+            model=mixer, prompt="O", max_tokens=12, temperature=0.9, seed=3, stream=True
+        )
+        assert len("".join(c.choices[0].text for c in sampled if c.choices)) >= 1
+    assert decoder.stats.drafted > 0 and decoder.stats.emitted > decoder.stats.rounds
+    if draft == "self":  # the run drafting for itself: greedy drafts are always accepted
+        assert decoder.stats.accepted == decoder.stats.drafted
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_draft_with_another_tokenizer_is_one_error_at_start_up(runs, other_run, capsys):
+    code = main(["serve", str(runs["attention"]), "--draft", str(other_run), "--port", "0"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: the draft run") and "another tokenizer" in err[0]
+
+
+@pytest.fixture(scope="module")
+def store(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("store") / "store"
+    build_store(runs["attention"], folder, max_tokens=3000, show_progress=False)
+    return folder
+
+
+def test_a_server_with_memory_completes_what_generate_memory_does(runs, store, capsys):
+    """The kNN-LM mixture in the server's every token: greedy completions equal
+    ``lmlab generate --memory`` (a lambda high enough that the store changes the text)."""
+    run = runs["attention"]
+    knn = ["--knn-lambda", "0.8", "--knn-k", "8", "--knn-temperature", "2"]
+    for prompt in PROMPTS[:2]:
+        argv = ["generate", str(run), "--prompt", prompt, "--temperature", "0"]
+        assert main([*argv, "--max-new-tokens", "24", "--memory", str(store), *knn]) == 0
+        with_memory = capsys.readouterr().out[len(prompt) : -1]
+        assert with_memory != expected(run, prompt, 24)  # the store is really read
+        settings = KnnSettings(knn_lambda=0.8, knn_k=8, knn_temperature=2.0)
+        with serving_in_thread(open_service(run, memory=store, knn=settings)) as url:
+            api = client(url)
+            reply = api.completions.create(
+                model="attention", prompt=prompt, max_tokens=24, temperature=0
+            )
+            assert reply.choices[0].text == with_memory
+            both = api.completions.create(
+                model="attention", prompt=prompt, max_tokens=24, temperature=0, n=2
+            )
+            assert [c.text for c in both.choices] == [with_memory] * 2
+
+
+def test_a_store_of_another_run_is_one_error_at_start_up(runs, other_run, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    build_store(other_run, foreign, max_tokens=500, show_progress=False)
+    capsys.readouterr()
+    code = main(["serve", str(runs["attention"]), "--memory", str(foreign), "--port", "0"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: store {foreign}") and "lmlab memory build" in err[0]
 
 
 def test_api_key_turns_on_bearer_auth(runs):

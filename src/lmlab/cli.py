@@ -510,6 +510,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         prefill_chunk=args.prefill_chunk,
         device=args.device,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
+        memory=args.memory,
+        knn=knn_settings(args),
     )
     return 0
 
@@ -1012,6 +1016,20 @@ COMMANDS: tuple[Command, ...] = (
                 "prefill_chunk",
                 type=at_least(1),
             ),
+            opt(
+                "--draft",
+                "speculative decoding (one row at a time): a smaller run with the same "
+                "tokenizer drafts tokens, or self:N (early exit after N of the run's layers)",
+                "draft",
+            ),
+            opt(
+                "--draft-tokens",
+                "tokens the draft proposes per verification",
+                "draft_tokens",
+                type=at_least(1),
+            ),
+            MEMORY_OPTIONS[0],
+            *KNN,
             DEVICE,
         ),
         library=serve,
@@ -1019,10 +1037,13 @@ COMMANDS: tuple[Command, ...] = (
         "GET /v1/models, POST /v1/completions and /v1/chat/completions (stream=true for\n"
         "server-sent events), GET /health. Requests join and leave one running batch between\n"
         "decode steps. Chat needs the run's tokenizer/chat_template.jinja. SIGTERM or Ctrl-C\n"
-        "lets running requests finish, then exits. See docs/serving.md.",
+        "lets running requests finish, then exits. --draft decodes speculatively, --memory\n"
+        "mixes a kNN-LM retrieval store into every token. See docs/serving.md.",
         epilog="Examples:\n"
         "  lmlab serve runs/gpt-tiny-20260101-120000\n"
-        "  lmlab serve runs/gpt-tiny-20260101-120000 --port 8080 --api-key secret --max-batch 16",
+        "  lmlab serve runs/gpt-tiny-20260101-120000 --port 8080 --api-key secret --max-batch 16\n"
+        "  lmlab serve runs/target --draft runs/draft --draft-tokens 4\n"
+        "  lmlab serve runs/gpt-tiny-20260101-120000 --memory store/ --knn-lambda 0.25",
     ),
     Command(
         "export",

@@ -124,6 +124,10 @@ class Decoder:
     here; a speculative decoder may return several) and the advanced state. Tokens a row gets
     past its stop or length are discarded."""
 
+    batched = True
+    """False for a decoder whose rows cannot share forwards (speculative decoding: each row
+    accepts a different number of tokens): every choice then decodes in a group of its own."""
+
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
 
@@ -161,6 +165,7 @@ class Scheduler:
         self.decoder = decoder or Decoder(model)
         self.device = next(model.parameters()).device
         self.batcher = Batcher(model, tokenizer.vocab_size)
+        self.batcher.enabled = self.batcher.enabled and self.decoder.batched
         self._queue: queue.Queue[Request] = queue.Queue()
         self._waiting: list[Request] = []
         self._prefilling: list[Request] = []
@@ -265,12 +270,17 @@ class Scheduler:
     def _start(self, request: Request, logits: torch.Tensor) -> None:
         """A prompt is prefilled: sample each choice's first token and join the running rows."""
         self._prefilling.remove(request)
-        state = repeat(request.state, request.n) if request.n > 1 else request.state
+        rows = [Row(request, choice) for choice in request.choices]
+        if self.decoder.batched:
+            state = repeat(request.state, request.n) if request.n > 1 else request.state
+            groups = [Group(rows, state)]
+        else:  # a forward never changes the state it is given, so the choices share it
+            groups = [Group([row], request.state) for row in rows]
         request.state = None
-        group = Group([Row(request, choice) for choice in request.choices], state)
-        self._accept(group, [[choice.sampler.sample(logits)] for choice in request.choices])
-        if group.rows:  # a one-token request (or a stop at once) is already done
-            self._groups.append(group)
+        for group in groups:
+            self._accept(group, [[row.choice.sampler.sample(logits)] for row in group.rows])
+            if group.rows:  # a one-token request (or a stop at once) is already done
+                self._groups.append(group)
 
     def _decode(self) -> None:
         for group in list(self._groups):

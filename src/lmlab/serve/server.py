@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmlab.errors import LmlabError, ParamError
+from lmlab.memory.knn import KnnSettings
 from lmlab.serve.limits import Limits
 from lmlab.train.run import TOKENIZER_DIR, load_trained_model, open_run
 
@@ -35,13 +36,25 @@ def open_service(
     limits: Limits | None = None,
     api_key: str | None = None,
     decoder: Callable[..., Decoder] | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
+    memory: str | Path | None = None,
+    knn: KnnSettings | None = None,
 ) -> Service:
     """The run's model, tokenizer and chat template behind a (not yet started) scheduler;
-    ``decoder(model)`` replaces the plain one-token decode step (e.g. speculative decoding)."""
+    ``decoder(model)`` replaces the plain one-token decode step. ``draft`` (a run folder with
+    the same tokenizer, or ``self:N``) decodes speculatively, ``draft_tokens`` per round;
+    ``memory`` (a store from ``lmlab memory build`` of this run) mixes its kNN distribution,
+    read with ``knn``, into every next-token distribution. Both are checked here, before the
+    server listens."""
+    from lmlab.memory.knn import knn_hook
+    from lmlab.memory.store import open_store
     from lmlab.serve.app import Service
     from lmlab.serve.chat import load_chat_template
+    from lmlab.serve.decoders import HookDecoder, SpeculativeDecoder
     from lmlab.serve.scheduler import Scheduler
     from lmlab.train.device import pick_device
+    from lmlab.train.run import load_draft
 
     for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
         if value < 1:
@@ -53,14 +66,26 @@ def open_service(
             raise ParamError(f"<{param}>={getattr(limits, name)} must be at least 1", param)
     if api_key is not None and not api_key.strip():
         raise ParamError("<api_key> is empty; give a key or leave it out", "api_key")
+    if sum(choice is not None for choice in (decoder, draft, memory)) > 1:
+        raise ParamError("<draft> and <memory> do not combine yet; give one of them", "draft")
+    if knn is not None and memory is None:
+        raise ParamError("<knn> settings need a <memory> store", "memory")
+    knn = knn or KnnSettings()
+    knn.validate()
     run_dir, _ = open_run(run)
     _, model, tokenizer, _ = load_trained_model(run_dir, pick_device(device))
+    if draft is not None:
+        target_device = next(model.parameters()).device
+        drafter = load_draft(draft, model, tokenizer, target_device)
+        chosen: Decoder | None = SpeculativeDecoder(model, drafter, draft_tokens)
+    elif memory is not None:
+        store = open_store(memory)
+        store.check_model(model.cfg.d_model, tokenizer, run_dir)
+        chosen = HookDecoder(model, knn_hook(store, knn))
+    else:
+        chosen = decoder(model) if decoder else None
     scheduler = Scheduler(
-        model,
-        tokenizer,
-        max_batch=max_batch,
-        prefill_chunk=prefill_chunk,
-        decoder=decoder(model) if decoder else None,
+        model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, decoder=chosen
     )
     template = load_chat_template(run_dir / TOKENIZER_DIR)
     return Service(run_dir.name, tokenizer, scheduler, template, limits, api_key)
@@ -152,18 +177,37 @@ def serve(
     max_body_bytes: int = Limits.max_body_bytes,
     prefill_chunk: int = 256,
     device: str = "auto",
+    draft: str | None = None,
+    draft_tokens: int = 4,
+    memory: str | Path | None = None,
+    knn: KnnSettings | None = None,
 ) -> None:
     """Serve ``run`` until SIGTERM or Ctrl-C, which drain the running requests first.
-    ``api_key`` (else ``$LMLAB_API_KEY``) turns on bearer-token auth."""
+    ``api_key`` (else ``$LMLAB_API_KEY``) turns on bearer-token auth; ``draft`` and
+    ``memory`` as in :func:`open_service`."""
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     limits = Limits(max_tokens_limit, max_prompt_tokens, max_concurrent, max_body_bytes)
     sock = bind(host, port)
     try:
-        service = open_service(run, device, max_batch, prefill_chunk, limits, api_key)
+        service = open_service(
+            run,
+            device,
+            max_batch,
+            prefill_chunk,
+            limits,
+            api_key,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            memory=memory,
+            knn=knn,
+        )
         print(
             f"serving {service.name} on {base_url(sock)} "
             f"(batch {max_batch}, auth {'on' if api_key else 'off'}, "
-            f"batching {'stacked' if service.scheduler.batcher.enabled else 'per request'})",
+            f"batching {'stacked' if service.scheduler.batcher.enabled else 'per request'}"
+            + (f", draft {draft} ({draft_tokens} tokens per round)" if draft else "")
+            + (f", memory {memory}" if memory else "")
+            + ")",
             file=sys.stderr,
             flush=True,
         )
