@@ -1028,7 +1028,7 @@ COMMANDS: tuple[Command, ...] = (
                 "draft_tokens",
                 type=at_least(1),
             ),
-            MEMORY_OPTIONS[0],
+            dataclasses.replace(MEMORY_OPTIONS[0], param="memory"),
             *KNN,
             DEVICE,
         ),

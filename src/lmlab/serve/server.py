@@ -66,8 +66,17 @@ def open_service(
             raise ParamError(f"<{param}>={getattr(limits, name)} must be at least 1", param)
     if api_key is not None and not api_key.strip():
         raise ParamError("<api_key> is empty; give a key or leave it out", "api_key")
-    if sum(choice is not None for choice in (decoder, draft, memory)) > 1:
-        raise ParamError("<draft> and <memory> do not combine yet; give one of them", "draft")
+    if draft is not None and memory is not None:
+        raise ParamError(
+            "<draft> and <memory> do not combine yet; give one of them", "draft", "memory"
+        )
+    if decoder is not None and (draft is not None or memory is not None):
+        raise ParamError(
+            "<decoder> is the decode step; it replaces <draft> and <memory>",
+            "decoder",
+            "draft",
+            "memory",
+        )
     if knn is not None and memory is None:
         raise ParamError("<knn> settings need a <memory> store", "memory")
     knn = knn or KnnSettings()
