@@ -25,3 +25,28 @@ def corpus(tmp_path: Path) -> Path:
         ]
         (folder / f"work{i}.txt").write_text("\n".join(lines), encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def arithmetic_base(tmp_path_factory) -> Path:
+    """A tiny model pretrained on the shipped arithmetic text, to fine-tune (post-training
+    tests)."""
+    from run_settings import TINY_RUN
+
+    from lmlab.cli import main
+    from lmlab.posttrain.datasets import pretraining_text
+
+    folder = tmp_path_factory.mktemp("arithmetic")
+    text = folder / "arith.txt"
+    text.write_text(pretraining_text(), encoding="utf-8")
+    settings = [
+        *TINY_RUN,
+        "model.d_model=32",
+        "data.seq_len=24",
+        "train.eval_interval=1000",
+        f"data.path={text}",
+        f"out_dir={folder}",
+        "train.max_steps=30",
+    ]
+    assert main(["train", "--quiet", *settings, "name=base"]) == 0
+    return folder / "base"

@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from run_settings import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
 from lmlab.data.chat import ChatTemplate
 from lmlab.model.lm import LanguageModel
 from lmlab.posttrain.batches import pad_examples
-from lmlab.posttrain.datasets import pretraining_text
 from lmlab.posttrain.sft import completion_loss
 from lmlab.train.checkpoint import load_latest_checkpoint
 from lmlab.train.run import load_trained_model
@@ -61,18 +59,9 @@ def test_prompt_tokens_get_no_loss():
     assert grad[0, 2:].abs().sum() > 0 and grad[1, :2].abs().sum() > 0
 
 
-PRETRAIN = [*TINY_RUN, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny model pretrained on the shipped arithmetic text."""
-    folder = tmp_path_factory.mktemp("sft")
-    text = folder / "arith.txt"
-    text.write_text(pretraining_text(), encoding="utf-8")
-    settings = [*PRETRAIN, f"data.path={text}", f"out_dir={folder}", "train.max_steps=30"]
-    assert main(["train", "--quiet", *settings, "name=base"]) == 0
-    return folder / "base"
+@pytest.fixture
+def base(arithmetic_base: Path) -> Path:
+    return arithmetic_base
 
 
 FINETUNE = ["train.eval_interval=10", "train.warmup_steps=2", "post.eval_examples=20"]
@@ -153,12 +142,14 @@ def test_bad_examples_are_one_line_and_leave_no_run(base, tmp_path, capsys):
     assert "give train.max_steps" in capsys.readouterr().err
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path) -> list[tuple[float, dict | None]]:
+    """Each step's loss and task metrics (DPO's reward margins, ...)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return [(r["loss"], r.get("task")) for r in rows if r["kind"] == "train"]
 
 
-def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_finetune_resumes_after_sigkill_exactly(method, base, tmp_path):
     common = [
         *FINETUNE,
         "train.max_steps=30",
@@ -168,7 +159,20 @@ def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
         f"out_dir={tmp_path}",
     ]
     assert (
-        main(["finetune", str(base), "--data", "addition2", "--quiet", *common, "name=whole"]) == 0
+        main(
+            [
+                "finetune",
+                str(base),
+                "--method",
+                method,
+                "--data",
+                "addition2",
+                "--quiet",
+                *common,
+                "name=whole",
+            ]
+        )
+        == 0
     )
     command = [
         sys.executable,
@@ -176,6 +180,8 @@ def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
         "lmlab.cli",
         "finetune",
         str(base),
+        "--method",
+        method,
         "--data",
         "addition2",
         "--quiet",

@@ -549,11 +549,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "finetune",
         cmd_finetune,
-        "fine-tune a trained run on JSONL examples (SFT, optionally LoRA)",
+        "fine-tune a trained run on JSONL examples (SFT or DPO, optionally LoRA)",
         (
             RUN,
             opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
-            opt("--method", "post-training method", choices=["sft"], default="sft"),
+            opt("--method", "post-training method", choices=["sft", "dpo"], default="sft"),
             opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
             QUIET,
         ),
@@ -561,7 +561,8 @@ COMMANDS: tuple[Command, ...] = (
         description="Start a new run from RUN's newest checkpoint (RUN@STEP for another) and "
         "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
         "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
-        '{"prompt", "completion"} or {"messages": [...]} per line; see docs/post-training.md.',
+        '{"prompt", "completion"} or {"messages": [...]} per line for SFT, {"prompt", "chosen", '
+        '"rejected"} for DPO (RUN is the frozen reference); see docs/post-training.md.',
         epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
     ),
     Command(

@@ -161,7 +161,9 @@ RULES: dict[str, Range | Choice] = {
     "train.seq_len_start": Range(0, note="0 disables the curriculum"),
     "train.curriculum_steps": Range(0),
     "parent.step": Range(0),
-    "post.method": Choice(("none", "sft")),
+    "post.method": Choice(("none", "sft", "dpo")),
+    "post.dpo_beta": Range(0, low_open=True, note="DPO's beta: how far from the reference"),
+    "post.dpo_loss": Choice(("sigmoid", "ipo")),
     "post.val_fraction": Range(0, 1, high_open=True, note="0: no held-out split"),
     "post.overlong": Choice(("truncate", "drop", "refuse")),
     "post.eval_examples": Range(0, note="held-out prompts answered per evaluation"),
@@ -539,7 +541,8 @@ class PostConfig:
     examples, and whether through LoRA adapters. See docs/post-training.md."""
 
     method: str = "none"
-    """``none`` (pretraining on ``data``) or ``sft`` (supervised fine-tuning on ``post.data``)."""
+    """``none`` (pretraining on ``data``), ``sft`` (supervised fine-tuning on ``post.data``) or
+    ``dpo`` (preference optimisation on ``post.data``'s pairs against the init run)."""
     data: str = ""
     """A JSONL file of examples, or a data set shipped with lmlab (``lmlab datasets``)."""
     val_data: str = ""
@@ -561,6 +564,10 @@ class PostConfig:
     lora_targets: str = ""
     """Comma-separated suffixes of the ``nn.Linear`` modules that get adapters (e.g.
     ``qkv,out``); empty: every linear layer inside the blocks."""
+    dpo_beta: float = 0.1
+    """DPO's beta: the scale of the implicit reward ``beta * (log pi - log ref)``."""
+    dpo_loss: str = "sigmoid"
+    """``sigmoid`` (DPO's ``-log sigmoid(beta h)``) or ``ipo`` (``(h - 1/(2 beta))^2``)."""
     quantize_base: str = "none"
     """``int8``: the frozen base weights of a LoRA run are stored as int8 (weight-only, one
     scale per output row): QLoRA's idea on CPU."""
