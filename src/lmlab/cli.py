@@ -242,6 +242,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"post.method={args.method}",
         f"post.data={args.data}",
         *(["post.lora=true"] if args.lora else []),
+        *([f"post.teacher={args.teacher}"] if args.teacher else []),
         *args.overrides,
     ]
     if args.configs:
@@ -555,6 +556,7 @@ COMMANDS: tuple[Command, ...] = (
             opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
             opt("--method", "post-training method", choices=["sft", "dpo"], default="sft"),
             opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
+            opt("--teacher", "distil from this run (same tokenizer) while fine-tuning with SFT"),
             QUIET,
         ),
         items="no config (RUN's settings are the base)",

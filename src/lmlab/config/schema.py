@@ -164,6 +164,8 @@ RULES: dict[str, Range | Choice] = {
     "post.method": Choice(("none", "sft", "dpo")),
     "post.dpo_beta": Range(0, low_open=True, note="DPO's beta: how far from the reference"),
     "post.dpo_loss": Choice(("sigmoid", "ipo")),
+    "post.distill_alpha": Range(0, 1, note="0: the usual loss alone, 1: distillation alone"),
+    "post.distill_temperature": Range(0, low_open=True),
     "post.val_fraction": Range(0, 1, high_open=True, note="0: no held-out split"),
     "post.overlong": Choice(("truncate", "drop", "refuse")),
     "post.eval_examples": Range(0, note="held-out prompts answered per evaluation"),
@@ -568,6 +570,12 @@ class PostConfig:
     """DPO's beta: the scale of the implicit reward ``beta * (log pi - log ref)``."""
     dpo_loss: str = "sigmoid"
     """``sigmoid`` (DPO's ``-log sigmoid(beta h)``) or ``ipo`` (``(h - 1/(2 beta))^2``)."""
+    teacher: str = ""
+    """A run to distil from (same tokenizer): its frozen logits teach the student (SFT)."""
+    distill_alpha: float = 0.5
+    """The distillation share: ``(1 - alpha) * usual loss + alpha * T^2 * KL(teacher||student)``."""
+    distill_temperature: float = 2.0
+    """T: both distributions are softmax(logits / T) in the KL."""
     quantize_base: str = "none"
     """``int8``: the frozen base weights of a LoRA run are stored as int8 (weight-only, one
     scale per output row): QLoRA's idea on CPU."""
@@ -577,6 +585,10 @@ class PostConfig:
         _require(
             self.method == "none" or bool(self.data),
             f"post.method={self.method} needs examples: set post.data=FILE.jsonl or a shipped set",
+        )
+        _require(
+            not self.teacher or self.method == "sft",
+            f"post.teacher distils into SFT; post.method={self.method} does not take a teacher",
         )
         _require(
             self.quantize_base == "none" or self.lora,
