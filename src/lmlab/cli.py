@@ -550,11 +550,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "finetune",
         cmd_finetune,
-        "fine-tune a trained run on JSONL examples (SFT or DPO, optionally LoRA)",
+        "fine-tune a trained run on JSONL examples (SFT, DPO or GRPO, optionally LoRA)",
         (
             RUN,
             opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
-            opt("--method", "post-training method", choices=["sft", "dpo"], default="sft"),
+            opt("--method", "post-training method", choices=["sft", "dpo", "grpo"], default="sft"),
             opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
             opt("--teacher", "distil from this run (same tokenizer) while fine-tuning with SFT"),
             QUIET,
@@ -564,7 +564,8 @@ COMMANDS: tuple[Command, ...] = (
         "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
         "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
         '{"prompt", "completion"} or {"messages": [...]} per line for SFT, {"prompt", "chosen", '
-        '"rejected"} for DPO (RUN is the frozen reference); see docs/post-training.md.',
+        '"rejected"} for DPO (RUN is the frozen reference), {"prompt", "answer", "verifier"} '
+        "for GRPO; see docs/post-training.md.",
         epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
     ),
     Command(

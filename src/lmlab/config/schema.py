@@ -161,7 +161,11 @@ RULES: dict[str, Range | Choice] = {
     "train.seq_len_start": Range(0, note="0 disables the curriculum"),
     "train.curriculum_steps": Range(0),
     "parent.step": Range(0),
-    "post.method": Choice(("none", "sft", "dpo")),
+    "post.method": Choice(("none", "sft", "dpo", "grpo")),
+    "post.grpo_group": Range(2, note="completions per prompt; advantages need 2 or more"),
+    "post.grpo_clip": Range(0, low_open=True),
+    "post.grpo_kl": Range(0, note="0: no KL to the reference (none is loaded)"),
+    "post.rollout_temperature": Range(0, low_open=True),
     "post.dpo_beta": Range(0, low_open=True, note="DPO's beta: how far from the reference"),
     "post.dpo_loss": Choice(("sigmoid", "ipo")),
     "post.distill_alpha": Range(0, 1, note="0: the usual loss alone, 1: distillation alone"),
@@ -543,8 +547,9 @@ class PostConfig:
     examples, and whether through LoRA adapters. See docs/post-training.md."""
 
     method: str = "none"
-    """``none`` (pretraining on ``data``), ``sft`` (supervised fine-tuning on ``post.data``) or
-    ``dpo`` (preference optimisation on ``post.data``'s pairs against the init run)."""
+    """``none`` (pretraining on ``data``), ``sft`` (supervised fine-tuning on ``post.data``),
+    ``dpo`` (preference optimisation on ``post.data``'s pairs against the init run) or ``grpo``
+    (RL on ``post.data``'s prompts, rewarded by their verifiers)."""
     data: str = ""
     """A JSONL file of examples, or a data set shipped with lmlab (``lmlab datasets``)."""
     val_data: str = ""
@@ -570,6 +575,14 @@ class PostConfig:
     """DPO's beta: the scale of the implicit reward ``beta * (log pi - log ref)``."""
     dpo_loss: str = "sigmoid"
     """``sigmoid`` (DPO's ``-log sigmoid(beta h)``) or ``ipo`` (``(h - 1/(2 beta))^2``)."""
+    grpo_group: int = 8
+    """GRPO: completions sampled per prompt (the group its advantages are relative to)."""
+    grpo_clip: float = 0.2
+    """GRPO: the ratio's clip range ``1 +- grpo_clip``."""
+    grpo_kl: float = 0.0
+    """GRPO: weight of the k3 KL to the init run (0: none)."""
+    rollout_temperature: float = 1.0
+    """GRPO: sampling temperature of the rollouts."""
     teacher: str = ""
     """A run to distil from (same tokenizer): its frozen logits teach the student (SFT)."""
     distill_alpha: float = 0.5
