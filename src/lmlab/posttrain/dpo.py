@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lmlab.data.examples import Example, Sequences, tokenize_examples
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
-from lmlab.posttrain.batches import IGNORE, PaddedBatch, epoch_indices, pad_examples
+from lmlab.posttrain.batches import PaddedBatch, pad_examples, step_indices, token_logprobs
 from lmlab.posttrain.sft import completion_metrics, load_splits
 from lmlab.train.run import load_parent_weights
 from lmlab.train.task import Forward, Task, register_task
@@ -31,9 +31,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row, the sum of log p(label) over the positions with a label (not IGNORE)."""
-    mask = labels != IGNORE
-    picked = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
-    return (picked.squeeze(-1) * mask).sum(-1)
+    return token_logprobs(logits, labels).sum(-1)
 
 
 def preference_loss(
@@ -129,10 +127,7 @@ class DpoTask(Task):
         return row
 
     def batch(self, step: int, micro: int, seq_len: int) -> PairBatch:
-        train = self.trainer.config.train
-        size = train.batch_size
-        start = (step * train.grad_accum + micro) * size
-        chosen = epoch_indices(len(self.train), train.seed, start, size)
+        chosen = step_indices(len(self.train), self.trainer.config.train, step, micro)
         return self.train.batch(chosen).to(self.trainer.device)
 
     def pair_logprobs(

@@ -33,7 +33,13 @@ import torch
 from lmlab.data.examples import Example, tokenize_examples
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.posttrain.accuracy import accuracy
-from lmlab.posttrain.batches import IGNORE, PaddedBatch, epoch_indices, pad_examples
+from lmlab.posttrain.batches import (
+    IGNORE,
+    PaddedBatch,
+    pad_examples,
+    step_indices,
+    token_logprobs,
+)
 from lmlab.posttrain.dpo import frozen_reference
 from lmlab.posttrain.sft import completion_metrics, load_splits, questions_of
 from lmlab.posttrain.verifiers import get_verifier
@@ -49,12 +55,6 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     mean = grouped.mean(1, keepdim=True)
     std = grouped.std(1, keepdim=True)
     return ((grouped - mean) / (std + ADVANTAGE_EPS)).flatten()
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) at every position (0 where the label is IGNORE)."""
-    picked = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
-    return picked.squeeze(-1) * (labels != IGNORE)
 
 
 def clipped_objective(
@@ -117,11 +117,9 @@ class GrpoTask(Task):
         self.gathered: list[dict[str, float]] = []
 
     def batch(self, step: int, micro: int, seq_len: int) -> Rollouts:
-        config = self.trainer.config
-        size = config.train.batch_size
-        start = (step * config.train.grad_accum + micro) * size
-        chosen = epoch_indices(len(self.prompts), config.train.seed, start, size)
-        seed = int(np.random.default_rng([config.train.seed, step, micro]).integers(2**62))
+        train = self.trainer.config.train
+        chosen = step_indices(len(self.prompts), train, step, micro)
+        seed = int(np.random.default_rng([train.seed, step, micro]).integers(2**62))
         return self.rollouts([self.prompts[i] for i in chosen], seed)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from lmlab.config.schema import Config
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.examples import Example, Sequences, read_examples, tokenize_examples
 from lmlab.posttrain.accuracy import Question, accuracy
-from lmlab.posttrain.batches import IGNORE, PaddedBatch, epoch_indices, pad_examples
+from lmlab.posttrain.batches import IGNORE, PaddedBatch, pad_examples, step_indices
 from lmlab.posttrain.datasets import resolve_data
 from lmlab.posttrain.distill import distillation_kl, load_teacher
 from lmlab.train.run import TOKENIZER_DIR
@@ -106,10 +106,7 @@ class SftTask(Task):
         return row
 
     def batch(self, step: int, micro: int, seq_len: int) -> PaddedBatch:
-        train = self.trainer.config.train
-        size = train.batch_size
-        start = (step * train.grad_accum + micro) * size
-        chosen = epoch_indices(len(self.train.ids), train.seed, start, size)
+        chosen = step_indices(len(self.train.ids), self.trainer.config.train, step, micro)
         batch = pad_examples(
             [self.train.ids[i] for i in chosen], [self.train.trained[i] for i in chosen]
         )
