@@ -125,3 +125,14 @@ def test_digit_match_gives_partial_credit_and_one_only_for_the_answer():
     assert digit_match("146\n", "46") == 0.0  # shifted: no digit in place
     assert digit_match("4\n", "46") == 0.5
     assert digit_match("", "46") == 0.0
+
+
+def test_a_prompt_without_room_for_the_rollout_is_one_line(arithmetic_base, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2", "verifier": "exact_match"}\n' * 2)
+    out = [f"out_dir={tmp_path}", "name=long", "train.max_steps=1", "post.max_new_tokens=22"]
+    command = ["finetune", str(arithmetic_base), "--method", "grpo", "--data", str(data)]
+    assert main([*command, *out]) == 2  # data.seq_len=24: 4 + 22 > 25
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data}:1: a prompt of 4 tokens leaves no room")
+    assert not (tmp_path / "long").exists()

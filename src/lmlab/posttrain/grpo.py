@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lmlab.data.examples import Example, tokenize_examples
+from lmlab.errors import LmlabError
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.posttrain.accuracy import accuracy
 from lmlab.posttrain.batches import (
@@ -101,6 +102,7 @@ class GrpoTask(Task):
         self.trainer = trainer
         config = trainer.config
         splits = load_splits(config, "rl", ("verifiable",))
+        refuse_long_prompts(splits.train + splits.val, trainer)
         self.prompts = questions_of(splits.train, None)
         self.questions = questions_of(splits.val[: config.post.eval_examples], None)
         answers = [
@@ -229,6 +231,22 @@ class GrpoTask(Task):
                 trainer.device,
             )
         return result
+
+
+def refuse_long_prompts(examples: list[Example], trainer: Trainer) -> None:
+    """A rollout is a prompt and up to ``post.max_new_tokens`` sampled tokens, trained on as one
+    sequence: it must fit ``data.seq_len + 1`` tokens, so a longer prompt is refused (cutting
+    a problem statement would change the problem its verifier checks)."""
+    room = trainer.config.data.seq_len + 1 - trainer.config.post.max_new_tokens
+    for example in examples:
+        length = len(trainer.tokenizer.encode(example.fields["prompt"]))
+        if length > room:
+            raise LmlabError(
+                f"{example.where}: a prompt of {length} tokens leaves no room for "
+                f"post.max_new_tokens={trainer.config.post.max_new_tokens} in data.seq_len + 1 = "
+                f"{trainer.config.data.seq_len + 1}; raise data.seq_len or lower "
+                "post.max_new_tokens"
+            )
 
 
 @register_task("grpo")
