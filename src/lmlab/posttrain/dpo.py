@@ -145,9 +145,14 @@ class DpoTask(Task):
 
     def loss(self, forward: Forward, batch: PairBatch) -> torch.Tensor:
         policy, reference = self.pair_logprobs(forward, batch)
-        post = self.trainer.config.post
-        pairs = len(policy) // 2
-        losses = preference_loss(
+        beta = self.trainer.config.post.dpo_beta
+        self.gathered.append(pair_statistics(policy.detach(), reference, beta))
+        return self.pair_losses(policy, reference).mean()
+
+    def pair_losses(self, policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Per-pair losses from the log-probs of chosen rows then rejected rows."""
+        post, pairs = self.trainer.config.post, len(policy) // 2
+        return preference_loss(
             policy[:pairs],
             policy[pairs:],
             reference[:pairs],
@@ -155,8 +160,6 @@ class DpoTask(Task):
             post.dpo_beta,
             post.dpo_loss,
         )
-        self.gathered.append(pair_statistics(policy.detach(), reference, post.dpo_beta))
-        return losses.mean()
 
     def tokens(self, batch: PairBatch) -> int:
         return batch.rows.real_tokens
@@ -185,17 +188,7 @@ class DpoTask(Task):
             policy, reference = self.pair_logprobs(
                 model, self.val.batch(indices).to(trainer.device)
             )
-            pairs = len(indices)
-            losses.append(
-                preference_loss(
-                    policy[:pairs],
-                    policy[pairs:],
-                    reference[:pairs],
-                    reference[pairs:],
-                    post.dpo_beta,
-                    post.dpo_loss,
-                )
-            )
+            losses.append(self.pair_losses(policy, reference))
             parts.append(pair_statistics(policy, reference, post.dpo_beta))
         model.train(was_training)
         result = {key: torch.cat([p[key] for p in parts]).mean().item() for key in parts[0]}
