@@ -113,3 +113,26 @@ def write_corpus(folder: Path, extra: str = "") -> Path:
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def arithmetic_base(tmp_path_factory) -> Path:
+    """A tiny model pretrained on the shipped arithmetic text, to fine-tune (post-training
+    tests)."""
+    from lmlab.cli import main
+    from lmlab.posttrain.datasets import pretraining_text
+
+    folder = tmp_path_factory.mktemp("arithmetic")
+    text = folder / "arith.txt"
+    text.write_text(pretraining_text(), encoding="utf-8")
+    settings = [
+        *TINY_GRID,
+        "model.d_model=32",
+        "data.seq_len=24",
+        "train.eval_interval=1000",
+        f"data.path={text}",
+        f"out_dir={folder}",
+        "train.max_steps=30",
+    ]
+    assert main(["train", "--quiet", *settings, "name=base"]) == 0
+    return folder / "base"

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_GRID
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
 from lmlab.data.chat import ChatTemplate
 from lmlab.model.lm import LanguageModel
 from lmlab.posttrain.batches import pad_examples
-from lmlab.posttrain.datasets import pretraining_text
+from lmlab.posttrain.datasets import shipped_path
 from lmlab.posttrain.sft import completion_loss
 from lmlab.train.checkpoint import load_latest_checkpoint
 from lmlab.train.run import load_trained_model
@@ -61,18 +60,9 @@ def test_prompt_tokens_get_no_loss():
     assert grad[0, 2:].abs().sum() > 0 and grad[1, :2].abs().sum() > 0
 
 
-PRETRAIN = [*TINY_GRID, "model.d_model=32", "data.seq_len=24", "train.eval_interval=1000"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny model pretrained on the shipped arithmetic text."""
-    folder = tmp_path_factory.mktemp("sft")
-    text = folder / "arith.txt"
-    text.write_text(pretraining_text(), encoding="utf-8")
-    settings = [*PRETRAIN, f"data.path={text}", f"out_dir={folder}", "train.max_steps=30"]
-    assert main(["train", "--quiet", *settings, "name=base"]) == 0
-    return folder / "base"
+@pytest.fixture
+def base(arithmetic_base: Path) -> Path:
+    return arithmetic_base
 
 
 FINETUNE = ["train.eval_interval=10", "train.warmup_steps=2", "post.eval_examples=20"]
@@ -153,12 +143,34 @@ def test_bad_examples_are_one_line_and_leave_no_run(base, tmp_path, capsys):
     assert "give train.max_steps" in capsys.readouterr().err
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path) -> list[tuple[float, dict]]:
+    """Each step's loss and task metrics (DPO's reward margins, GRPO's rewards, ...) but wall
+    times (``*_s``)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return [
+        (r["loss"], {k: v for k, v in r.get("task", {}).items() if not k.endswith("_s")})
+        for r in rows
+        if r["kind"] == "train"
+    ]
 
 
-def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
+def finetune_data(method: str, folder: Path) -> str:
+    """``addition2``, but for GRPO its prompts with partial-credit rewards (``digit_match``):
+    a tiny model's exact-match rewards are all 0, which would teach nothing to check."""
+    if method != "grpo":
+        return "addition2"
+    records = [
+        json.loads(line) | {"verifier": "digit_match"}
+        for line in shipped_path("addition2", "rl", "train").read_text().splitlines()
+    ]
+    data = folder / "addition2-digits.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(data)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_finetune_resumes_after_sigkill_exactly(method, base, tmp_path):
+    data = finetune_data(method, tmp_path)
     common = [
         *FINETUNE,
         "train.max_steps=30",
@@ -168,7 +180,20 @@ def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
         f"out_dir={tmp_path}",
     ]
     assert (
-        main(["finetune", str(base), "--data", "addition2", "--quiet", *common, "name=whole"]) == 0
+        main(
+            [
+                "finetune",
+                str(base),
+                "--method",
+                method,
+                "--data",
+                data,
+                "--quiet",
+                *common,
+                "name=whole",
+            ]
+        )
+        == 0
     )
     command = [
         sys.executable,
@@ -176,8 +201,10 @@ def test_sft_resumes_after_sigkill_exactly(base, tmp_path):
         "lmlab.cli",
         "finetune",
         str(base),
+        "--method",
+        method,
         "--data",
-        "addition2",
+        data,
         "--quiet",
         *common,
         "name=killed",

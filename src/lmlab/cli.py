@@ -290,6 +290,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"post.method={args.method}",
         f"post.data={args.data}",
         *(["post.lora=true"] if args.lora else []),
+        *([f"post.teacher={args.teacher}"] if args.teacher else []),
         *args.overrides,
     ]
     if args.configs:
@@ -831,19 +832,22 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "finetune",
         cmd_finetune,
-        "fine-tune a trained run on JSONL examples (SFT, optionally LoRA)",
+        "fine-tune a trained run on JSONL examples (SFT, DPO or GRPO, optionally LoRA)",
         (
             RUN,
             opt("--data", "JSONL examples or a shipped set (addition2, ...)", required=True),
-            opt("--method", "post-training method", choices=["sft"], default="sft"),
+            opt("--method", "post-training method", choices=["sft", "dpo", "grpo"], default="sft"),
             opt("--lora", "train LoRA adapters (PEFT), not every weight", action="store_true"),
+            opt("--teacher", "distil from this run (same tokenizer) while fine-tuning with SFT"),
             QUIET,
         ),
         items="no config (RUN's settings are the base)",
         description="Start a new run from RUN's newest checkpoint (RUN@STEP for another) and "
         "train it on --data with --method, keeping RUN's settings and tokenizer: the same as "
         "lmlab train train.init_from=RUN post.method=METHOD post.data=DATA. Examples: "
-        '{"prompt", "completion"} or {"messages": [...]} per line; see docs/post-training.md.',
+        '{"prompt", "completion"} or {"messages": [...]} per line for SFT, {"prompt", "chosen", '
+        '"rejected"} for DPO (RUN is the frozen reference), {"prompt", "answer", "verifier"} '
+        "for GRPO; see docs/post-training.md.",
         epilog="Example:\n  lmlab finetune runs/base --data addition2 train.max_steps=300",
     ),
     Command(

@@ -161,7 +161,15 @@ RULES: dict[str, Range | Choice] = {
     "train.seq_len_start": Range(0, note="0 disables the curriculum"),
     "train.curriculum_steps": Range(0),
     "parent.step": Range(0),
-    "post.method": Choice(("none", "sft")),
+    "post.method": Choice(("none", "sft", "dpo", "grpo")),
+    "post.grpo_group": Range(2, note="completions per prompt; advantages need 2 or more"),
+    "post.grpo_clip": Range(0, low_open=True),
+    "post.grpo_kl": Range(0, note="0: no KL to the reference (none is loaded)"),
+    "post.rollout_temperature": Range(0, low_open=True),
+    "post.dpo_beta": Range(0, low_open=True, note="DPO's beta: how far from the reference"),
+    "post.dpo_loss": Choice(("sigmoid", "ipo")),
+    "post.distill_alpha": Range(0, 1, note="0: the usual loss alone, 1: distillation alone"),
+    "post.distill_temperature": Range(0, low_open=True),
     "post.val_fraction": Range(0, 1, high_open=True, note="0: no held-out split"),
     "post.overlong": Choice(("truncate", "drop", "refuse")),
     "post.eval_examples": Range(0, note="held-out prompts answered per evaluation"),
@@ -559,7 +567,9 @@ class PostConfig:
     examples, and whether through LoRA adapters. See docs/post-training.md."""
 
     method: str = "none"
-    """``none`` (pretraining on ``data``) or ``sft`` (supervised fine-tuning on ``post.data``)."""
+    """``none`` (pretraining on ``data``), ``sft`` (supervised fine-tuning on ``post.data``),
+    ``dpo`` (preference optimisation on ``post.data``'s pairs against the init run) or ``grpo``
+    (RL on ``post.data``'s prompts, rewarded by their verifiers)."""
     data: str = ""
     """A JSONL file of examples, or a data set shipped with lmlab (``lmlab datasets``)."""
     val_data: str = ""
@@ -581,6 +591,24 @@ class PostConfig:
     lora_targets: str = ""
     """Comma-separated suffixes of the ``nn.Linear`` modules that get adapters (e.g.
     ``qkv,out``); empty: every linear layer inside the blocks."""
+    dpo_beta: float = 0.1
+    """DPO's beta: the scale of the implicit reward ``beta * (log pi - log ref)``."""
+    dpo_loss: str = "sigmoid"
+    """``sigmoid`` (DPO's ``-log sigmoid(beta h)``) or ``ipo`` (``(h - 1/(2 beta))^2``)."""
+    grpo_group: int = 8
+    """GRPO: completions sampled per prompt (the group its advantages are relative to)."""
+    grpo_clip: float = 0.2
+    """GRPO: the ratio's clip range ``1 +- grpo_clip``."""
+    grpo_kl: float = 0.0
+    """GRPO: weight of the k3 KL to the init run (0: none)."""
+    rollout_temperature: float = 1.0
+    """GRPO: sampling temperature of the rollouts."""
+    teacher: str = ""
+    """A run to distil from (same tokenizer): its frozen logits teach the student (SFT)."""
+    distill_alpha: float = 0.5
+    """The distillation share: ``(1 - alpha) * usual loss + alpha * T^2 * KL(teacher||student)``."""
+    distill_temperature: float = 2.0
+    """T: both distributions are softmax(logits / T) in the KL."""
     quantize_base: str = "none"
     """``int8``: the frozen base weights of a LoRA run are stored as int8 (weight-only, one
     scale per output row): QLoRA's idea on CPU."""
@@ -590,6 +618,10 @@ class PostConfig:
         _require(
             self.method == "none" or bool(self.data),
             f"post.method={self.method} needs examples: set post.data=FILE.jsonl or a shipped set",
+        )
+        _require(
+            not self.teacher or self.method == "sft",
+            f"post.teacher distils into SFT; post.method={self.method} does not take a teacher",
         )
         _require(
             self.quantize_base == "none" or self.lora,

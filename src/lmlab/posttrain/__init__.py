@@ -2,4 +2,4 @@
 further as an ordinary run, each a :class:`lmlab.train.task.Task` registered by
 ``post.method``. Importing this package registers them."""
 
-from lmlab.posttrain import sft  # noqa: F401  (registers post.method=sft)
+from lmlab.posttrain import dpo, grpo, sft  # noqa: F401  (register their post.method)

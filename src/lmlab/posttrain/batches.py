@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmlab.config.schema import TrainConfig
+
 IGNORE = -100
 """The label of a token without a loss (``F.cross_entropy``'s ``ignore_index``)."""
 PAD_ID = 0
@@ -64,3 +66,15 @@ def epoch_indices(count: int, seed: int, start: int, size: int) -> list[int]:
             orders[epoch] = np.random.default_rng([seed, epoch]).permutation(count)
         out.append(int(orders[epoch][offset]))
     return out
+
+
+def step_indices(count: int, train: TrainConfig, step: int, micro: int) -> list[int]:
+    """The ``train.batch_size`` example indices of micro-batch ``micro`` of step ``step``."""
+    start = (step * train.grad_accum + micro) * train.batch_size
+    return epoch_indices(count, train.seed, start, train.batch_size)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) at every position ``[B, T]``, 0 where the label is IGNORE."""
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    return picked.squeeze(-1) * (labels != IGNORE)

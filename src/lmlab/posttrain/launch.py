@@ -12,7 +12,7 @@ from lmlab.train.launch import new_trainer
 from lmlab.train.run import TOKENIZER_DIR, open_run, run_tokenizer, split_init_spec
 from lmlab.train.trainer import Trainer
 
-METHOD_DATA = {"sft": "sft"}
+METHOD_DATA = {"sft": "sft", "dpo": "preference", "grpo": "rl"}
 """The format of a shipped data set each method reads (see lmlab.posttrain.datasets)."""
 
 

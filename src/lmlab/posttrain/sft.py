@@ -15,8 +15,9 @@ from lmlab.config.schema import Config
 from lmlab.data.chat import ChatTemplate
 from lmlab.data.examples import Example, Sequences, read_examples, tokenize_examples
 from lmlab.posttrain.accuracy import Question, accuracy
-from lmlab.posttrain.batches import IGNORE, PaddedBatch, epoch_indices, pad_examples
+from lmlab.posttrain.batches import IGNORE, PaddedBatch, pad_examples, step_indices
 from lmlab.posttrain.datasets import resolve_data
+from lmlab.posttrain.distill import distillation_kl, load_teacher
 from lmlab.train.run import TOKENIZER_DIR
 from lmlab.train.task import Forward, Task, register_task
 from lmlab.train.trainer import Trainer
@@ -79,6 +80,11 @@ class SftTask(Task):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         config = trainer.config
+        self.teacher = (  # first: a wrong teacher fails before the examples are read
+            load_teacher(config.post.teacher, trainer.tokenizer, trainer.device)
+            if config.post.teacher
+            else None
+        )
         self.template = ChatTemplate.load(trainer.run_dir / TOKENIZER_DIR)
         splits = load_splits(config, "sft", SFT_FORMATS)
         context, overlong = config.data.seq_len, config.post.overlong
@@ -90,6 +96,8 @@ class SftTask(Task):
             else None
         )
         self.questions = questions_of(splits.val[: config.post.eval_examples], self.template)
+        self.gathered: list[tuple[float, float]] = []
+        """(cross-entropy, distillation KL) of each micro-batch of the step, with a teacher."""
 
     def start_metrics(self) -> dict:
         row = {"train": self.train.stats()}
@@ -98,17 +106,31 @@ class SftTask(Task):
         return row
 
     def batch(self, step: int, micro: int, seq_len: int) -> PaddedBatch:
-        train = self.trainer.config.train
-        size = train.batch_size
-        start = (step * train.grad_accum + micro) * size
-        chosen = epoch_indices(len(self.train.ids), train.seed, start, size)
+        chosen = step_indices(len(self.train.ids), self.trainer.config.train, step, micro)
         batch = pad_examples(
             [self.train.ids[i] for i in chosen], [self.train.trained[i] for i in chosen]
         )
         return batch.to(self.trainer.device)
 
     def loss(self, forward: Forward, batch: PaddedBatch) -> torch.Tensor:
-        return completion_loss(forward, batch, self.trainer.autocast())
+        if self.teacher is None:
+            return completion_loss(forward, batch, self.trainer.autocast())
+        with self.trainer.autocast():
+            logits, _ = forward(batch.inputs)
+            with torch.no_grad():
+                teacher_logits, _ = self.teacher(batch.inputs)
+        hard = completion_cross_entropy(logits, batch.labels)
+        post = self.trainer.config.post
+        soft = distillation_kl(logits, teacher_logits, batch.labels, post.distill_temperature)
+        self.gathered.append((hard.item(), soft.item()))
+        return (1 - post.distill_alpha) * hard + post.distill_alpha * soft
+
+    def step_metrics(self) -> dict[str, float]:
+        gathered, self.gathered = self.gathered, []
+        if not gathered:
+            return {}
+        hard, soft = zip(*gathered, strict=True)
+        return {"cross_entropy": sum(hard) / len(hard), "distill_kl": sum(soft) / len(soft)}
 
     def tokens(self, batch: PaddedBatch) -> int:
         return batch.real_tokens
@@ -138,9 +160,11 @@ def completion_loss(forward: Forward, batch: PaddedBatch, autocast) -> torch.Ten
     """Mean cross-entropy over the batch's trained tokens (IGNORE labels get none)."""
     with autocast:
         logits, _ = forward(batch.inputs)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE
-    )
+    return completion_cross_entropy(logits, batch.labels)
+
+
+def completion_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
 def completion_metrics(trainer: Trainer, sequences: Sequences) -> dict[str, float]:

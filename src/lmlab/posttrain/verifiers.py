@@ -49,3 +49,13 @@ def first_line(text: str) -> str:
 def exact_match(completion: str, answer: str) -> float:
     """1.0 when the completion's first line is exactly the answer (spaces around ignored)."""
     return float(first_line(completion) == answer.strip())
+
+
+@register_verifier("digit_match")
+def digit_match(completion: str, answer: str) -> float:
+    """Partial credit: the characters of the completion's first line equal to the answer's at
+    the same position, over the longer of the two (a denser reward than exact match for a model
+    that rarely gets a whole sum right; 1.0 only for the exact answer)."""
+    reply, expected = first_line(completion), answer.strip()
+    same = sum(a == b for a, b in zip(reply, expected, strict=False))
+    return same / max(len(reply), len(expected), 1)

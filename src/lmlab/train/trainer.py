@@ -312,6 +312,10 @@ def check_batch_split(train: TrainConfig, ranks: Ranks, config_method: str = "no
         )
 
 
+SUMMARY_EVAL_SKIP = ("loss", "perplexity", "bits_per_byte", "step", "tokens", "eval_ms")
+"""Evaluation values the summary names itself or that describe the evaluation, not a result."""
+
+
 class Trainer:
     """Trains ``config`` in ``run_dir``; ``resume_from`` continues a checkpoint exactly. The
     task (batches, loss, evaluation) is pretraining on ``data`` for ``post.method=none``, else
@@ -661,7 +665,8 @@ class Trainer:
             summary["parent"] = vars(self.config.parent)
         if self.data_stats is not None:
             summary["data"] = self.data_stats
-        if "accuracy" in state.last_eval:
-            summary["val_accuracy"] = state.last_eval["accuracy"]
+        for key, value in state.last_eval.items():  # a task's own results (accuracy, ...)
+            if key not in SUMMARY_EVAL_SKIP:
+                summary[f"val_{key}"] = value
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
