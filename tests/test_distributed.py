@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_GRID
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig, TrainConfig
@@ -34,18 +35,7 @@ from lmlab.train.optim import build_optimizers
 from lmlab.train.run import load_trained_model
 from lmlab.train.trainer import check_batch_split
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=8",
-    "train.eval_batches=2",
-    "train.warmup_steps=2",
-    "train.precision=fp32",
-    "train.threads=1",
-    "train.optimizer=adamw",
-]
+TINY = TINY_GRID
 LOSS_RTOL = 1e-5
 
 

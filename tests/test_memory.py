@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.schema import DataConfig
@@ -29,19 +30,7 @@ from lmlab.memory.store import KnnStore, build_store, ivfpq_params, new_index, o
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.train.run import RunHold, load_trained_model
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.max_steps=3",
-    "train.max_time=0",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-    "train.threads=1",
-    "train.precision=fp32",
-]
+TINY = [*TINY_RUN, "model.n_layers=1", "train.max_steps=3", "train.eval_batches=1"]
 
 
 def memory_store(keys: np.ndarray, values: np.ndarray) -> KnnStore:

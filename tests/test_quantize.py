@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from torch import nn
 
 from lmlab.cli import main
@@ -18,18 +19,7 @@ from lmlab.train.launch import resume_trainer
 from lmlab.train.quantize import quantize_run
 from lmlab.train.run import load_trained_model
 
-TINY = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.max_steps=3",
-    "train.max_time=0",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-    "train.threads=1",
-]
+TINY = [*TINY_RUN, "model.d_model=64", "train.max_steps=3", "train.eval_batches=1"]
 
 
 def linear(rows: int, cols: int, bias: bool = True) -> nn.Linear:

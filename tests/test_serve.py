@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
@@ -38,19 +39,7 @@ from lmlab.serve.scheduler import Decoder, Event, Request, Scheduler, first_stop
 from lmlab.serve.server import open_service, serving_in_thread
 from lmlab.train.run import load_trained_model
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "data.seq_len=32",
-    "train.batch_size=4",
-    "train.max_steps=3",
-    "train.max_time=0",
-    "train.eval_batches=1",
-    "train.warmup_steps=1",
-    "train.threads=1",
-    "train.precision=fp32",
-]
+TINY = [*TINY_RUN, "train.max_steps=3", "train.eval_batches=1"]
 FAMILIES = ["attention", "gla"]
 ROUTED = "mod"
 """Attention under Mixture-of-Depths: its eval-mode state keeps a list of per-row states."""

@@ -29,7 +29,7 @@ SMALL = 0.004
 
 
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
+def stories(tmp_path: Path) -> Path:
     """A JSONL file of 300 distinct stories (about 50 KB)."""
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "sword", "castle", "ran", "slept", "über", "naïve", "!"]
@@ -58,12 +58,12 @@ def test_document_side_is_a_stable_hash_of_the_name():
     )
 
 
-def test_shards_hold_each_document_once_on_its_hashed_side(corpus, tmp_path):
+def test_shards_hold_each_document_once_on_its_hashed_side(stories, tmp_path):
     out = tmp_path / "shards"
-    summary = prepare_shards(str(corpus), str(out), "byte", workers=1, shard_mb=SMALL,
+    summary = prepare_shards(str(stories), str(out), "byte", workers=1, shard_mb=SMALL,
                              show_progress=False)  # fmt: skip
     assert summary["shards"] > 10 and summary["skipped"] == 0
-    docs = read_text_source(corpus)
+    docs = read_text_source(stories)
     for split in ("train", "val"):
         expected = "".join(
             d.text + SEPARATOR for d in docs if document_side(d.name, 0.1, 0) == split
@@ -77,9 +77,9 @@ def test_shards_hold_each_document_once_on_its_hashed_side(corpus, tmp_path):
     assert sum(meta["documents"].values()) == len(docs) == 300
 
 
-def test_two_workers_write_the_same_shards_as_one(corpus, tmp_path):
+def test_two_workers_write_the_same_shards_as_one(stories, tmp_path):
     for workers in (1, 2):
-        prepare_shards(str(corpus), str(tmp_path / f"w{workers}"), "bpe", vocab_size=300,
+        prepare_shards(str(stories), str(tmp_path / f"w{workers}"), "bpe", vocab_size=300,
                        workers=workers, shard_mb=0.01, show_progress=False)  # fmt: skip
     one, two = (json.loads((tmp_path / f"w{w}" / "manifest.json").read_text()) for w in (1, 2))
     assert len(one["shards"]) > 4
@@ -104,13 +104,13 @@ def test_one_text_file_is_split_by_its_tail_with_the_ids_of_the_whole_text(tmp_p
     assert read_shards(out)[1] == tok
 
 
-def test_a_rerun_skips_verified_shards_and_redoes_what_a_kill_left(corpus, tmp_path):
+def test_a_rerun_skips_verified_shards_and_redoes_what_a_kill_left(stories, tmp_path):
     """What ``kill -9`` can leave at any moment: temporary files, a shard renamed without its
     record, a record whose shard was cut short, no manifest. The rerun must end where a clean
     run ends."""
     clean, out = tmp_path / "clean", tmp_path / "out"
     for folder in (clean, out):
-        prepare_shards(str(corpus), str(folder), "char", workers=1, shard_mb=SMALL,
+        prepare_shards(str(stories), str(folder), "char", workers=1, shard_mb=SMALL,
                        show_progress=False)  # fmt: skip
     (out / "manifest.json").unlink()
     (out / ".train-00003.bin.999.tmp").write_bytes(b"\x01\x02")
@@ -119,7 +119,7 @@ def test_a_rerun_skips_verified_shards_and_redoes_what_a_kill_left(corpus, tmp_p
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(LmlabError, match="unfinished lmlab prepare"):
         read_shards(out)
-    summary = prepare_shards(str(corpus), str(out), "char", workers=1, shard_mb=SMALL,
+    summary = prepare_shards(str(stories), str(out), "char", workers=1, shard_mb=SMALL,
                              show_progress=False)  # fmt: skip
     units = summary["units"]
     assert summary["skipped"] == units - 2
@@ -130,31 +130,31 @@ def test_a_rerun_skips_verified_shards_and_redoes_what_a_kill_left(corpus, tmp_p
     assert not list(out.glob(".*.tmp"))
 
 
-def test_one_folder_holds_one_tokenizer_and_one_source(corpus, tmp_path):
+def test_one_folder_holds_one_tokenizer_and_one_source(stories, tmp_path):
     out = tmp_path / "shards"
-    prepare_shards(str(corpus), str(out), "char", workers=1, show_progress=False)
+    prepare_shards(str(stories), str(out), "char", workers=1, show_progress=False)
     with pytest.raises(LmlabError, match="holds shards of another tokenizer"):
-        prepare_shards(str(corpus), str(out), "byte", workers=1, show_progress=False)
-    with corpus.open("a") as f:
+        prepare_shards(str(stories), str(out), "byte", workers=1, show_progress=False)
+    with stories.open("a") as f:
         f.write(json.dumps({"text": "one more story"}) + "\n")
     with pytest.raises(LmlabError, match="source that has changed since"):
-        prepare_shards(str(corpus), str(out), "char", workers=1, show_progress=False)
+        prepare_shards(str(stories), str(out), "char", workers=1, show_progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(LmlabError, match="is not a shard folder being prepared"):
-        prepare_shards(str(corpus), str(tmp_path / "full"), show_progress=False)
+        prepare_shards(str(stories), str(tmp_path / "full"), show_progress=False)
 
 
-def test_bad_data_mid_stream_leaves_no_folder(corpus, tmp_path):
-    with corpus.open("a") as f:
+def test_bad_data_mid_stream_leaves_no_folder(stories, tmp_path):
+    with stories.open("a") as f:
         f.write('{"text": broken}\n')
     out = tmp_path / "shards"
     with pytest.raises(LmlabError, match=r"stories.jsonl:301 is not JSON"):
-        prepare_shards(str(corpus), str(out), "byte", workers=2, shard_mb=SMALL,
+        prepare_shards(str(stories), str(out), "byte", workers=2, shard_mb=SMALL,
                        show_progress=False)  # fmt: skip
     assert not out.exists()
     with pytest.raises(ParamError, match="workers=0"):
-        prepare_shards(str(corpus), str(out), workers=0)
+        prepare_shards(str(stories), str(out), workers=0)
 
 
 def test_sharded_tokens_index_like_the_concatenation():
@@ -184,9 +184,9 @@ def test_the_first_shard_format_is_still_read(tmp_path):
     assert loaded == tok and np.array_equal(data.train, ids) and data.val_bytes == 50
 
 
-def test_prepare_then_train_through_the_cli(corpus, tmp_path, capsys):
+def test_prepare_then_train_through_the_cli(stories, tmp_path, capsys):
     out = tmp_path / "shards"
-    argv = ["prepare", str(corpus), "--out", str(out), "--tokenizer", "char", "--quiet"]
+    argv = ["prepare", str(stories), "--out", str(out), "--tokenizer", "char", "--quiet"]
     assert main(argv) == 0
     assert f"train on it with: lmlab train data.path={out}" in capsys.readouterr().out
     assert main(argv) == 0
