@@ -57,7 +57,17 @@ def test_parse_budget():
     assert parse_budget("time=10m").amount == 600
     assert parse_budget("time=90").amount == 90
     assert parse_budget("time=1.5h").amount == 5400
-    for bad in ("tokens", "steps=10", "tokens=2X", "time=10d", "tokens=-5", "tokens=0", "flops=e"):
+    assert parse_budget("steps=300").amount == 300
+    for bad in (
+        "tokens",
+        "epochs=10",
+        "steps=1.5",
+        "tokens=2X",
+        "time=10d",
+        "tokens=-5",
+        "tokens=0",
+        "flops=e",
+    ):
         with pytest.raises(LmlabError, match=f"^budget '{bad}' "):
             parse_budget(bad)
 
@@ -107,6 +117,11 @@ def test_plan_matches_budgets_and_names_arms(tmp_path, corpus):
     assert [a.name for a in timed.arms] == ["gpt-tiny", "gpt-tiny-2"]
     assert all(a.config.train.max_time == 30 and a.config.train.max_tokens == 0 for a in timed.arms)
     assert timed.out.name == "compare-gpt-tiny-vs-gpt-tiny-2"
+    stepped = plan_compare(["gpt-tiny", "gpt-tiny"], budget="steps=40", overrides=common, seeds=1)
+    for arm in stepped.arms:  # the same optimiser steps, no token or time budget left over
+        train = arm.config.train
+        assert (train.max_steps, train.max_tokens, train.max_time) == (40, 0, 0.0)
+        assert train.eval_interval == 5 and arm.tokens is None
     threads = plan_compare(
         ["gpt-tiny"],
         budget="tokens=4k",

@@ -135,7 +135,7 @@ SEEDS = opt("--seeds", "seeds per arm or grid point", "seeds", type=int)
 OUT = opt("--out", "study folder (default: <command>-<names> in the config's out_dir)", "out")
 BUDGET = opt(
     "--budget",
-    "per run: tokens=N (2M), flops=N (training FLOPs, 1e15) or time=N (10m, 90s)",
+    "per run: tokens=N (2M), flops=N (training FLOPs, 1e15), time=N (10m, 90s) or steps=N",
     "budget",
 )
 RUN = opt("run", "run folder")

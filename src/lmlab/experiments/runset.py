@@ -51,22 +51,29 @@ _SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 @dataclass(frozen=True)
 class Budget:
-    """What every arm gets: ``tokens``, ``flops`` (training FLOPs) or ``time`` (seconds)."""
+    """What every arm gets: ``tokens``, ``flops`` (training FLOPs), ``time`` (seconds) or
+    ``steps``."""
 
     kind: str
     amount: float
     text: str
 
 
+BUDGET_KINDS = ("tokens", "flops", "time", "steps")
+"""``steps`` gives every arm the same optimiser steps: equal tokens for arms of the same batch
+and data (post-training arms, whose examples are not counted in fixed windows)."""
+
+
 def parse_budget(text: str) -> Budget:
-    """``tokens=2M``, ``flops=1e15`` or ``time=10m`` (suffixes k/M/G/T/P; s/m/h for time)."""
+    """``tokens=2M``, ``flops=1e15``, ``time=10m`` or ``steps=500`` (suffixes k/M/G/T/P; s/m/h
+    for time)."""
     kind, _, raw = text.partition("=")
     scales = _SECONDS if kind == "time" else _SCALES
     match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]?)\s*", raw, re.IGNORECASE)
-    if kind not in ("tokens", "flops", "time") or not match or match.group(2) not in scales:
+    if kind not in BUDGET_KINDS or not match or match.group(2) not in scales:
         raise ParamError(
-            f"<budget> {text!r} is malformed; use tokens=N, flops=N or time=N, "
-            "e.g. tokens=2M, flops=1e15, time=10m",
+            f"<budget> {text!r} is malformed; use tokens=N, flops=N, time=N or steps=N, "
+            "e.g. tokens=2M, flops=1e15, time=10m, steps=500",
             "budget",
         )
     try:
@@ -77,6 +84,8 @@ def parse_budget(text: str) -> Budget:
         ) from None
     if not math.isfinite(amount) or amount <= 0:
         raise ParamError(f"<budget> {text!r} must be positive", "budget")
+    if kind == "steps" and amount != int(amount):
+        raise ParamError(f"<budget> {text!r} must be a whole number of steps", "budget")
     return Budget(kind, amount, text)
 
 
@@ -165,6 +174,9 @@ def build_arm(
     tokens = None
     if budget.kind == "time":
         train.max_time, train.max_tokens = budget.amount, 0
+    elif budget.kind == "steps":
+        train.max_steps, train.max_time, train.max_tokens = int(budget.amount), 0.0, 0
+        train.eval_interval = min(train.eval_interval, max(1, train.max_steps // MIN_EVALS))
     else:
         tokens = int(budget.amount if budget.kind == "tokens" else budget.amount / flops)
         if tokens < per_step:
