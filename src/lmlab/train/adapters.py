@@ -24,6 +24,7 @@ from torch import nn
 
 from lmlab.config.schema import Config, PostConfig
 from lmlab.errors import LmlabError
+from lmlab.layers.quantized import quantize_int8
 from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:  # peft imports transformers: seconds, paid only by runs that use LoRA
@@ -37,14 +38,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 class Int8Linear(nn.Module):
     """A frozen linear layer stored as int8 with one float scale per output row (symmetric,
-    weight-only): a quarter of float32's bytes; the weight is dequantised for each forward."""
+    weight-only, :func:`lmlab.layers.quantized.quantize_int8`): a quarter of float32's bytes.
+    Unlike :class:`~lmlab.layers.quantized.QuantizedLinear`, whose int8 kernel has no
+    backward, the weight is dequantised for each forward so gradients reach the input (the
+    LoRA adapters above it train)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        self.register_buffer("weight_int8", torch.round(weight / scale).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        codes, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("weight_int8", codes)
+        self.register_buffer("scale", scale[:, None].to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
