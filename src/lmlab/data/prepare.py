@@ -51,7 +51,6 @@ from lmlab.data.shards import (
     manifest,
     save_tokenizer_atomic,
     shard_problem,
-    tokenizer_checksum,
     write_json_atomic,
 )
 from lmlab.data.sources import (
@@ -65,6 +64,7 @@ from lmlab.data.tokenizers import (
     KINDS,
     Tokenizer,
     load_tokenizer,
+    tokenizer_checksum,
     tokenizer_from_state,
     tokenizer_state,
     train_tokenizer,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
+from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_checksum
 from lmlab.data.tokens import ShardedTokens, TokenData
 from lmlab.errors import LmlabError
 
@@ -43,12 +43,6 @@ def is_shard_dir(path: str | Path) -> bool:
         or (path / SETTINGS_FILE).is_file()
         or ((path / LEGACY_META_FILE).is_file() and (path / "train.bin").is_file())
     )
-
-
-def tokenizer_checksum(tokenizer: Tokenizer) -> str:
-    """SHA-256 of the tokenizer's saved state: equal checksums mean equal ids."""
-    kind, state = tokenizer_state(tokenizer)
-    return hashlib.sha256(f"{kind}\n{state}".encode()).hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

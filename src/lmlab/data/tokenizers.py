@@ -7,6 +7,7 @@ plain JSON (``tokenizer.json`` + ``tokenizer_meta.json``) so a run folder never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -307,6 +308,13 @@ def tokenizer_state(tokenizer: Tokenizer) -> tuple[str, str]:
     return tokenizer.kind, json.dumps(
         {"base": tokenizer._state(), "special_tokens": list(tokenizer.special_tokens)}
     )
+
+
+def tokenizer_checksum(tokenizer: Tokenizer) -> str:
+    """SHA-256 of the tokenizer's saved state: equal checksums mean equal ids (a run's
+    checkpoints, token shards, retrieval stores and drafts are checked with it)."""
+    kind, state = tokenizer_state(tokenizer)
+    return hashlib.sha256(f"{kind}\n{state}".encode()).hexdigest()
 
 
 def tokenizer_from_state(kind: str, state: str) -> Tokenizer:

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from lmlab.data.dataset import prepare_data, with_source
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, tokenizer_checksum
 from lmlab.errors import LmlabError, ParamError
 from lmlab.model.lm import LanguageModel
 from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from lmlab.train.run import LOCK_FILE, RunHold, load_run_checkpoint, tokenizer_digest
+from lmlab.train.run import LOCK_FILE, RunHold, load_run_checkpoint
 
 if TYPE_CHECKING:
     import faiss
@@ -255,7 +255,7 @@ def build_store(
         "run": str(Path(run).resolve()),
         "step": checkpoint.step,
         "hidden_size": config.model.d_model,
-        "tokenizer": tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_checksum(tokenizer),
         "vocab_size": config.model.vocab_size,
         "data": data,
         "split": split,
@@ -404,7 +404,7 @@ class KnnStore:
                 f"{manifest['run']}) but this model's is {hidden_size}; build a store from this "
                 "run with lmlab memory build"
             )
-        if manifest["tokenizer"] != tokenizer_digest(tokenizer):
+        if manifest["tokenizer"] != tokenizer_checksum(tokenizer):
             raise LmlabError(
                 f"store {self.folder} was built with another tokenizer (run {manifest['run']}); "
                 "its values are other tokens: build a store from this run with lmlab memory build"

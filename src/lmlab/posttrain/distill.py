@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.tokenizers import Tokenizer
+from lmlab.data.tokenizers import Tokenizer, tokenizer_checksum
 from lmlab.errors import LmlabError
 from lmlab.model.lm import LanguageModel
 from lmlab.posttrain.batches import IGNORE
-from lmlab.train.run import load_trained_model, tokenizer_digest
+from lmlab.train.run import load_trained_model
 
 
 def distillation_kl(
@@ -40,7 +40,7 @@ def load_teacher(spec: str, student_tokenizer: Tokenizer, device: torch.device) 
         _, teacher, tokenizer, _ = load_trained_model(spec, device)
     except LmlabError as exc:
         raise LmlabError(f"post.teacher={spec}: {exc}") from None
-    if tokenizer_digest(tokenizer) != tokenizer_digest(student_tokenizer):
+    if tokenizer_checksum(tokenizer) != tokenizer_checksum(student_tokenizer):
         raise LmlabError(
             f"post.teacher={spec} has another tokenizer ({tokenizer.kind}, "
             f"{tokenizer.vocab_size} tokens) than the student ({student_tokenizer.kind}, "

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import time
@@ -14,7 +13,7 @@ import torch
 
 from lmlab.config.load import build_config, config_to_dict, dump_config, read_yaml_file
 from lmlab.config.schema import Config, ParentRun
-from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_state
+from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_checksum
 from lmlab.distributed.sharded import load_model
 from lmlab.errors import LmlabError, ParamError
 from lmlab.layers.quantized import convert_to_quantized
@@ -189,22 +188,17 @@ def run_tokenizer(run_dir: Path, config: Config) -> Tokenizer:
     return tokenizer
 
 
-def tokenizer_digest(tokenizer: Tokenizer) -> str:
-    kind, state = tokenizer_state(tokenizer)
-    return hashlib.sha256(f"{kind}\n{state}".encode()).hexdigest()
-
-
 def run_origin(config: Config, tokenizer: Tokenizer) -> dict:
     """What a checkpoint was trained with, stored in it so a resume or load can tell when the
     folder's config.yaml or tokenizer/ was edited or swapped afterwards."""
-    return {"config": config_to_dict(config), "tokenizer": tokenizer_digest(tokenizer)}
+    return {"config": config_to_dict(config), "tokenizer": tokenizer_checksum(tokenizer)}
 
 
 def check_tokenizer_origin(run_dir: Path, tokenizer: Tokenizer, checkpoint: Checkpoint) -> None:
     """Refuse a tokenizer other than the one the checkpoint was trained with (checkpoints
     written before lmlab stored their origin carry none and pass)."""
     origin = checkpoint.trainer.get("origin")
-    if origin is not None and origin["tokenizer"] != tokenizer_digest(tokenizer):
+    if origin is not None and origin["tokenizer"] != tokenizer_checksum(tokenizer):
         raise LmlabError(
             f"the tokenizer in {run_dir / TOKENIZER_DIR} is not the one {checkpoint.path.name} "
             "was trained with (another run's?); restore this run's tokenizer/ folder"
@@ -372,7 +366,7 @@ def load_draft(
             )
         return EarlyExit(model, int(layers))
     _, draft, draft_tokenizer, _ = load_trained_model(spec, device)
-    if tokenizer_digest(draft_tokenizer) != tokenizer_digest(tokenizer):
+    if tokenizer_checksum(draft_tokenizer) != tokenizer_checksum(tokenizer):
         raise LmlabError(
             f"the draft run {spec} has another tokenizer ({draft_tokenizer.kind}, "
             f"{draft_tokenizer.vocab_size} tokens) than the model ({tokenizer.kind}, "
