@@ -31,6 +31,7 @@ from lmlab.eval.probes import (
 )
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
+from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.optim import build_optimizers
 from lmlab.train.schedule import lr_multiplier
 from lmlab.train.step import TrainStep
@@ -240,8 +241,8 @@ def write_probe_files(out: Path, name: str, report: dict) -> None:
     path = out / PROBES_FILE
     scores = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     scores.update(report["scores"])
-    path.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-    (out / f"probe-{name}.md").write_text(sweep_table(report) + "\n", encoding="utf-8")
+    atomic_write_json(path, scores)
+    atomic_write_text(out / f"probe-{name}.md", sweep_table(report) + "\n")
 
 
 def run_loss_by_position(
@@ -259,5 +260,5 @@ def run_loss_by_position(
     curves = loss_by_position(model, data.val, lengths, buckets=buckets, max_windows=windows)
     report = {"step": step, "train_seq_len": train_len, "buckets": buckets, "loss": curves}
     path = Path(run) / "loss_by_position.json"
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(path, report)
     return report
