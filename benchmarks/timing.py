@@ -8,9 +8,11 @@ calls first (allocator, kernels, caches), then a statistic over timed calls, in 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,6 +23,21 @@ STATISTICS: dict[str, Callable[[list[float]], float]] = {
     "best": min,
     "mean": statistics.fmean,
 }
+
+
+def machine() -> str:
+    """The CPU that heads every table: model name, cores and the instruction set torch uses
+    (AVX512 with AMX makes bf16 fast, AVX2 alone makes it slow, so figures differ by machine)."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"CPU: {name}, {os.cpu_count()} cores, {capability}, torch {torch.__version__}"
 
 
 def time_ms(
