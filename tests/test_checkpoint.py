@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from conftest import TINY_RUN, train_losses
 from torch import nn
 
+from lmlab.files import atomic_write_json, atomic_write_text
 from lmlab.train.checkpoint import (
     MANIFEST_FILE,
-    atomic_write_json,
-    atomic_write_text,
     capture_rng_state,
     list_checkpoints,
     load_latest_checkpoint,

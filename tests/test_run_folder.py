@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN, expect_one_error, tiny_run_args, train_losses, write_corpus
 
+from lmlab import files
 from lmlab.cli import main
 from lmlab.config.load import build_config
 from lmlab.data.dataset import prepare_data
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.errors import LmlabError
-from lmlab.train import checkpoint as checkpoint_module
-from lmlab.train.checkpoint import atomic_write_text, list_checkpoints
+from lmlab.files import atomic_write_text
+from lmlab.train.checkpoint import list_checkpoints
 from lmlab.train.metrics import MetricsLog, read_metrics
 from lmlab.train.run import LOCK_FILE, RunHold
 from lmlab.train.trainer import Trainer
@@ -187,18 +188,18 @@ def test_a_full_disk_while_logging_metrics_is_one_line_and_undone(run, capsys, m
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_undone(run, capsys, monkeypatch):
-    original = checkpoint_module._write_synced
+    original = files.write_synced
 
     def full_on_step_6(file, data: bytes) -> None:
         if "step_00000006" in str(file.name):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         original(file, data)
 
-    monkeypatch.setattr(checkpoint_module, "_write_synced", full_on_step_6)
+    monkeypatch.setattr(files, "write_synced", full_on_step_6)
     argv = ["train", "--resume", str(run), "train.max_steps=6", "train.checkpoint_interval=2"]
     expect_one_error(capsys, argv, "no space left on the device")
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000004"]
-    monkeypatch.setattr(checkpoint_module, "_write_synced", original)
+    monkeypatch.setattr(files, "write_synced", original)
     assert main(["train", "--quiet", "--resume", str(run), "train.max_steps=6"]) == 0
     assert list_checkpoints(run)[-1].name == "step_00000006"
 
@@ -210,7 +211,7 @@ def test_a_full_disk_in_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch
     def full(file, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint_module, "_write_synced", full)
+    monkeypatch.setattr(files, "write_synced", full)
     with pytest.raises(LmlabError, match="no space left"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]

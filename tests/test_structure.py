@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 
 LAYERS = [
     ("errors",),
+    ("files",),
     ("config",),
     ("ops", "data"),
     ("layers",),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_text
 
 CHAT_TEMPLATE_FILE = "chat_template.json"
 TEMPLATE_FORMAT = "lmlab-chat-template"
@@ -74,8 +75,7 @@ class ChatTemplate:
             "roles": self.roles,
             "special_tokens": self.special_tokens,
         }
-        text = json.dumps(data, indent=2) + "\n"
-        (directory / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
+        atomic_write_text(directory / CHAT_TEMPLATE_FILE, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> ChatTemplate | None:

@@ -47,11 +47,9 @@ from lmlab.data.shards import (
     MANIFEST_FILE,
     SETTINGS_FILE,
     ShardWriter,
-    fsync_dir,
     manifest,
     save_tokenizer_atomic,
     shard_problem,
-    write_json_atomic,
 )
 from lmlab.data.sources import (
     Segment,
@@ -70,6 +68,7 @@ from lmlab.data.tokenizers import (
     train_tokenizer,
 )
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_json, fsync_dir
 
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
@@ -165,7 +164,7 @@ def encode_unit(job: Job) -> dict:
         "documents": documents,
         "unknown": unknown,
     }
-    write_json_atomic(out / PARTS_DIR / f"{_part_name(job.index)}.json", record)
+    atomic_write_json(out / PARTS_DIR / f"{_part_name(job.index)}.json", record)
     return record
 
 
@@ -283,7 +282,7 @@ def _open_out(out: Path, settings: dict) -> bool:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / PARTS_DIR).mkdir(exist_ok=True)
-    write_json_atomic(settings_path, settings)
+    atomic_write_json(settings_path, settings)
     return True
 
 
@@ -536,7 +535,7 @@ def _finish(
                 f"({sum(documents.values())} documents, val_fraction {settings['val_fraction']}); "
                 "give more documents or another --val-fraction"
             )
-    write_json_atomic(out / MANIFEST_FILE, info)
+    atomic_write_json(out / MANIFEST_FILE, info)
     fsync_dir(out)
     return {
         "out": str(out),

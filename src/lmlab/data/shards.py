@@ -12,7 +12,6 @@ Folders of the first format (``meta.json``, one ``train.bin`` and ``val.bin``) a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ import numpy as np
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_checksum
 from lmlab.data.tokens import ShardedTokens, TokenData
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_json, fsync_dir
 
 MANIFEST_FILE = "manifest.json"
 SETTINGS_FILE = "prepare.json"
@@ -43,33 +43,6 @@ def is_shard_dir(path: str | Path) -> bool:
         or (path / SETTINGS_FILE).is_file()
         or ((path / LEGACY_META_FILE).is_file() and (path / "train.bin").is_file())
     )
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replace ``path`` with ``obj`` as JSON so that readers see the old or the new file, never
-    a mix. (``lmlab.train.checkpoint`` has the same for runs; ``data/`` sits below ``train/``
-    in the layers, so it cannot use that one.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as file:
-            file.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -175,7 +148,7 @@ def write_shards(out_dir: str | Path, data: TokenData, tokenizer: Tokenizer) -> 
         writer.write(np.asarray(getattr(data, split)), getattr(data, f"{split}_bytes"))
         shards.append(writer.finish(split, checksum))
     save_tokenizer_atomic(tokenizer, out / "tokenizer")
-    write_json_atomic(out / MANIFEST_FILE, manifest(tokenizer, shards))
+    atomic_write_json(out / MANIFEST_FILE, manifest(tokenizer, shards))
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_text
 
 KINDS = ("byte", "char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -135,11 +136,11 @@ class Tokenizer(ABC):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / TOKENIZER_FILE).write_text(self._state(), encoding="utf-8")
+        atomic_write_text(directory / TOKENIZER_FILE, self._state())
         meta: dict = {"kind": self.kind, "vocab_size": self.vocab_size}
         if self.special_tokens:
             meta["special_tokens"] = list(self.special_tokens)
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and tokenizer_state(other) == tokenizer_state(self)

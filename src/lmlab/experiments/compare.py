@@ -34,9 +34,9 @@ from lmlab.experiments.runset import (
     variant_name,
 )
 from lmlab.experiments.stats import METRICS, Rule, decide, describe, load_rule
+from lmlab.files import atomic_write_json
 from lmlab.interop.lm_eval_tasks import check_tasks, headline_score, run_lm_eval
 from lmlab.train import registry
-from lmlab.train.checkpoint import atomic_write_json
 
 RESULTS_FILE = "results.json"
 

@@ -29,9 +29,9 @@ from lmlab.eval.probes import (
     loss_by_position,
     scored_logits,
 )
+from lmlab.files import atomic_write_json, atomic_write_text
 from lmlab.model.lm import LanguageModel
 from lmlab.train import registry
-from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.optim import build_optimizers
 from lmlab.train.schedule import lr_multiplier
 from lmlab.train.step import TrainStep

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.train.checkpoint import atomic_write_text
+from lmlab.files import atomic_write_text
 
 PLOTS = {
     "val_vs_tokens.png": ("tokens", "training tokens"),

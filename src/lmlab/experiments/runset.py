@@ -31,10 +31,10 @@ from lmlab.config.load import build_config, dump_config
 from lmlab.config.schema import Config, ModelConfig
 from lmlab.data.dataset import prepare_data
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_json, atomic_write_text
 from lmlab.model.lm import LanguageModel
 from lmlab.posttrain.launch import start_run
 from lmlab.train import registry
-from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.launch import resume_trainer
 from lmlab.train.metrics import read_metrics
 from lmlab.train.run import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE

@@ -36,8 +36,8 @@ from lmlab.experiments.runset import (
     train_runs,
 )
 from lmlab.experiments.scaling import PARAMETERS, ScalingFit, fit_scaling_law, relative_error
+from lmlab.files import atomic_write_json, atomic_write_text
 from lmlab.train import registry
-from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.run import open_run
 
 METRIC = "val_bits_per_byte"

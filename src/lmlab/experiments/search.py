@@ -45,9 +45,9 @@ from lmlab.experiments.runset import (
     error_line,
     parse_budget,
 )
+from lmlab.files import atomic_write_json, atomic_write_text
 from lmlab.posttrain.launch import start_run
 from lmlab.train import registry
-from lmlab.train.checkpoint import atomic_write_json, atomic_write_text
 from lmlab.train.metrics import read_metrics
 from lmlab.train.run import METRICS_FILE, SUMMARY_FILE, open_run
 

@@ -19,6 +19,7 @@ import torch
 from lmlab.config.load import config_to_dict
 from lmlab.config.schema import Config, DataConfig, TrainConfig
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_bytes, atomic_write_text
 from lmlab.interop.llama import (
     from_llama_tensors,
     llama_config,
@@ -28,7 +29,7 @@ from lmlab.interop.llama import (
 )
 from lmlab.interop.tokenizer import hf_tokenizer_files, load_hf_tokenizer
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_text, save_checkpoint
+from lmlab.train.checkpoint import save_checkpoint
 from lmlab.train.registry import record_runs, run_row
 from lmlab.train.run import claim_new_run, load_run_checkpoint, run_origin, save_run_config
 

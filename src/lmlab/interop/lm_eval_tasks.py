@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lmlab.errors import LmlabError, ParamError
-from lmlab.train.checkpoint import atomic_write_json
+from lmlab.files import atomic_write_json
 from lmlab.train.registry import record_evals
 
 LM_EVAL_FILE = "lm_eval.json"

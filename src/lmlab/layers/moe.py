@@ -75,6 +75,7 @@ from torch import nn
 
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_text
 from lmlab.layers.base import ChannelMixer, Decode, Router
 from lmlab.layers.features import FeatureCounter, recording
 from lmlab.layers.mlp import SwiGLU
@@ -341,7 +342,8 @@ class MoE(FeatureCounter, ChannelMixer):
         path = Path(run_dir) / SPECIALISATION_FILE
         layers = json.loads(path.read_text())["layers"] if path.exists() else {}
         layers[name] = self.specialisation(decode)
-        path.write_text(json.dumps({"layers": layers}, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps({"layers": layers}, indent=1, ensure_ascii=False) + "\n"
+        atomic_write_text(path, text)
 
     def extra_flops_per_token(self, context: int) -> float:
         """What the model's count of 2 FLOPs per ``nn.Linear`` weight misses: it counts every

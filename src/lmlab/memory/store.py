@@ -41,8 +41,8 @@ import torch
 from lmlab.data.dataset import prepare_data, with_source
 from lmlab.data.tokenizers import Tokenizer, tokenizer_checksum
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_bytes, atomic_write_json
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_json
 from lmlab.train.run import LOCK_FILE, RunHold, load_run_checkpoint
 
 if TYPE_CHECKING:

@@ -11,9 +11,10 @@ from pathlib import Path
 from lmlab.config.schema import ParentRun
 from lmlab.data.chat import CHAT_TEMPLATE_FILE
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_json
 from lmlab.train import registry
 from lmlab.train.adapters import merge_lora
-from lmlab.train.checkpoint import atomic_write_json, capture_rng_state, save_checkpoint
+from lmlab.train.checkpoint import capture_rng_state, save_checkpoint
 from lmlab.train.run import (
     SUMMARY_FILE,
     TOKENIZER_DIR,

@@ -24,8 +24,8 @@ from torch import nn
 
 from lmlab.config.schema import Config, PostConfig
 from lmlab.errors import LmlabError
+from lmlab.files import atomic_write_bytes, atomic_write_text
 from lmlab.layers.quantized import quantize_int8
-from lmlab.train.checkpoint import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:  # peft imports transformers: seconds, paid only by runs that use LoRA
     from peft import LoraConfig

@@ -39,7 +39,6 @@ not kept). Non-contiguous tensors are stored contiguous.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -48,21 +47,21 @@ import random
 import re
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
 
+from lmlab import files as atomic_files
 from lmlab.distributed.group import Ranks, barrier
 from lmlab.distributed.sharded import save_sharded, sharded_state
 from lmlab.errors import LmlabError
+from lmlab.files import disk_full_is_an_error
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -113,94 +112,6 @@ class _Corrupt(Exception):
 
 def print_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def _write_synced(file: BinaryIO, data: bytes) -> None:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make new entries and renames in ``path`` durable (Windows cannot open a directory)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def disk_full_is_an_error(path: Path) -> Iterator[None]:
-    """Turn a full disk (or quota) while writing ``path`` into one line; the writers undo their
-    partial write before this is raised, so what the line promises holds."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise LmlabError(
-            f"no space left on the device while writing {path}; the write was undone, so the "
-            "files on disk are consistent (as before it): free space, then try again "
-            "(lmlab train --resume RUN continues a run from its last checkpoint)"
-        ) from None
-
-
-def _new_file_mode() -> int:
-    """The mode ``open`` gives a new file under the current umask (mkstemp's is 0600)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with disk_full_is_an_error(path), os.fdopen(fd, "wb") as file:
-            os.chmod(tmp, _new_file_mode())
-            _write_synced(file, data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (indent 2, sorted keys) that any parser reads: non-finite floats are written as
-    the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which ``float()`` turns back."""
-    atomic_write_bytes(path, _json_bytes(_finite_json(obj), sort_keys=True))
-
-
-def _json_bytes(obj: Any, sort_keys: bool) -> bytes:
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False, ensure_ascii=False)
-    return (text + "\n").encode("utf-8")
-
-
-def _float_name(value: float) -> str:
-    """A non-finite float spelled the way ``float()`` parses it back."""
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _finite_json(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return _float_name(obj)
-    if isinstance(obj, dict):
-        return {key: _finite_json(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_json(value) for value in obj]
-    return obj
 
 
 # ---------------------------------------------------------------- tensors and nested states
@@ -262,7 +173,7 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if obj is None or isinstance(obj, bool | int | str):
         return obj
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"__float__": _float_name(obj)}
+        return obj if math.isfinite(obj) else {"__float__": atomic_files.float_name(obj)}
     if isinstance(obj, torch.Tensor):
         key = path or "."
         while key in tensors:
@@ -312,7 +223,7 @@ def _tree_files(name: str, obj: Any) -> dict[str, bytes]:
     skeleton = _encode(obj, "", tensors)
     # Unsorted: the order of the saved dicts is part of what comes back.
     return {
-        f"{name}.json": _json_bytes(skeleton, sort_keys=False),
+        f"{name}.json": atomic_files.json_bytes(skeleton, sort_keys=False),
         f"{name}.safetensors": _tensors_to_bytes(tensors),
     }
 
@@ -446,7 +357,7 @@ def _new_tmp_folder(run_dir: Path, step: int) -> Path:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         root.mkdir(parents=True)
-        _fsync_dir(root.parent)
+        atomic_files.fsync_dir(root.parent)
     _remove_leftovers(root)
     tmp = root / f"{TMP_PREFIX}{_step_name(step)}"
     tmp.mkdir()
@@ -457,14 +368,14 @@ def _write_files(folder: Path, files: dict[str, bytes]) -> None:
     with disk_full_is_an_error(folder):
         for name, data in files.items():
             with open(folder / name, "xb") as file:
-                _write_synced(file, data)
-        _fsync_dir(folder)
+                atomic_files.write_synced(file, data)
+        atomic_files.fsync_dir(folder)
 
 
 def _write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict) -> None:
     """The manifest, last: its presence says every file it lists is complete."""
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files, **extra}
-    _write_files(folder, {MANIFEST_FILE: _json_bytes(manifest, sort_keys=True)})
+    _write_files(folder, {MANIFEST_FILE: atomic_files.json_bytes(manifest, sort_keys=True)})
 
 
 def _commit(run_dir: Path, tmp: Path, step: int, keep_last: int) -> Path:
@@ -474,7 +385,7 @@ def _commit(run_dir: Path, tmp: Path, step: int, keep_last: int) -> Path:
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    atomic_files.fsync_dir(root)
 
     others = [path for path in list_checkpoints(run_dir) if path != final]
     older = [path for path in others if _step_of(path) < step]

@@ -27,9 +27,10 @@ from lmlab.config.load import build_config, dump_config
 from lmlab.config.schema import Config
 from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state, tokenizer_state
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_bytes
 from lmlab.layers.bitlinear import BitLinear, pack_ternary, unpack_ternary
 from lmlab.model.lm import LanguageModel
-from lmlab.train.checkpoint import MODEL_FILE, Checkpoint, atomic_write_bytes
+from lmlab.train.checkpoint import MODEL_FILE, Checkpoint
 from lmlab.train.run import load_run_checkpoint
 
 FORMATS = ("ternary",)

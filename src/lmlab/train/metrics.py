@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmlab.errors import LmlabError
-from lmlab.train.checkpoint import disk_full_is_an_error
+from lmlab.files import disk_full_is_an_error
 
 
 class MetricsLog:

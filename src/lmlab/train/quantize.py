@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_json
 from lmlab.layers.quantized import GROUP_SIZES, convert_to_quantized
-from lmlab.train.checkpoint import MODEL_FILE, atomic_write_json, save_checkpoint
+from lmlab.train.checkpoint import MODEL_FILE, save_checkpoint
 from lmlab.train.run import CONFIG_FILE, TOKENIZER_DIR, load_run_checkpoint
 
 METHODS = {"int8": 8, "int4": 4}

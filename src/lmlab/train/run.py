@@ -16,6 +16,7 @@ from lmlab.config.schema import Config, ParentRun
 from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_checksum
 from lmlab.distributed.sharded import load_model
 from lmlab.errors import LmlabError, ParamError
+from lmlab.files import atomic_write_text
 from lmlab.layers.quantized import convert_to_quantized
 from lmlab.model.lm import LanguageModel
 from lmlab.model.speculative import Draft, EarlyExit
@@ -23,7 +24,6 @@ from lmlab.train.adapters import ADAPTER_DIR, add_lora
 from lmlab.train.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
-    atomic_write_text,
     list_checkpoints,
     load_checkpoint_at,
     load_latest_checkpoint,

@@ -34,6 +34,7 @@ from lmlab.distributed.parallel import CommClock, gradient_sync, make_parallel
 from lmlab.distributed.sharded import load_model_and_optimizers
 from lmlab.errors import LmlabError
 from lmlab.eval.evaluate import evaluate
+from lmlab.files import atomic_write_json
 from lmlab.layers.base import TokenMixer
 from lmlab.model.cache import ModelState
 from lmlab.model.lm import LanguageModel
@@ -41,7 +42,6 @@ from lmlab.train import registry
 from lmlab.train.adapters import add_lora, save_adapter, trainable_parameters
 from lmlab.train.checkpoint import (
     Checkpoint,
-    atomic_write_json,
     capture_rng_state,
     restore_rng_state,
     save_checkpoint,
