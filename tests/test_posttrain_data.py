@@ -216,7 +216,7 @@ def test_exact_match_verifier_and_user_registered_verifiers():
         assert get_verifier("contains")("it is 46.", "46") == 1.0
     finally:
         del VERIFIERS["contains"]
-    with pytest.raises(LmlabError, match="verifier 'contains' is not registered"):
+    with pytest.raises(LmlabError, match="unknown verifier 'contains'; available: "):
         get_verifier("contains")
 
 

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 
 LAYERS = [
     ("errors",),
-    ("files",),
+    ("files", "catalog"),
     ("config",),
     ("ops", "data"),
     ("layers",),

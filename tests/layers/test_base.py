@@ -26,17 +26,23 @@ class Forgetful(TokenMixer):
     """Leaves out its FLOPs correction."""
 
 
-def test_registry_names_the_class_and_refuses_one_outside_the_contract(monkeypatch):
-    monkeypatch.setattr(registry, "TOKEN_MIXERS", {})
-    assert registry.register_token_mixer("counted")(Counted) is Counted
-    assert Counted.name == "counted" and {"counted": Counted} == registry.TOKEN_MIXERS
-    with pytest.raises(TypeError, match=r"must derive from lmlab.layers.base.TokenMixer"):
-        registry.register_token_mixer("plain")(nn.Identity)
-    with pytest.raises(TypeError, match=r"does not define extra_flops_per_token"):
-        registry.register_token_mixer("forgetful")(Forgetful)
-    with pytest.raises(TypeError, match=r"ChannelMixer"):
-        registry.register_channel_mixer("counted")(Counted)
-    assert set(registry.TOKEN_MIXERS) == {"counted"}
+def test_registry_names_the_class_and_refuses_one_outside_the_contract():
+    before = set(registry.TOKEN_MIXERS)
+    try:
+        assert registry.register_token_mixer("counted")(Counted) is Counted
+        assert Counted.name == "counted" and registry.TOKEN_MIXERS["counted"] is Counted
+        with pytest.raises(ValueError, match=r"token mixer 'counted' is registered twice"):
+            registry.register_token_mixer("counted")(Counted)
+        with pytest.raises(TypeError, match=r"must derive from lmlab.layers.base.TokenMixer"):
+            registry.register_token_mixer("plain")(nn.Identity)
+        with pytest.raises(TypeError, match=r"does not define extra_flops_per_token"):
+            registry.register_token_mixer("forgetful")(Forgetful)
+        with pytest.raises(TypeError, match=r"ChannelMixer"):
+            registry.register_channel_mixer("counted")(Counted)
+        assert set(registry.TOKEN_MIXERS) == before | {"counted"}
+        assert "counted" not in registry.CHANNEL_MIXERS
+    finally:
+        registry.TOKEN_MIXERS.pop("counted", None)
 
 
 def test_forgetting_the_flops_hook_cannot_build_a_mixer():

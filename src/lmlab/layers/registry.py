@@ -17,20 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lmlab.catalog import Catalog
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.base import ChannelMixer, Mixer, TokenMixer
 
-TOKEN_MIXERS: dict[str, type[TokenMixer]] = {}
-CHANNEL_MIXERS: dict[str, type[ChannelMixer]] = {}
-
 M = TypeVar("M", bound=Mixer)
 
 
-def _register(table: dict[str, type[M]], base: type[M], name: str) -> Callable[[type[M]], type[M]]:
-    def decorate(cls: type[M]) -> type[M]:
-        if name in table:
-            raise ValueError(f"mixer name {name!r} is registered twice")
+def _admit(base: type[M]) -> Callable[[str, type[M]], None]:
+    """The check a mixer class passes to be registered: it derives from ``base`` and defines
+    every abstract hook; it is then given its registered ``name``."""
+
+    def check(name: str, cls: type[M]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(
                 f"mixer {name!r} ({cls.__name__}) must derive from lmlab.layers.base."
@@ -43,29 +42,25 @@ def _register(table: dict[str, type[M]], base: type[M], name: str) -> Callable[[
                 "declares its FLOPs correction (0.0 if it has none, see lmlab.layers.base)"
             )
         cls.name = name
-        table[name] = cls
-        return cls
 
-    return decorate
+    return check
+
+
+_HOW_TO_ADD = "`lmlab info --mixers` lists them; lmlab.layers.registry registers new ones"
+TOKEN_MIXERS: Catalog[type[TokenMixer]] = Catalog("token mixer", _HOW_TO_ADD, _admit(TokenMixer))
+CHANNEL_MIXERS: Catalog[type[ChannelMixer]] = Catalog(
+    "channel mixer", _HOW_TO_ADD, _admit(ChannelMixer)
+)
 
 
 def register_token_mixer(name: str) -> Callable[[type[TokenMixer]], type[TokenMixer]]:
     """Register a :class:`TokenMixer`: ``forward(x [B,T,D], state=None) -> (y, new_state)``."""
-    return _register(TOKEN_MIXERS, TokenMixer, name)
+    return TOKEN_MIXERS.register(name)
 
 
 def register_channel_mixer(name: str) -> Callable[[type[ChannelMixer]], type[ChannelMixer]]:
     """Register a :class:`ChannelMixer`: ``forward(x [B,T,D]) -> y [B,T,D]``."""
-    return _register(CHANNEL_MIXERS, ChannelMixer, name)
-
-
-def _lookup(table: dict[str, type[M]], name: str, what: str) -> type[M]:
-    import_builtin_layers()
-    if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise LmlabError(f"unknown {what} {name!r}; {hint}available: {', '.join(sorted(table))}")
-    return table[name]
+    return CHANNEL_MIXERS.register(name)
 
 
 def mixer_options(cls: type[Mixer], name: str, settings: dict[str, Any]) -> Any:
@@ -84,12 +79,14 @@ def mixer_options(cls: type[Mixer], name: str, settings: dict[str, Any]) -> Any:
 
 
 def build_token_mixer(name: str, cfg: ModelConfig, layer_idx: int) -> TokenMixer:
-    cls = _lookup(TOKEN_MIXERS, name, "token mixer")
+    import_builtin_layers()
+    cls = TOKEN_MIXERS.lookup(name)
     return cls(cfg, layer_idx, mixer_options(cls, name, cfg.mixer_options.get(name, {})))
 
 
 def build_channel_mixer(name: str, cfg: ModelConfig, layer_idx: int) -> ChannelMixer:
-    cls = _lookup(CHANNEL_MIXERS, name, "channel mixer")
+    import_builtin_layers()
+    cls = CHANNEL_MIXERS.lookup(name)
     return cls(cfg, layer_idx, mixer_options(cls, name, cfg.mixer_options.get(name, {})))
 
 

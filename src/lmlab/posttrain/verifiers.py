@@ -14,29 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lmlab.errors import LmlabError
+from lmlab.catalog import Catalog
 
 Verifier = Callable[[str, str], float]
-VERIFIERS: dict[str, Verifier] = {}
+VERIFIERS: Catalog[Verifier] = Catalog(
+    "verifier", "register one with lmlab.posttrain.verifiers.register_verifier"
+)
 
 
 def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
     """Register ``verifier(completion, answer) -> score`` under ``name``."""
-
-    def register(verifier: Verifier) -> Verifier:
-        VERIFIERS[name] = verifier
-        return verifier
-
-    return register
+    return VERIFIERS.register(name)
 
 
 def get_verifier(name: str) -> Verifier:
-    if name not in VERIFIERS:
-        raise LmlabError(
-            f"verifier {name!r} is not registered; known: {', '.join(sorted(VERIFIERS))} "
-            "(register one with lmlab.posttrain.verifiers.register_verifier)"
-        )
-    return VERIFIERS[name]
+    return VERIFIERS.lookup(name)
 
 
 def first_line(text: str) -> str:

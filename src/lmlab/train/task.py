@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.catalog import Catalog
 
 Forward = Callable[..., tuple[torch.Tensor, Any]]
 """The model's forward (possibly compiled): ``forward(ids, state=None) -> (logits, state)``."""
@@ -68,24 +68,18 @@ class Task(ABC):
 TaskFactory = Callable[[Any], Task]
 """Called with the :class:`~lmlab.train.trainer.Trainer` once its model is built (weights
 loaded, adapters in place) and before a checkpoint is restored."""
-TASKS: dict[str, TaskFactory] = {}
+TASKS: Catalog[TaskFactory] = Catalog(
+    "post.method",
+    "import lmlab.posttrain (the lmlab command does) or register a task with "
+    "lmlab.train.task.register_task",
+)
 """Task factories by ``post.method``."""
 
 
 def register_task(method: str) -> Callable[[TaskFactory], TaskFactory]:
     """Register the task factory of ``post.method=<method>``."""
-
-    def register(factory: TaskFactory) -> TaskFactory:
-        TASKS[method] = factory
-        return factory
-
-    return register
+    return TASKS.register(method)
 
 
 def task_factory(method: str) -> TaskFactory:
-    if method not in TASKS:
-        raise LmlabError(
-            f"post.method={method} has no registered task; import lmlab.posttrain (the lmlab "
-            "command does) or register one with lmlab.train.task.register_task"
-        )
-    return TASKS[method]
+    return TASKS.lookup(method)
