@@ -81,11 +81,20 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="model.d_model")
     parser.add_argument("--examples", type=int, default=16_000)
     parser.add_argument("--epochs", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every mixer, e.g. model.channel_mixer=none (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, help="JSON lines file: append, skip cells done")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{machine()}; {torch.get_num_threads()} torch thread(s)")
+    print(f"{machine()}; {torch.get_num_threads()} torch thread(s); overrides: {args.set}")
     done = done_cells(args.results)
     task_name = ""
     for seed in parse_list(args.seeds, int, "--seeds"):
@@ -104,14 +113,26 @@ def main() -> None:
                 continue
             config = build_config(
                 "gpt-tiny",
-                [f"model.mixer={mixer}", f"model.d_model={args.width}", "model.n_layers=2"],
+                [
+                    f"model.mixer={mixer}",
+                    f"model.d_model={args.width}",
+                    "model.n_layers=2",
+                    *args.set,
+                ],
             )
             for lr in parse_list(args.lrs, float, "--lrs"):
                 key = {"task": task_name, "mixer": mixer, "seed": seed, "lr": lr}
                 if any(all(cell[k] == v for k, v in key.items()) for cell in done):
                     continue
                 started = time.perf_counter()
-                report = run_probe(config, task, epochs=args.epochs, lrs=[lr])
+                report = run_probe(
+                    config,
+                    task,
+                    epochs=args.epochs,
+                    lrs=[lr],
+                    batch_size=args.batch_size,
+                    warmup=args.warmup,
+                )
                 result = report["sweep"][0]
                 cell = {
                     **key,
