@@ -576,14 +576,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.int8 == args.int4:
         raise LmlabError("give exactly one of --int8 and --int4")
-    result = quantize_run(args.run, args.out, "int8" if args.int8 else "int4", args.group_size)
+    method = "int8" if args.int8 else "int4"
+    result = quantize_run(args.run, args.out, method, args.group_size, args.keep_embeddings)
     group = f", groups of {result['group_size']}" if result["group_size"] else ""
+    tied = " (tied: stored once)" if result["tied"] else ""
+    smaller = ", ".join(f"{name} g{size}" for name, size in result["smaller_groups"].items())
     kept = f"; kept in float: {', '.join(result['float_layers'])}" if result["float_layers"] else ""
     print(
-        f"{result['out']}: {result['method']}{group}, step {result['step']}, "
+        f"{result['out']}: {result['method']}{group}, embedding and head "
+        f"{result['embeddings']}{tied}, step {result['step']}, "
         f"{result['bytes'] / 1024:.1f} KiB (float checkpoint model: "
         f"{result['source_bytes'] / 1024:.1f} KiB, {result['source_bytes'] / result['bytes']:.1f}x "
-        f"larger){kept}"
+        f"larger){f'; smaller groups: {smaller}' if smaller else ''}{kept}"
     )
     return 0
 
@@ -1185,13 +1189,20 @@ COMMANDS: tuple[Command, ...] = (
                 type=int,
                 choices=[32, 64, 128],
             ),
+            opt(
+                "--keep-embeddings",
+                "leave the token embedding and output head float",
+                "keep_embeddings",
+                action="store_true",
+            ),
             opt("--out", "new run folder to write", "out", required=True),
         ),
         library=quantize_run,
         description="Write a new run folder holding the run's newest checkpoint with every\n"
-        "linear layer of its blocks quantised (embedding, head and norms stay float):\n"
-        "--int8 per output channel, --int4 group-wise. lmlab eval and lmlab generate load it\n"
-        "like any run. See docs/serving.md.",
+        "linear layer of its blocks, the output head and the token embedding quantised (a tied\n"
+        "embedding and head stored once; norms stay float): --int8 per output channel, --int4\n"
+        "group-wise (a layer the group does not divide takes the largest smaller group that\n"
+        "does). lmlab eval, generate and serve load it like any run. See docs/serving.md.",
         epilog="Examples:\n"
         "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
         "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4",

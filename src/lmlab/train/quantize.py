@@ -1,11 +1,13 @@
-"""``lmlab quantize``: a run folder whose linear layers hold int8 or int4 weights.
+"""``lmlab quantize``: a run folder whose linear layers and embedding hold int8 or int4 weights.
 
 The new run is a copy of the source run's config and tokenizer with one checkpoint: every plain
-``nn.Linear`` in the blocks quantised (``lmlab.layers.quantized``), the embedding, the (tied)
-head, norms, routers and other parameters as trained. Its trainer state records the method
-(``quantization``), so ``load_trained_model`` rebuilds the same layers before loading the
-weights: ``lmlab eval``, ``lmlab generate`` and anything else that loads runs need no change.
-A quantised run cannot be trained further (there is no float weight left to update).
+``nn.Linear`` in the blocks, the output head and the token embedding quantised
+(``lmlab.model.quantized``; a tied embedding and head stored once), norms, routers and other
+parameters as trained; ``keep_embeddings`` leaves the embedding and head float. Its trainer
+state records the method (``quantization``), so ``load_trained_model`` rebuilds the same
+layers before loading the weights: ``lmlab eval``, ``lmlab generate``, ``lmlab serve`` and
+anything else that loads runs need no change. A quantised run cannot be trained further
+(there is no float weight left to update).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from lmlab.errors import LmlabError, ParamError
-from lmlab.layers.quantized import GROUP_SIZES, convert_to_quantized
+from lmlab.layers.quantized import GROUP_SIZES
+from lmlab.model.quantized import quantize_model
 from lmlab.train.checkpoint import MODEL_FILE, atomic_write_json, save_checkpoint
 from lmlab.train.run import CONFIG_FILE, TOKENIZER_DIR, load_run_checkpoint
 
@@ -24,10 +27,17 @@ QUANTIZATION_FILE = "quantization.json"
 checkpoint's trainer state."""
 
 
-def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int = 64) -> dict:
+def quantize_run(
+    run: str | Path,
+    out: str | Path,
+    method: str,
+    group_size: int = 64,
+    keep_embeddings: bool = False,
+) -> dict:
     """Write ``out``, a new run folder holding ``run``'s newest checkpoint quantised with
-    ``method`` (``int8``: per output channel; ``int4``: groups of ``group_size`` inputs);
-    returns its sizes and the layers it kept in float."""
+    ``method`` (``int8``: per output channel; ``int4``: groups of ``group_size`` inputs, or the
+    largest smaller group that divides a layer), the embedding and head too unless
+    ``keep_embeddings``; returns its sizes and what it quantised."""
     if method not in METHODS:
         raise ParamError(f"<method>={method!r} must be one of {', '.join(METHODS)}", "method")
     bits = METHODS[method]
@@ -45,13 +55,13 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
     if checkpoint.trainer.get("quantization"):
         raise LmlabError(f"{run} is already quantised; quantise the float run it came from")
     group = group_size if bits == 4 else 0
-    kept = [f"blocks.{name}" for name in convert_to_quantized(model.blocks, bits, group)]
+    done = quantize_model(model, bits, group, embeddings=not keep_embeddings)
     source = Path(run)
     out.mkdir()
     try:
         shutil.copy2(source / CONFIG_FILE, out / CONFIG_FILE)
         shutil.copytree(source / TOKENIZER_DIR, out / TOKENIZER_DIR)
-        quantization = {"bits": bits, "group_size": group}
+        quantization = {"bits": bits, "group_size": group, "embeddings": not keep_embeddings}
         trainer = {"origin": checkpoint.trainer.get("origin"), "quantization": quantization}
         folder = save_checkpoint(out, checkpoint.step, model.state_dict(), {}, trainer)
         result = {
@@ -62,7 +72,10 @@ def quantize_run(run: str | Path, out: str | Path, method: str, group_size: int 
             "source": str(source),
             "bytes": (folder / MODEL_FILE).stat().st_size,
             "source_bytes": (checkpoint.path / MODEL_FILE).stat().st_size,
-            "float_layers": kept,
+            "embeddings": done.embeddings,
+            "tied": done.tied,
+            "float_layers": done.float_layers,
+            "smaller_groups": done.smaller_groups,
         }
         atomic_write_json(out / QUANTIZATION_FILE, result)
     except BaseException:
