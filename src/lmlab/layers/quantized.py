@@ -28,6 +28,8 @@ rows when the kernel layout is built, and the extra outputs dropped."""
 GROUP_SIZES = (32, 64, 128)
 ACTIVATIONS = torch.bfloat16
 """The dtype the kernels compute in (see the module docstring)."""
+STORED = ("codes", "scale", "offset")
+"""The buffers of a quantised matrix (int8 has no offset)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,19 +123,16 @@ class QuantizedWeight(nn.Module):
     def share_codes_with(self, other: QuantizedWeight) -> None:
         """Read ``other``'s codes, scales and offsets (the same tensors, so a checkpoint
         stores them once and loading fills both)."""
-        if (other.rows, other.cols, other.bits, other.group_size) != (
-            self.rows,
-            self.cols,
-            self.bits,
-            self.group_size,
-        ):
-            raise ValueError("can only share codes of the same shape and method")
-        self.codes, self.scale = other.codes, other.scale
-        if self.bits == 4:
-            self.offset = other.offset
+        if other._layout() != self._layout():
+            raise ValueError(f"cannot share codes of {other._layout()} with {self._layout()}")
+        for name in STORED:
+            setattr(self, name, getattr(other, name))
 
-    def _stored(self) -> tuple[torch.Tensor, ...]:
-        return (self.codes, self.scale) if self.bits == 8 else (self.codes, self.scale, self.offset)
+    def _layout(self) -> tuple[int, int, int, int]:
+        return self.rows, self.cols, self.bits, self.group_size
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in STORED if getattr(self, name) is not None]
 
     @property
     def weight(self) -> torch.Tensor:
