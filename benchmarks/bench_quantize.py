@@ -1,7 +1,7 @@
 """Weight-only quantisation of a trained run: file size, bits per byte, decode tokens/s.
 
-Quantises RUN with ``lmlab quantize`` (int8, and int4 at each group size; the embedding and
-head quantised, and for int8 and int4 g32 / g64 also kept float) into a temporary folder,
+Quantises RUN with ``lmlab quantize`` (int8, and int4 at each group size, the embedding and
+head in int8; int4 g32 / g64 also with them in int4 and in float) into a temporary folder,
 then for the float run and each quantised one reports the checkpoint's ``model.safetensors``
 size, validation bits per byte exactly as ``lmlab eval`` computes them (same windows, the
 run's precision), and greedy decode tokens/s at batch 1 and 8 (float32 activations, as
@@ -9,7 +9,8 @@ run's precision), and greedy decode tokens/s at batch 1 and 8 (float32 activatio
 the wall clock and on this process's CPU time). The whole table comes from one run, so the
 speed columns can be rerun alone on a quiet machine.
 
-    python benchmarks/bench_quantize.py runs/q-target --batches 50 --tokens 100
+    cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python bench_quantize.py ../runs/q-target \
+        --batches 50 --tokens 100 --repeats 3
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from lmlab.train.quantize import quantize_run
 from lmlab.train.run import load_run_checkpoint
 
 VARIANTS = (
-    ("float", None, 0, False),
-    ("int8", "int8", 0, False),
-    ("int8, float embedding", "int8", 0, True),
-    *((f"int4 g{group}", "int4", group, False) for group in (32, 64, 128)),
-    *((f"int4 g{group}, float embedding", "int4", group, True) for group in (32, 64)),
+    ("float", None, 0, "float"),
+    ("int8", "int8", 0, "int8"),
+    ("int8, float embedding", "int8", 0, "float"),
+    *((f"int4 g{group}", "int4", group, "int8") for group in (32, 64, 128)),
+    *((f"int4 g{group}, int4 embedding", "int4", group, "int4") for group in (32, 64)),
+    *((f"int4 g{group}, float embedding", "int4", group, "float") for group in (32, 64)),
 )
-"""(label, method, int4 group size, keep_embeddings): every variant is quantised with the
-embedding and head too unless labelled "float embedding" (``--keep-embeddings``)."""
+"""(label, method, int4 group size, how the embedding and head are stored): lmlab quantize's
+default is int8 (unlabelled rows); the labelled rows are ``--embeddings int4`` / ``float``."""
 
 
 def main() -> None:
@@ -57,12 +59,12 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         runs = {}
-        for index, (label, method, group, keep_embeddings) in enumerate(VARIANTS):
+        for index, (label, method, group, embeddings) in enumerate(VARIANTS):
             if method is None:
                 runs[label] = Path(args.run)
                 continue
             out = Path(folder) / str(index)
-            result = quantize_run(args.run, out, method, group or 64, keep_embeddings)
+            result = quantize_run(args.run, out, method, group or 64, embeddings)
             if result["float_layers"]:
                 print(f"{label}: kept in float (no group divides): {result['float_layers']}")
             if result["smaller_groups"]:

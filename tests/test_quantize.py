@@ -19,6 +19,7 @@ from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError, ParamError
 from lmlab.interop.export import export_run
 from lmlab.layers.quantized import (
+    STORED,
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedWeight,
@@ -117,8 +118,8 @@ def test_a_tied_embedding_reads_the_heads_codes() -> None:
     """Tied: one set of codes, scales and offsets (the same tensors), so the lookup returns
     the rows of the weight the head's kernel multiplies by."""
     model = LanguageModel(ModelConfig(vocab_size=85, d_model=64, n_layers=1, n_heads=2)).eval()
-    done = quantize_model(model, 4, 32)
-    assert done.tied and done.embeddings == "quantized" and done.float_layers == []
+    done = quantize_model(model, 4, 32, 4)
+    assert done.tied and done.embeddings == "int4 g32" and done.float_layers == []
     head, embed = model.head, model.embed
     assert isinstance(head, QuantizedLinear) and isinstance(embed, QuantizedEmbedding)
     for name in ("codes", "scale", "offset"):
@@ -141,9 +142,10 @@ MODELS = {
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 32)])
 def test_a_quantised_model_round_trips_through_its_state_dict(name, bits, group) -> None:
     """Every model feature that meets the embedding and head: the model quantises (the head
-    and embedding too; BitLinear layers and MoE routers stay as they are), its logits stay
-    near the float model's, and a fresh model quantised by the same rule loads its state
-    dict and computes the same logits; an untied head keeps codes of its own."""
+    and embedding too, here with the blocks' bits; BitLinear layers and MoE routers stay as
+    they are), its logits stay near the float model's, and a fresh model quantised by the
+    same rule loads its state dict and computes the same logits; an untied head keeps codes
+    of its own."""
     cfg = ModelConfig(
         **{"vocab_size": 85, "d_model": 64, "n_layers": 1, "n_heads": 2, **MODELS[name]}
     )
@@ -152,14 +154,14 @@ def test_a_quantised_model_round_trips_through_its_state_dict(name, bits, group)
     idx = torch.randint(0, 85, (2, 12))
     with torch.no_grad():
         expected = model(idx)[0]
-        done = quantize_model(model, bits, group)
+        done = quantize_model(model, bits, group, bits)
         actual = model(idx)[0]
-    assert done.embeddings == "quantized" and done.tied == cfg.tie_embeddings
+    assert done.embeddings == model.head.method() and done.tied == cfg.tie_embeddings
     assert (model.embed.codes is model.head.codes) == cfg.tie_embeddings
     centred = expected - expected.mean(-1, keepdim=True)
     assert 0 < float((actual - expected).norm() / centred.norm()) < (0.02 if bits == 8 else 0.2)
     fresh = LanguageModel(cfg).eval()
-    quantize_model(fresh, bits, group)
+    quantize_model(fresh, bits, group, bits)
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(idx)[0], actual)
@@ -177,8 +179,11 @@ def quantised(run: Path) -> dict[str, dict]:
     return {
         "int8": quantize_run(run, run.parent / "int8", "int8"),
         "int4": quantize_run(run, run.parent / "int4", "int4", group_size=32),
+        "int4-int4-embeddings": quantize_run(
+            run, run.parent / "int4-all", "int4", group_size=32, embeddings="int4"
+        ),
         "int4-float-embeddings": quantize_run(
-            run, run.parent / "int4-keep", "int4", group_size=32, keep_embeddings=True
+            run, run.parent / "int4-keep", "int4", group_size=32, embeddings="float"
         ),
     }
 
@@ -195,13 +200,27 @@ def unique_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
+def stored_bytes(matrix: QuantizedWeight) -> int:
+    """What a quantised matrix must take: int8 codes and a float32 scale per row, or half a
+    byte per int4 code and a bfloat16 scale and offset per group."""
+    if matrix.bits == 8:
+        return matrix.rows * matrix.cols + 4 * matrix.rows
+    return matrix.rows * matrix.cols // 2 + 4 * matrix.rows * matrix.cols // matrix.group_size
+
+
 def test_file_sizes(run: Path, quantised: dict[str, dict]) -> None:
     """The checkpoint's tensors are exactly the model's, the tied table and head's codes once;
     against the float run they shrink by exactly what the quantised matrices save (4 bytes per
-    float weight against their codes, scales and offsets): int8 ~4x, int4 ~6x (groups of 32)."""
+    float weight against their codes, scales and offsets)."""
     float_folder = list_checkpoints(run)[0]
     float_data = tensor_bytes(float_folder / MODEL_FILE)
-    for method, least_ratio in (("int8", 3.7), ("int4", 5.3), ("int4-float-embeddings", 5.3)):
+    tables = {
+        "int8": "int8",
+        "int4": "int8",
+        "int4-int4-embeddings": "int4 g32",
+        "int4-float-embeddings": "float",
+    }
+    for method, table in tables.items():
         result = quantised[method]
         _, model, _, _ = load_trained_model(result["out"])
         folder = list_checkpoints(Path(result["out"]))[0]
@@ -211,31 +230,33 @@ def test_file_sizes(run: Path, quantised: dict[str, dict]) -> None:
         matrices = {m.codes.untyped_storage().data_ptr(): m for m in quantized}.values()
         float_weights = 4 * sum(m.rows * m.cols for m in matrices)
         stored = unique_bytes([b for m in matrices for b in m.buffers()])
-        assert float_weights / stored > least_ratio, method
+        assert stored == sum(stored_bytes(m) for m in matrices), method
         assert float_data - tensor_bytes(folder / MODEL_FILE) == float_weights - stored, method
         assert result["float_layers"] == [] and result["smaller_groups"] == {}
-        assert result["tied"]
+        assert result["tied"] and result["embeddings"] == table
         written = json.loads((Path(result["out"]) / "quantization.json").read_text())
         assert written == result
-    checkpoint = load_latest_checkpoint(Path(quantised["int4"]["out"]))
-    assert checkpoint.model["embed.codes"] is checkpoint.model["head.codes"]  # stored once
-    _, int4, _, _ = load_trained_model(quantised["int4"]["out"])
-    assert isinstance(int4.embed, QuantizedEmbedding) and int4.embed.codes is int4.head.codes
+    for method in ("int4", "int4-int4-embeddings"):  # the tied table and head: stored once
+        checkpoint = load_latest_checkpoint(Path(quantised[method]["out"]))
+        assert checkpoint.model["embed.codes"] is checkpoint.model["head.codes"]
+        _, model, _, _ = load_trained_model(quantised[method]["out"])
+        assert isinstance(model.embed, QuantizedEmbedding)
+        assert all(getattr(model.embed, name) is getattr(model.head, name) for name in STORED)
+    assert model.embed.bits == 4 and model.blocks[0].mixer.qkv.bits == 4
     _, kept, _, _ = load_trained_model(quantised["int4-float-embeddings"]["out"])
     assert type(kept.embed) is nn.Embedding and type(kept.head) is nn.Linear
     assert kept.head.weight is kept.embed.weight
-    assert quantised["int4"]["embeddings"] == "quantized"
-    assert quantised["int4-float-embeddings"]["embeddings"] == "float"
 
 
 @pytest.mark.parametrize(
-    "method, tolerance", [("int8", 0.01), ("int4", 0.1), ("int4-float-embeddings", 0.1)]
+    "method, tolerance",
+    [("int8", 0.01), ("int4", 0.1), ("int4-int4-embeddings", 0.1), ("int4-float-embeddings", 0.1)],
 )
 def test_quantised_logits_are_close_to_float(run, quantised, method, tolerance) -> None:
     """Relative RMS error of the (centred) logits below the weights' own relative RMS
     quantisation error for Gaussian weights: ~1% for int8 (a step of max|w| / 127 per row),
-    ~11% for int4 (a 15th of each group's range), which the residual stream dilutes (the
-    float embedding and head, when kept, dilute it further)."""
+    ~11% for int4 (a 15th of each group's range), which the residual stream dilutes (an int8
+    or float embedding and head dilute it further)."""
     _, model, _, _ = load_trained_model(run)
     _, quant, _, _ = load_trained_model(quantised[method]["out"])
     assert any(isinstance(m, QuantizedLinear) for m in quant.modules())
@@ -252,7 +273,7 @@ def test_eval_and_generate_load_a_quantised_run(run, quantised, capsys) -> None:
     capsys.readouterr()
     assert main(["eval", str(run), "--batches", "2", "--json"]) == 0
     float_bpb = json.loads(capsys.readouterr().out)["bits_per_byte"]
-    for method in ("int8", "int4"):
+    for method in ("int8", "int4", "int4-int4-embeddings"):
         out = quantised[method]["out"]
         assert main(["eval", out, "--batches", "2", "--json"]) == 0
         bpb = json.loads(capsys.readouterr().out)["bits_per_byte"]
@@ -280,6 +301,10 @@ def test_bad_input(run, quantised, tmp_path) -> None:
         quantize_run(run, tmp_path / "x", "int3")
     with pytest.raises(ParamError, match="group_size"):
         quantize_run(run, tmp_path / "x", "int4", group_size=48)
+    with pytest.raises(ParamError, match="embeddings"):
+        quantize_run(run, tmp_path / "x", "int4", embeddings="fp16")
+    with pytest.raises(ParamError, match=r"embeddings.*needs int4 blocks"):
+        quantize_run(run, tmp_path / "x", "int8", embeddings="int4")
     with pytest.raises(ParamError, match="already exists"):
         quantize_run(run, quantised["int8"]["out"], "int8")
     with pytest.raises(LmlabError, match="already quantised"):

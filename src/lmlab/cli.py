@@ -37,7 +37,7 @@ from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.posttrain.merge import merge_run
 from lmlab.serve.server import serve
-from lmlab.train.quantize import quantize_run
+from lmlab.train.quantize import EMBEDDINGS, quantize_run
 from lmlab.train.registry import list_runs
 
 if TYPE_CHECKING:
@@ -577,7 +577,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.int8 == args.int4:
         raise LmlabError("give exactly one of --int8 and --int4")
     method = "int8" if args.int8 else "int4"
-    result = quantize_run(args.run, args.out, method, args.group_size, args.keep_embeddings)
+    result = quantize_run(args.run, args.out, method, args.group_size, args.embeddings)
     group = f", groups of {result['group_size']}" if result["group_size"] else ""
     tied = " (tied: stored once)" if result["tied"] else ""
     smaller = ", ".join(f"{name} g{size}" for name, size in result["smaller_groups"].items())
@@ -1190,22 +1190,24 @@ COMMANDS: tuple[Command, ...] = (
                 choices=[32, 64, 128],
             ),
             opt(
-                "--keep-embeddings",
-                "leave the token embedding and output head float",
-                "keep_embeddings",
-                action="store_true",
+                "--embeddings",
+                "how to store the token embedding and output head (int4: with --int4 only)",
+                "embeddings",
+                choices=list(EMBEDDINGS),
             ),
             opt("--out", "new run folder to write", "out", required=True),
         ),
         library=quantize_run,
         description="Write a new run folder holding the run's newest checkpoint with every\n"
-        "linear layer of its blocks, the output head and the token embedding quantised (a tied\n"
-        "embedding and head stored once; norms stay float): --int8 per output channel, --int4\n"
-        "group-wise (a layer the group does not divide takes the largest smaller group that\n"
-        "does). lmlab eval, generate and serve load it like any run. See docs/serving.md.",
+        "linear layer of its blocks quantised, --int8 per output channel or --int4 group-wise\n"
+        "(a layer the group does not divide takes the largest smaller group that does), and\n"
+        "the output head and token embedding in int8 unless --embeddings says otherwise (a\n"
+        "tied embedding and head stored once; norms stay float). lmlab eval, generate and\n"
+        "serve load it like any run. See docs/serving.md.",
         epilog="Examples:\n"
         "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
-        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4",
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --embeddings int4 --out runs/q4",
     ),
     Command(
         "presets",

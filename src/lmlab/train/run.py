@@ -231,8 +231,8 @@ def load_run_checkpoint(
                 f"{run_dir} is quantised for PyTorch's CPU kernels; load it with --device cpu"
             )
         # absent from runs quantised before the embedding could be: theirs is float
-        embeddings = quantization.get("embeddings", False)
-        quantize_model(model, quantization["bits"], quantization["group_size"], embeddings)
+        embedding_bits = quantization.get("embedding_bits")
+        quantize_model(model, quantization["bits"], quantization["group_size"], embedding_bits)
     if checkpoint.sharded is not None:
         load_model(model, checkpoint.sharded)
     else:
