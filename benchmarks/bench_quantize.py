@@ -1,18 +1,22 @@
 """Weight-only quantisation of a trained run: file size, bits per byte, decode tokens/s.
 
-Quantises RUN with ``lmlab quantize`` (int8, and int4 at each group size) into a temporary
-folder, then for the float run and each quantised one reports the checkpoint's
-``model.safetensors`` size, validation bits per byte exactly as ``lmlab eval`` computes them
-(same windows, the run's precision), and greedy decode tokens/s at batch 1 and 8 (float32
-activations, as ``lmlab generate``; each variant timed in turns with the others, median of
-``--repeats``, on the wall clock and on this process's CPU time).
+Quantises RUN with ``lmlab quantize`` (int8, and int4 at each group size, the embedding and
+head in int8; int4 g32 / g64 also with them in int4 and in float) into a temporary folder,
+then for the float run and each quantised one reports the checkpoint's ``model.safetensors``
+size, validation bits per byte exactly as ``lmlab eval`` computes them (same windows, the
+run's precision), and greedy decode tokens/s at batch 1 and 8 (float32 activations, as
+``lmlab generate``; each variant timed in turns with the others, median of ``--repeats``, on
+the wall clock and on this process's CPU time). The whole table comes from one run, so the
+speed columns can be rerun alone on a quiet machine.
 
-    python benchmarks/bench_quantize.py runs/spec-target --batches 50 --tokens 100
+    cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python bench_quantize.py ../runs/q-target \
+        --batches 50 --tokens 100 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,10 +32,15 @@ from lmlab.train.quantize import quantize_run
 from lmlab.train.run import load_run_checkpoint
 
 VARIANTS = (
-    ("float", None, 0),
-    ("int8", "int8", 0),
-    *((f"int4 g{group}", "int4", group) for group in (32, 64, 128)),
+    ("float", None, 0, "float"),
+    ("int8", "int8", 0, "int8"),
+    ("int8, float embedding", "int8", 0, "float"),
+    *((f"int4 g{group}", "int4", group, "int8") for group in (32, 64, 128)),
+    *((f"int4 g{group}, int4 embedding", "int4", group, "int4") for group in (32, 64)),
+    *((f"int4 g{group}, float embedding", "int4", group, "float") for group in (32, 64)),
 )
+"""(label, method, int4 group size, how the embedding and head are stored): lmlab quantize's
+default is int8 (unlabelled rows); the labelled rows are ``--embeddings int4`` / ``float``."""
 
 
 def main() -> None:
@@ -45,18 +54,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s), "
-        f"torch {torch.__version__}; run {args.run}"
+        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the start "
+        f"(other jobs on this machine); run {args.run}"
     )
     with tempfile.TemporaryDirectory() as folder:
         runs = {}
-        for label, method, group in VARIANTS:
+        for index, (label, method, group, embeddings) in enumerate(VARIANTS):
             if method is None:
                 runs[label] = Path(args.run)
                 continue
-            out = Path(folder) / label.replace(" ", "-")
-            kept = quantize_run(args.run, out, method, group or 64)["float_layers"]
-            if kept:
-                print(f"{label}: kept in float (group size does not divide): {', '.join(kept)}")
+            out = Path(folder) / str(index)
+            result = quantize_run(args.run, out, method, group or 64, embeddings)
+            if result["float_layers"]:
+                print(f"{label}: kept in float (no group divides): {result['float_layers']}")
+            if result["smaller_groups"]:
+                smaller = ", ".join(f"{k} g{v}" for k, v in result["smaller_groups"].items())
+                print(f"{label}: smaller groups (the asked one does not divide): {smaller}")
             runs[label] = out
         loaded = {label: load_run_checkpoint(path) for label, path in runs.items()}
         config, _, tokenizer, _ = loaded["float"]

@@ -37,7 +37,7 @@ from lmlab.model.generate import SamplingSettings, stream_tokens
 from lmlab.model.speculative import SpeculativeStats, stream_speculative
 from lmlab.posttrain.merge import merge_run
 from lmlab.serve.server import serve
-from lmlab.train.quantize import quantize_run
+from lmlab.train.quantize import EMBEDDINGS, quantize_run
 from lmlab.train.registry import list_runs
 
 if TYPE_CHECKING:
@@ -576,14 +576,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.int8 == args.int4:
         raise LmlabError("give exactly one of --int8 and --int4")
-    result = quantize_run(args.run, args.out, "int8" if args.int8 else "int4", args.group_size)
+    method = "int8" if args.int8 else "int4"
+    result = quantize_run(args.run, args.out, method, args.group_size, args.embeddings)
     group = f", groups of {result['group_size']}" if result["group_size"] else ""
+    tied = " (tied: stored once)" if result["tied"] else ""
+    smaller = ", ".join(f"{name} g{size}" for name, size in result["smaller_groups"].items())
     kept = f"; kept in float: {', '.join(result['float_layers'])}" if result["float_layers"] else ""
     print(
-        f"{result['out']}: {result['method']}{group}, step {result['step']}, "
+        f"{result['out']}: {result['method']}{group}, embedding and head "
+        f"{result['embeddings']}{tied}, step {result['step']}, "
         f"{result['bytes'] / 1024:.1f} KiB (float checkpoint model: "
         f"{result['source_bytes'] / 1024:.1f} KiB, {result['source_bytes'] / result['bytes']:.1f}x "
-        f"larger){kept}"
+        f"larger){f'; smaller groups: {smaller}' if smaller else ''}{kept}"
     )
     return 0
 
@@ -1185,16 +1189,25 @@ COMMANDS: tuple[Command, ...] = (
                 type=int,
                 choices=[32, 64, 128],
             ),
+            opt(
+                "--embeddings",
+                "how to store the token embedding and output head (int4: with --int4 only)",
+                "embeddings",
+                choices=list(EMBEDDINGS),
+            ),
             opt("--out", "new run folder to write", "out", required=True),
         ),
         library=quantize_run,
         description="Write a new run folder holding the run's newest checkpoint with every\n"
-        "linear layer of its blocks quantised (embedding, head and norms stay float):\n"
-        "--int8 per output channel, --int4 group-wise. lmlab eval and lmlab generate load it\n"
-        "like any run. See docs/serving.md.",
+        "linear layer of its blocks quantised, --int8 per output channel or --int4 group-wise\n"
+        "(a layer the group does not divide takes the largest smaller group that does), and\n"
+        "the output head and token embedding in int8 unless --embeddings says otherwise (a\n"
+        "tied embedding and head stored once; norms stay float). lmlab eval, generate and\n"
+        "serve load it like any run. See docs/serving.md.",
         epilog="Examples:\n"
         "  lmlab quantize runs/gpt-tiny-20260101-120000 --int8 --out runs/int8\n"
-        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4",
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --group-size 32 --out runs/int4\n"
+        "  lmlab quantize runs/gpt-tiny-20260101-120000 --int4 --embeddings int4 --out runs/q4",
     ),
     Command(
         "presets",

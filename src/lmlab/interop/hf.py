@@ -90,6 +90,11 @@ def export_hf(run: str | Path, out: str | Path) -> dict:
     """Write the run's newest valid checkpoint as a Hugging Face model folder ``out``."""
     out = _export_folder(out)
     config, model, tokenizer, checkpoint = load_run_checkpoint(run)
+    if checkpoint.trainer.get("quantization"):
+        raise LmlabError(
+            f"{run} holds the int8/int4 codes of lmlab quantize, which Hugging Face models do "
+            "not read; export the float run it was quantised from"
+        )
     hf_config, tensors = hf_files(config, model)
     out.mkdir(exist_ok=True)
     data = safetensors.torch.save(tensors, metadata={"format": "pt"})

@@ -17,8 +17,8 @@ from lmlab.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_checksum
 from lmlab.distributed.sharded import load_model
 from lmlab.errors import LmlabError, ParamError
 from lmlab.files import atomic_write_text
-from lmlab.layers.quantized import convert_to_quantized
 from lmlab.model.lm import LanguageModel
+from lmlab.model.quantized import quantize_model
 from lmlab.model.speculative import Draft, EarlyExit
 from lmlab.train.adapters import ADAPTER_DIR, add_lora
 from lmlab.train.checkpoint import (
@@ -230,7 +230,9 @@ def load_run_checkpoint(
             raise LmlabError(
                 f"{run_dir} is quantised for PyTorch's CPU kernels; load it with --device cpu"
             )
-        convert_to_quantized(model.blocks, quantization["bits"], quantization["group_size"])
+        # absent from runs quantised before the embedding could be: theirs is float
+        embedding_bits = quantization.get("embedding_bits")
+        quantize_model(model, quantization["bits"], quantization["group_size"], embedding_bits)
     if checkpoint.sharded is not None:
         load_model(model, checkpoint.sharded)
     else:
