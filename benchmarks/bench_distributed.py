@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timing import machine
 
 SHAPE = [
     "--preset",
@@ -50,19 +51,6 @@ LINKS = {
 """GPUs and the bus bandwidth a ring collective reaches per GPU, bytes/s: NVLink 4 gives 450
 GB/s per direction per GPU, of which NCCL's all-reduce reaches ~80%; across nodes the ring is
 limited by each GPU's 400 Gb/s (50 GB/s) NIC, ~90% of it reached."""
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-        else:
-            name = "unknown CPU"
-    except OSError:
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def median_after_warmup(rows: list[dict], value) -> float:
@@ -258,7 +246,7 @@ def main() -> None:
     if args.memory_worker:
         memory_worker(args.memory_worker)
         return
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}")
+    print(machine())
     if args.only in (None, "throughput"):
         throughput(args.steps)
     if args.only in (None, "memory"):

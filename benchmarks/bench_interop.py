@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from timing import print_table
+from timing import machine, print_table
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -116,18 +115,7 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cpuinfo = Path("/proc/cpuinfo")
-    names = (
-        [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        if cpuinfo.is_file()
-        else []
-    )
-    cpu = f"{names[0]} x{len(names)}" if names else platform.processor() or platform.machine()
-    print(f"CPU: {cpu}, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    print(machine())
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         os.environ["HF_HOME"] = str(scratch / "hf-home")

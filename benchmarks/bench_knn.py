@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from timing import print_table
+from timing import machine, print_table
 
 from lmlab.data.dataset import eval_batches, prepare_data, with_source
 from lmlab.memory.knn import interpolate, knn_log_probs
@@ -47,16 +45,7 @@ DIM = 192
 
 
 def cpu_line(threads: int) -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"CPU: {name} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}), "
-        f"{threads} threads, faiss {faiss.__version__}"
-    )
+    return f"{machine()}, {threads} threads, faiss {faiss.__version__}"
 
 
 def numbers(text: str, kind: type = float) -> list:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import print_table
+from timing import machine, print_table
 
 from lmlab.config.load import build_config
 from lmlab.data.examples import read_examples
@@ -33,18 +33,6 @@ from lmlab.posttrain.sft import questions_of
 from lmlab.train.adapters import trainable_parameters
 from lmlab.train.launch import new_trainer, parent_config
 from lmlab.train.run import load_trained_model
-
-
-def cpu_description() -> str:
-    name = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 def model_settings(width: int, layers: int) -> list[str]:
@@ -209,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=False)
-    print(f"CPU: {cpu_description()}")
+    print(f"{machine()}, {torch.get_num_threads()} threads")
     pipeline(args.out, args.pipeline_width, args.pretrain_steps, args.sft_steps)
     methods(args.out, args.width, args.layers, args.speed_steps)
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from timing import print_table
+from timing import machine, print_table
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -36,16 +34,6 @@ from lmlab.data.prepare import prepare_shards
 from lmlab.data.tokenizers import BpeTokenizer, train_tokenizer
 
 HF_BATCH = 16
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hf_byte_tokenizer() -> HFTokenizer:
@@ -102,7 +90,7 @@ def main() -> None:
     texts = corpus(args.mb)
     n_bytes = sum(len(t.encode()) for t in texts)
     print(
-        f"CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}); text: {len(texts)} "
+        f"{machine()}; text: {len(texts)} "
         f"documents, {n_bytes / 1e6:.1f} MB; workers {args.workers}; shard {args.shard_mb} MB\n"
     )
     bpe = train_tokenizer("bpe", texts[:42], args.vocab_size)

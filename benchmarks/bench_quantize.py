@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import interleaved_wall_and_cpu_ms, print_table
+from timing import interleaved_wall_and_cpu_ms, machine, print_table
 
 from lmlab.data.dataset import prepare_data
 from lmlab.eval.evaluate import evaluate
@@ -53,9 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s), "
-        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the start "
-        f"(other jobs on this machine); run {args.run}"
+        f"{machine()}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at "
+        f"the start (other jobs on this machine); run {args.run}"
     )
     with tempfile.TemporaryDirectory() as folder:
         runs = {}
