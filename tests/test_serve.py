@@ -33,6 +33,7 @@ from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
+from lmlab.serve.app import TextFrames
 from lmlab.serve.batching import Batcher
 from lmlab.serve.decoders import SpeculativeDecoder
 from lmlab.serve.limits import Limits
@@ -244,6 +245,19 @@ def test_text_decoded_token_by_token_equals_decoding_every_token(kind):
         choice.ids.append(token)
         assert text(choice) == tokenizer.decode(ids[:k])
     assert choice.settled_ids > len(ids) - 4  # the settled text kept up
+
+
+def test_text_frames_are_the_whole_chunk_serialised():
+    def frame(index: int, text: str) -> str:
+        chunk = {"id": "cmpl-1", "object": "text_completion", "model": "attention"}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+        return f"data: {json.dumps(chunk | {'choices': [choice]})}\n\n"
+
+    frames = TextFrames(frame)
+    texts = ["a", 'say "hi"\\n', "\n\t\x00\x1f", "h\u00e9 \u65e5 \U0001f642 \ud800", "", "</s>"]
+    for index in (0, 3, 0):
+        for text in texts:
+            assert frames(index, text) == frame(index, text)
 
 
 class Collector:
