@@ -8,17 +8,25 @@ not depend on them) and served by ``python -m lmlab serve`` in a child process. 
 2. ``--clients`` concurrent streaming clients (prompts of different lengths), each making
    ``--requests`` requests of ``--tokens`` tokens: errors, complete streams, aggregate tokens/s
    and its ratio to the lone stream's, p50/p99 TTFT and ITL;
-3. greedy tokens/s of one request at batch 1 (a 51-character prompt, ``--decode-tokens``
-   tokens, timed from sending the request to ``[DONE]``) through the server against
+3. the server's overhead at batch 1: greedy tokens/s of one request (a 51-character prompt,
+   ``--decode-tokens`` tokens, timed from sending it to ``[DONE]``) through the server, against
    ``lmlab generate``'s path (``stream_tokens`` in a worker process, same threads, timed over
-   its prefill and tokens): the server's overhead. (Timing from the first token to the last
-   instead misleads on a busy machine: a client descheduled at the first token then reads the
-   rest in one burst.) The same request through the scheduler driven in that worker, without
-   HTTP, separates the scheduler's cost from the HTTP side's.
+   its prefill and tokens) and against the scheduler driven in that worker without HTTP (and,
+   with ``--baseline-src``, through a server run from another checkout's ``src``). One request
+   per path back to back is a turn, ``--decode-repeats`` turns per round, in a rotating order;
+   the overhead is the median over turns of each turn's ratio to ``generate``, so a busy
+   neighbour falls on both sides of each ratio alike. Each side's CPU time per token is
+   reported too (the server process's from Linux's ``/proc``, the worker's from
+   ``time.process_time``): unlike wall time it hardly moves with the machine's load. The
+   client of this phase reads lines and parses only the usage chunk, so that its own work (on
+   the same cores) weighs as little as possible on the server; the load phases' clients parse
+   every chunk with ``json`` (both use ``httpx``; the tests use the official ``openai``
+   client). (Timing from the first token to the last instead misleads on a busy machine: a
+   client descheduled at the first token then reads the rest in one burst.)
 
-The three phases run in turns for ``--rounds`` rounds (tokens/s: the median round; latencies:
-percentiles over every round), so a busy neighbour falls on all of them alike. Everything is
-bounded: a fixed number of requests, and ``--max-seconds`` per phase.
+The load phases run in turns for ``--rounds`` rounds (tokens/s: the median round; latencies:
+percentiles over every round). Everything is bounded: a fixed number of requests, and
+``--max-seconds`` per phase. One command prints both tables:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_serve.py
 """
@@ -37,10 +45,12 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
+from timing import print_table
 
 from lmlab.cli import main as lmlab_main
 from lmlab.model.generate import SamplingSettings, stream_tokens
@@ -80,19 +90,22 @@ def train_run(folder: Path, mixer: str) -> Path:
     return folder / mixer
 
 
-def child_env(threads: int) -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    return os.environ | {"PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
+def child_env(threads: int, src: Path | None = None) -> dict[str, str]:
+    """A child's environment: ``threads`` torch threads, lmlab from ``src`` (else this
+    checkout's)."""
+    src = src or Path(__file__).resolve().parents[1] / "src"
+    return os.environ | {"PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
 
 
 class Server:
-    """``python -m lmlab serve RUN --port 0`` in a child process, stopped with SIGTERM."""
+    """``python -m lmlab serve RUN --port 0`` in a child process (lmlab from ``src``, else
+    this checkout's), stopped with SIGTERM."""
 
-    def __init__(self, run: Path, threads: int, max_batch: int) -> None:
+    def __init__(self, run: Path, threads: int, max_batch: int, src: Path | None = None) -> None:
         command = [sys.executable, "-m", "lmlab", "serve", str(run), "--port", "0"]
         command += ["--max-batch", str(max_batch), "--max-tokens-limit", "4096"]
         self.process = subprocess.Popen(
-            command, stderr=subprocess.PIPE, text=True, env=child_env(threads)
+            command, stderr=subprocess.PIPE, text=True, env=child_env(threads, src)
         )
         banner = self.process.stderr.readline()
         if not banner.startswith("serving "):
@@ -195,24 +208,72 @@ def pooled(rounds: list[dict]) -> dict:
     }
 
 
-def decode_rate_server(server: Server, tokens: int) -> float:
-    """Greedy tokens/s of one request through the server, from sending it to ``[DONE]``."""
+@dataclass
+class Timed:
+    """One batch-1 request: its tokens, wall seconds and the CPU seconds of the process that
+    decoded it (server or worker)."""
 
-    async def run() -> float:
+    tokens: int
+    wall: float
+    cpu: float
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, every thread (Linux ``/proc``;
+    NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def light_stream(http: httpx.AsyncClient, server: Server, tokens: int) -> int:
+    """One greedy streaming request read as lines: only the usage chunk is parsed (the
+    overhead phase's client does as little as it can on the server's cores). Its completion
+    tokens; raises unless it ended with ``[DONE]``."""
+    body = {
+        "model": server.model,
+        "prompt": LINES[1],
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    usage = ""
+    async with http.stream("POST", f"{server.url}/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                return json.loads(usage.removeprefix("data: "))["usage"]["completion_tokens"]
+            if line.startswith('data: {"error"'):
+                raise RuntimeError(line)
+            if '"usage"' in line:
+                usage = line
+    raise RuntimeError("the stream ended without [DONE]")
+
+
+def decode_server(server: Server, tokens: int) -> Timed:
+    """One batch-1 request through the server, from sending it to ``[DONE]``."""
+
+    async def run() -> Timed:
         async with httpx.AsyncClient(timeout=300) as http:
+            cpu = process_cpu_seconds(server.process.pid)
             start = time.perf_counter()
-            result = await one_stream(http, server, LINES[1], tokens, temperature=0.0)
-            return result["tokens"] / (time.perf_counter() - start)
+            count = await light_stream(http, server, tokens)
+            wall = time.perf_counter() - start
+            return Timed(count, wall, process_cpu_seconds(server.process.pid) - cpu)
 
     return asyncio.run(run())
 
 
 def generate_worker(run: str) -> None:
-    """``--generate-worker RUN``: load the run, then for each line ``PATH N`` on stdin print
-    the greedy tokens/s of one ``N``-token request (timed over its prefill and tokens) through
-    ``lmlab generate``'s path (``stream_tokens``) when PATH is ``generate``, or through the
-    scheduler driven in this process, without HTTP, when it is ``scheduler``. A process of its
-    own, idle between rounds like the server, so the OS treats both sides alike."""
+    """``--generate-worker RUN``: load the run, then for each line ``PATH N`` on stdin decode
+    one greedy ``N``-token request and print its tokens, wall seconds (over its prefill and
+    tokens) and CPU seconds: through ``lmlab generate``'s path (``stream_tokens``) when PATH is
+    ``generate``, or through the scheduler driven in this process, without HTTP, when it is
+    ``scheduler``. A process of its own, idle between requests like the server, so the OS
+    treats both sides alike."""
     _, model, tokenizer, _ = load_trained_model(run)
     ids = tokenizer.encode(LINES[1])
     greedy = SamplingSettings(temperature=0.0)
@@ -220,7 +281,7 @@ def generate_worker(run: str) -> None:
     scheduler.start()
     for line in sys.stdin:
         path, tokens = line.split()
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         if path == "generate":
             count = sum(1 for _ in stream_tokens(model, torch.tensor([ids]), int(tokens), greedy))
         else:
@@ -233,7 +294,7 @@ def generate_worker(run: str) -> None:
             scheduler.submit(Request(ids, greedy, int(tokens), finished))
             done.wait()
             count = int(tokens)
-        print(count / (time.perf_counter() - start), flush=True)
+        print(count, time.perf_counter() - start, time.process_time() - cpu, flush=True)
     scheduler.stop()
 
 
@@ -249,42 +310,101 @@ class GenerateWorker:
             env=child_env(threads),
         )
 
-    def rate(self, path: str, tokens: int) -> float:
+    def decode(self, path: str, tokens: int) -> Timed:
         self.process.stdin.write(f"{path} {tokens}\n")
         self.process.stdin.flush()
-        return float(self.process.stdout.readline())
+        count, wall, cpu = self.process.stdout.readline().split()
+        return Timed(int(count), float(wall), float(cpu))
 
     def stop(self) -> None:
         self.process.stdin.close()
         self.process.wait(60)
 
 
-def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[list[object]]:
+BATCH1_PATHS = {
+    "generate": "lmlab generate",
+    "scheduler": "scheduler, no HTTP",
+    "served": "lmlab serve",
+    "baseline": "lmlab serve, --baseline-src",
+}
+"""The batch-1 paths (``lmlab generate``'s, the scheduler without HTTP, the server, the
+server of another checkout when asked for) and their labels in the table."""
+
+
+def batch1_round(
+    servers: dict[str, Server], worker: GenerateWorker, tokens: int, turn: int
+) -> dict[str, Timed]:
+    """One request on each batch-1 path, back to back, the order rotated by ``turn`` (so no
+    path always runs first after the load phases, or right after another)."""
+    paths = [path for path in BATCH1_PATHS if path in servers or path in ("generate", "scheduler")]
+    order = paths[turn % len(paths) :] + paths[: turn % len(paths)]
+    return {
+        path: decode_server(servers[path], tokens)
+        if path in servers
+        else worker.decode(path, tokens)
+        for path in order
+    }
+
+
+def batch1_rows(mixer: str, turns: list[dict[str, Timed]]) -> list[list[object]]:
+    """The overhead table's rows: per path, the median tokens/s, the median over rounds of
+    the tokens/s lost against ``generate`` in the same round (with the range), and the CPU
+    time per token over all its requests against ``generate``'s."""
+    rows = []
+    base_rates = [t["generate"].tokens / t["generate"].wall for t in turns]
+    cpu_base = sum(t["generate"].cpu for t in turns) / sum(t["generate"].tokens for t in turns)
+    for path, label in BATCH1_PATHS.items():
+        if path not in turns[0]:
+            continue
+        rates = [t[path].tokens / t[path].wall for t in turns]
+        losses = [1 - rate / base for rate, base in zip(rates, base_rates, strict=True)]
+        cpu = sum(t[path].cpu for t in turns) / sum(t[path].tokens for t in turns)
+        rows.append(
+            [
+                mixer,
+                label,
+                f"{statistics.median(rates):.0f}",
+                "" if path == "generate" else f"{100 * statistics.median(losses):.1f}%",
+                ""
+                if path == "generate"
+                else f"{100 * min(losses):.0f} to {100 * max(losses):.0f}%",
+                f"{1e6 * cpu:.0f}",
+                "" if path == "generate" else f"{100 * (cpu / cpu_base - 1):+.1f}%",
+            ]
+        )
+    return rows
+
+
+def bench_family(
+    args: argparse.Namespace, folder: Path, mixer: str
+) -> tuple[list[list[object]], list[list[object]]]:
+    """The load table's rows and the batch-1 table's rows of one mixer family."""
     run = train_run(folder, mixer)
     server = Server(run, args.threads, args.clients)
+    servers = {"served": server}
+    if args.baseline_src:
+        servers["baseline"] = Server(run, args.threads, args.clients, args.baseline_src)
     worker = GenerateWorker(run, args.threads)
-    phases: dict[str, list] = {key: [] for key in ("lone", "many", "served", "direct", "scheduler")}
+    lone_rounds, many_rounds, turns = [], [], []
     try:
         asyncio.run(load(server, 1, 1, 8, args.max_seconds))  # warm-up, not reported
+        batch1_round(servers, worker, 8, 0)
         for _ in range(args.rounds):  # in turns, so a busy neighbour hits every phase alike
-            phases["lone"].append(
+            lone_rounds.append(
                 asyncio.run(load(server, 1, args.requests, args.tokens, args.max_seconds))
             )
-            phases["many"].append(
+            many_rounds.append(
                 asyncio.run(
                     load(server, args.clients, args.requests, args.tokens, args.max_seconds)
                 )
             )
-            phases["served"].append(decode_rate_server(server, args.decode_tokens))
-            phases["direct"].append(worker.rate("generate", args.decode_tokens))
-            phases["scheduler"].append(worker.rate("scheduler", args.decode_tokens))
+            for _ in range(args.decode_repeats):
+                turns.append(batch1_round(servers, worker, args.decode_tokens, len(turns)))
     finally:
-        server.stop()
+        for each in servers.values():
+            each.stop()
         worker.stop()
-    lone, many = pooled(phases["lone"]), pooled(phases["many"])
-    serve_rate = statistics.median(phases["served"])
-    generate_rate = statistics.median(phases["direct"])
-    scheduler_rate = statistics.median(phases["scheduler"])
+    lone, many = pooled(lone_rounds), pooled(many_rounds)
     rows = []
     for label, result in (("1 client", lone), (f"{args.clients} clients", many)):
         rows.append(
@@ -301,21 +421,7 @@ def bench_family(args: argparse.Namespace, folder: Path, mixer: str) -> list[lis
         )
         if result["first_error"]:
             print(f"{mixer}, {label}: first error: {result['first_error']}", file=sys.stderr)
-    for label, rate in (("batch 1, HTTP", serve_rate), ("batch 1, no HTTP", scheduler_rate)):
-        overhead = (generate_rate - rate) / generate_rate
-        rows.append(
-            [
-                mixer,
-                label,
-                "",
-                "",
-                f"{rate:.0f} (generate: {generate_rate:.0f})",
-                f"overhead {100 * overhead:.1f}%",
-                "",
-                "",
-            ]
-        )
-    return rows
+    return rows, batch1_rows(mixer, turns)
 
 
 def main() -> None:
@@ -328,6 +434,14 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of every phase, in turns (median)"
     )
+    parser.add_argument(
+        "--decode-repeats", type=int, default=5, help="batch-1 turns per round (median ratio)"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also time batch 1 through a server from this lmlab src folder (another checkout)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound per phase")
     parser.add_argument("--generate-worker", metavar="RUN", help=argparse.SUPPRESS)
@@ -339,16 +453,23 @@ def main() -> None:
     print(
         f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads; gpt-tiny size, trained 1 step; "
-        f"{args.requests} requests x {args.tokens} tokens per client, temperature 0.8\n"
+        f"{args.requests} requests x {args.tokens} tokens per client, temperature 0.8; "
+        f"batch 1: {args.rounds} x {args.decode_repeats} turns of {args.decode_tokens} "
+        "greedy tokens"
+        + (f", baseline server from {args.baseline_src}" if args.baseline_src else "")
+        + "\n"
     )
-    header = ["model", "load", "ok", "complete", "tokens/s", "vs 1 client", "TTFT p50/p99 ms"]
-    header.append("ITL p50/p99 ms")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    load_rows, batch1 = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for mixer in args.mixers.split(","):
-            for row in bench_family(args, Path(scratch), mixer):
-                print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+            rows, overhead = bench_family(args, Path(scratch), mixer)
+            load_rows += rows
+            batch1 += overhead
+    header = ["model", "load", "ok", "complete", "tokens/s", "vs 1 client", "TTFT p50/p99 ms"]
+    print_table([*header, "ITL p50/p99 ms"], load_rows)
+    print()
+    header = ["model", "batch 1", "tokens/s", "tokens/s lost", "range", "CPU us/token"]
+    print_table([*header, "CPU vs generate"], batch1, "llrrrrr")
 
 
 if __name__ == "__main__":

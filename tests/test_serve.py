@@ -28,14 +28,26 @@ from conftest import TINY_RUN
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
 from lmlab.data.chat import ChatTemplate as RolesTemplate
+from lmlab.data.tokenizers import train_tokenizer
 from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, generate
 from lmlab.model.lm import LanguageModel
+from lmlab.serve.app import TextFrames
 from lmlab.serve.batching import Batcher
 from lmlab.serve.decoders import SpeculativeDecoder
 from lmlab.serve.limits import Limits
-from lmlab.serve.scheduler import Decoder, Event, Request, Scheduler, first_stop, safe_end
+from lmlab.serve.scheduler import (
+    Choice,
+    Decoder,
+    Event,
+    IncrementalText,
+    Request,
+    Sampler,
+    Scheduler,
+    first_stop,
+    safe_end,
+)
 from lmlab.serve.server import open_service, serving_in_thread
 from lmlab.train.run import load_trained_model
 
@@ -216,6 +228,36 @@ def test_stop_helpers_hold_back_what_may_begin_a_stop():
     assert safe_end("abcXZ", ("XY",)) == 5
     assert safe_end("ab\ufffd", ()) == 2
     assert safe_end("abc", ()) == 3
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "char"])
+def test_text_decoded_token_by_token_equals_decoding_every_token(kind):
+    """Multi-byte characters split over tokens, invalid bytes and special tokens: after each
+    token the incremental text is what decoding all the tokens gives."""
+    sample = "h\u00e9llo w\u00f6rld \u2014 \u65e5\u672c\u8a9e \U0001f642, " * 4
+    tokenizer = train_tokenizer(kind, [sample], vocab_size=300).with_special_tokens(["<|user|>"])
+    generator = torch.Generator().manual_seed(0)
+    ids = [*tokenizer.encode(sample), tokenizer.special_id("<|user|>")]
+    ids += torch.randint(tokenizer.vocab_size, (200,), generator=generator).tolist()
+    choice = Choice(0, Sampler(SamplingSettings(), generator))
+    text = IncrementalText(tokenizer)
+    for k, token in enumerate(ids, 1):
+        choice.ids.append(token)
+        assert text(choice) == tokenizer.decode(ids[:k])
+    assert choice.settled_ids > len(ids) - 4  # the settled text kept up
+
+
+def test_text_frames_are_the_whole_chunk_serialised():
+    def frame(index: int, text: str) -> str:
+        chunk = {"id": "cmpl-1", "object": "text_completion", "model": "attention"}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+        return f"data: {json.dumps(chunk | {'choices': [choice]})}\n\n"
+
+    frames = TextFrames(frame)
+    texts = ["a", 'say "hi"\\n', "\n\t\x00\x1f", "h\u00e9 \u65e5 \U0001f642 \ud800", "", "</s>"]
+    for index in (0, 3, 0):
+        for text in texts:
+            assert frames(index, text) == frame(index, text)
 
 
 class Collector:

@@ -106,6 +106,28 @@ class CallStream(StreamingResponse):
             self.on_close()
 
 
+class TextFrames:
+    """Server-sent event frames of text chunks, per token the hottest path of a stream: the
+    frame of a choice index is built once by ``frame(index, text)`` around a placeholder
+    text, and each chunk then only JSON-encodes its own text into it (one C call) instead of
+    serialising the whole chunk. Byte for byte what ``frame`` gives (tested)."""
+
+    PLACEHOLDER = "\x00"
+    """A text no envelope field holds (the id is hex, the model a folder name)."""
+
+    def __init__(self, frame: Callable[[int, str], str]) -> None:
+        self.frame = frame
+        self.parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self.parts.get(index)
+        if parts is None:
+            mark = json.dumps(self.PLACEHOLDER)
+            before, _, after = self.frame(index, self.PLACEHOLDER).partition(mark)
+            parts = self.parts[index] = (before, after)
+        return parts[0] + json.dumps(text) + parts[1]
+
+
 def error_response(error: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
@@ -286,6 +308,8 @@ class Completion:
         def sse(choices: list[dict], **extra: Any) -> str:
             return f"data: {json.dumps(self.envelope(choices, chunk=True, **extra))}\n\n"
 
+        text_frame = TextFrames(lambda index, text: sse([self.chunk_choice(index, text, None)]))
+
         if self.chat:
             roles = [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
@@ -298,7 +322,7 @@ class Completion:
             async for prompt_index, event in call.updates():
                 index = self.choice_index(prompt_index, event)
                 if event.kind == "text":
-                    yield sse([self.chunk_choice(index, event.text, None)])
+                    yield text_frame(index, event.text)
                 else:
                     tokens += event.tokens
                     yield sse([self.chunk_choice(index, None, event.reason)])

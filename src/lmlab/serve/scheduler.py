@@ -23,6 +23,7 @@ tokens per step) plugs in without touching the loop.
 
 from __future__ import annotations
 
+import functools
 import queue
 import sys
 import threading
@@ -77,6 +78,10 @@ class Choice:
     sent: int = 0
     """Characters of the decoded text already emitted."""
     finished: bool = False
+    settled: str = ""
+    """The text of ``ids[:settled_ids]``, which later tokens cannot change (see
+    :class:`IncrementalText`)."""
+    settled_ids: int = 0
 
 
 @dataclass
@@ -165,6 +170,7 @@ class Scheduler:
         self.decoder = decoder or Decoder(model)
         self.device = next(model.parameters()).device
         self.batcher = Batcher(model, tokenizer.vocab_size)
+        self.text = IncrementalText(tokenizer)
         self.batcher.enabled = self.batcher.enabled and self.decoder.batched
         self._queue: queue.Queue[Request] = queue.Queue()
         self._waiting: list[Request] = []
@@ -303,7 +309,7 @@ class Scheduler:
     def _append(self, request: Request, choice: Choice, token: int) -> bool:
         """Add one token to a choice; True when the choice has finished."""
         choice.ids.append(token)
-        text = self.tokenizer.decode(choice.ids)
+        text = self.text(choice)
         reason = ""
         cut = first_stop(text, request.stop, choice.sent)
         if cut is not None:
@@ -360,6 +366,30 @@ class Scheduler:
         for request in requests.values():
             request.emit(Event("error", text="internal error while generating"))
         self._waiting, self._prefilling, self._groups = [], [], []
+
+
+class IncrementalText:
+    """A choice's decoded text, token by token, at a cost that does not grow with its length.
+
+    Decoding every token at each step (what the scheduler did before) costs a time growing
+    with the length; this decodes only the tokens since the text last ended on a whole
+    character, and a single token from a cache of each id's text. It gives the same text for
+    lmlab's tokenizers: characters, bytes and byte-level BPE decode left to right, so text cut
+    after a whole character never changes when tokens follow, while a trailing replacement
+    character may be half of one and waits for the next token."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.piece = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
+
+    def __call__(self, choice: Choice) -> str:
+        """The text of all of ``choice.ids`` (advancing the choice's settled text)."""
+        tail_ids = choice.ids[choice.settled_ids :]
+        tail = self.piece(tail_ids[0]) if len(tail_ids) == 1 else self.tokenizer.decode(tail_ids)
+        text = choice.settled + tail
+        if not tail.endswith("\ufffd"):
+            choice.settled, choice.settled_ids = text, len(choice.ids)
+        return text
 
 
 def first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
