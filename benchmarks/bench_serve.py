@@ -50,7 +50,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from timing import print_table
+from timing import machine, print_table
 
 from lmlab.cli import main as lmlab_main
 from lmlab.model.generate import SamplingSettings, stream_tokens
@@ -67,13 +67,6 @@ LINES = [
     "All the world's a stage,\nAnd all the men and women merely players;",
     "HAMLET:",
 ]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -451,8 +444,7 @@ def main() -> None:
         generate_worker(args.generate_worker)
         return
     print(
-        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads; gpt-tiny size, trained 1 step; "
+        f"{machine()}, {args.threads} threads; gpt-tiny size, trained 1 step; "
         f"{args.requests} requests x {args.tokens} tokens per client, temperature 0.8; "
         f"batch 1: {args.rounds} x {args.decode_repeats} turns of {args.decode_tokens} "
         "greedy tokens"
