@@ -126,7 +126,9 @@ def test_siso_is_mimo_with_one_live_column(write: int, read: int) -> None:
         for name in ("b_norm.weight", "c_norm.weight", "A_log", "dt_bias", "norm.weight"):
             mimo.get_parameter(name).copy_(siso.get_parameter(name))
         mimo.out.weight.copy_(siso.out.weight)
-        siso.D.zero_(), mimo.D.zero_(), mimo.mimo_z.fill_(1.0)
+        siso.D.zero_()
+        mimo.D.zero_()
+        mimo.mimo_z.fill_(1.0)
         for weight, column in ((mimo.mimo_x, write), (mimo.mimo_o, read)):
             weight.zero_()[column] = 1.0
     x = random_input(2, 13, 32)
