@@ -146,13 +146,13 @@ def test_siso_keeps_its_parameters() -> None:
 
 
 def test_flops_count_every_column() -> None:
-    """R writes and R reads of the N x P state per head, plus the R x R pairs of a token."""
+    """R writes and R reads of the N x P state per head, plus two R x R blocks of column pairs
+    per token (own token, missing writes), the lift, the gates and the reduction."""
     heads = 4
     siso, mimo = (make_mixer("mamba3", mimo_rank=r, **SMALL) for r in (1, 4))
     core = 4.0 * heads * N * P
     assert siso.extra_flops_per_token(64) == core + 8.0 * heads * N
-    pairs = 16 + 6  # own-token pairs and the missing writes of later columns
-    expected = 4 * (core + 8.0 * heads * N) + heads * (2.0 * pairs * (N + P) + 5.0 * 4 * P)
+    expected = 4 * (core + 8.0 * heads * N) + heads * (2.0 * 32 * (N + P) + 5.0 * 4 * P)
     assert mimo.extra_flops_per_token(64) == expected
 
 

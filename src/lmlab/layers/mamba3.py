@@ -277,13 +277,13 @@ class Mamba3(TokenMixer):
     def extra_flops_per_token(self, context: int) -> float:
         """``R`` writes and ``R`` reads of the ``N x P`` state per head (two ``N x P`` products
         each), the rotation of B and C and the own-token term, as SISO counts them; MIMO adds
-        the ``R x R`` column pairs within a token (own token and missing writes: a dot of ``N``
-        and a product of ``P`` each), the lift, the per-rank gates and the reduction."""
+        two ``R x R`` blocks of column pairs per token as computed (own token, and the missing
+        writes with the half that the mask zeroes: a dot of ``N`` and a product of ``P`` per
+        pair), the lift, the per-rank gates and the reduction."""
         heads, n, p, rank = self.n_heads, self.d_state, self.head_dim, self.rank
         flops = 4.0 * rank * heads * n * p + 8.0 * rank * heads * n
         if rank > 1:
-            pairs = rank * rank + rank * (rank - 1) / 2
-            flops += heads * (2.0 * pairs * (n + p) + 5.0 * rank * p)
+            flops += heads * (2.0 * 2 * rank * rank * (n + p) + 5.0 * rank * p)
         return flops
 
 
