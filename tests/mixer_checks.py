@@ -69,6 +69,16 @@ def _amplify_bdh(mixer: torch.nn.Module, seed: int) -> None:
         p.mul_(10) if p.dim() > 1 else p.add_(torch.randn_like(p))
 
 
+def _perturb_mamba3(mixer: torch.nn.Module, seed: int) -> None:
+    """B/C biases and norm weights (and MIMO's lift, gate and reduction weights) start at
+    constants that would let one column or path stand in for another."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    names = ("b_bias", "c_bias", "b_norm.weight", "c_norm.weight", "mimo_x", "mimo_z", "mimo_o")
+    for name, p in mixer.named_parameters():
+        if name in names:
+            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
 ATTENTION_VARIANTS = [
     ("rope", 0, 5),
     ("none", 2, 3),
@@ -85,6 +95,7 @@ PERTURBATIONS: dict[str, Callable[[torch.nn.Module, int], None]] = {
     "attention": _randomise_cope,
     "rwkv7": _perturb_rwkv7,
     "bdh": _amplify_bdh,
+    "mamba3": _perturb_mamba3,
 }
 
 

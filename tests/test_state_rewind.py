@@ -69,12 +69,14 @@ def test_rewind_equals_decoding_only_the_kept_tokens(mixer: str) -> None:
         {"mixer": "attention", "mixer_options": {"attention": {"window": 3}}},
         {"mixer": "attention", "mixer_options": {"attention": {"qkv_conv": 3}}},
         {"pattern": "MA", "mod_capacity": 0.5, "mod_every": 1},
+        {"mixer": "mamba3", "mixer_options": {"mamba3": {"mimo_rank": 3, "chunk_size": 4}}},
     ],
-    ids=["sliding-window", "qkv-conv", "hybrid-mixture-of-depths"],
+    ids=["sliding-window", "qkv-conv", "hybrid-mixture-of-depths", "mamba3-mimo"],
 )
 def test_rewind_where_caches_cannot_be_cut(fields: dict) -> None:
-    """A windowed cache dropped its oldest keys, a convolution folded tokens in and a routed
-    block holds only its routed tokens: these recompute from the state before."""
+    """A windowed cache dropped its oldest keys, a convolution folded tokens in, a routed
+    block holds only its routed tokens and Mamba-3's MIMO state took R writes per token: these
+    recompute from the state before."""
     model = tiny_model(**fields)
     check_rewind(model)
 

@@ -114,8 +114,17 @@ CONTRACTS: dict[str, Contract] = {
         segments=({"mini_batch_size": 8},),
     ),
     "mamba3": Contract(
-        variants=(MAMBA2_SMALL, MAMBA2_SMALL | {"ngroups": 2}),
-        bfloat16=({"chunk_size": 16} | MAMBA2_SMALL,),
+        variants=(
+            MAMBA2_SMALL,
+            MAMBA2_SMALL | {"ngroups": 2},
+            MAMBA2_SMALL | {"mimo_rank": 2},
+            MAMBA2_SMALL | {"ngroups": 2, "mimo_rank": 4},
+        ),
+        bfloat16=(
+            {"chunk_size": 16} | MAMBA2_SMALL,
+            {"chunk_size": 16, "mimo_rank": 4} | MAMBA2_SMALL,
+        ),
+        learns=((120, {}), (80, {"mimo_rank": 2})),
     ),
     "rwkv7": Contract(
         modes=tuple((time, {"chunk_size": size}) for time, size in SHORTER_LAST_CHUNKS),
