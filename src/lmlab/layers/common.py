@@ -33,6 +33,24 @@ def check_core_options(name: str, mode: str, chunk_size: int) -> None:
         raise LmlabError(f"{name}: chunk_size={chunk_size} must be at least 1")
 
 
+def mamba_heads(name: str, d_model: int, expand: int, head_dim: int, ngroups: int) -> int:
+    """The head count of a Mamba-style layer (``expand * d_model`` channels in heads of
+    ``head_dim``, B/C maps shared by ``ngroups`` groups of heads), or one line on what to change."""
+    d_inner = expand * d_model
+    if head_dim <= 0 or d_inner % head_dim:
+        raise LmlabError(
+            f"{name}: expand * d_model = {d_inner} is not a multiple of head_dim="
+            f"{head_dim}; change model.mixer_options.{name}.head_dim"
+        )
+    n_heads = d_inner // head_dim
+    if ngroups <= 0 or n_heads % ngroups:
+        raise LmlabError(
+            f"{name}: ngroups={ngroups} must divide the {n_heads} heads; "
+            f"change model.mixer_options.{name}.ngroups"
+        )
+    return n_heads
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """Gates and decays are summed over many steps: keep them in float32 (or float64) even when
     the model runs in bfloat16."""

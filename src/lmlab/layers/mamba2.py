@@ -30,7 +30,7 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.base import TokenMixer
-from lmlab.layers.common import check_core_options
+from lmlab.layers.common import check_core_options, mamba_heads
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_linear_attention import gated_linear_attention
@@ -66,18 +66,10 @@ class Mamba2(TokenMixer):
         super().__init__()
         self.options = options
         self.d_inner = options.expand * cfg.d_model
-        if options.head_dim <= 0 or self.d_inner % options.head_dim:
-            raise LmlabError(
-                f"mamba2: expand * d_model = {self.d_inner} is not a multiple of head_dim="
-                f"{options.head_dim}; change model.mixer_options.mamba2.head_dim"
-            )
-        self.n_heads = self.d_inner // options.head_dim
+        self.n_heads = mamba_heads(
+            "mamba2", cfg.d_model, options.expand, options.head_dim, options.ngroups
+        )
         self.head_dim = options.head_dim
-        if options.ngroups <= 0 or self.n_heads % options.ngroups:
-            raise LmlabError(
-                f"mamba2: ngroups={options.ngroups} must divide the {self.n_heads} heads; "
-                "change model.mixer_options.mamba2.ngroups"
-            )
         if options.d_state < 1 or options.conv_width < 1:
             raise LmlabError("mamba2: d_state and conv_width must be at least 1")
         if not 0 < options.a_init_min <= options.a_init_max:

@@ -71,7 +71,12 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.base import TokenMixer
-from lmlab.layers.common import at_least_float32, check_core_options, reset_mamba_decay
+from lmlab.layers.common import (
+    at_least_float32,
+    check_core_options,
+    mamba_heads,
+    reset_mamba_decay,
+)
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_linear_attention import gated_linear_attention
 from lmlab.ops.rope import apply_rope
@@ -104,17 +109,9 @@ class Mamba3(TokenMixer):
         super().__init__()
         self.options = options
         self.d_inner = options.expand * cfg.d_model
-        if options.head_dim <= 0 or self.d_inner % options.head_dim:
-            raise LmlabError(
-                f"mamba3: expand * d_model = {self.d_inner} is not a multiple of head_dim="
-                f"{options.head_dim}; change model.mixer_options.mamba3.head_dim"
-            )
-        self.n_heads = self.d_inner // options.head_dim
-        if options.ngroups <= 0 or self.n_heads % options.ngroups:
-            raise LmlabError(
-                f"mamba3: ngroups={options.ngroups} must divide the {self.n_heads} heads; "
-                "change model.mixer_options.mamba3.ngroups"
-            )
+        self.n_heads = mamba_heads(
+            "mamba3", cfg.d_model, options.expand, options.head_dim, options.ngroups
+        )
         if options.d_state < 2 or options.d_state % 2:
             raise LmlabError(
                 f"mamba3: d_state={options.d_state} must be even and >= 2 (state channels "
