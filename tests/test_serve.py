@@ -28,7 +28,7 @@ from conftest import TINY_RUN
 from lmlab.cli import main
 from lmlab.config.schema import ModelConfig
 from lmlab.data.chat import ChatTemplate as RolesTemplate
-from lmlab.data.tokenizers import train_tokenizer
+from lmlab.data.tokenizers import BpeTokenizer, train_tokenizer
 from lmlab.memory.knn import KnnSettings
 from lmlab.memory.store import build_store
 from lmlab.model.generate import SamplingSettings, generate
@@ -245,6 +245,28 @@ def test_text_decoded_token_by_token_equals_decoding_every_token(kind):
         choice.ids.append(token)
         assert text(choice) == tokenizer.decode(ids[:k])
     assert choice.settled_ids > len(ids) - 4  # the settled text kept up
+
+
+def test_a_tokenizer_that_rewrites_when_decoding_is_decoded_whole():
+    """SentencePiece's decoder turns the word marker into a space except at the start, so one
+    token alone decodes differently than in context: such a tokenizer (an imported model's) is
+    decoded whole, and the streamed text still equals decoding every token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    sample = "to be or not to be, that is the question " * 8
+    hf.train_from_iterator([sample], trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tokenizer = BpeTokenizer(hf)
+    ids = list(tokenizer.encode(sample))
+    assert not tokenizer.decodes_piecewise
+    assert "".join(tokenizer.decode([i]) for i in ids) != tokenizer.decode(ids)
+    choice = Choice(0, Sampler(SamplingSettings(), torch.Generator()))
+    text = IncrementalText(tokenizer)
+    for k, token in enumerate(ids, 1):
+        choice.ids.append(token)
+        assert text(choice) == tokenizer.decode(ids[:k])
 
 
 def test_text_frames_are_the_whole_chunk_serialised():

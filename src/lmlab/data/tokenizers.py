@@ -51,6 +51,11 @@ class Tokenizer(ABC):
 
     kind: str
     special_tokens: tuple[str, ...] = ()
+    decodes_piecewise: bool = True
+    """Whether the text of ``ids + more`` is always the text of ``ids`` followed by that of
+    ``more`` once ``ids`` ends on a whole character (bytes, characters, byte-level BPE): a
+    streaming server may then decode only the new tokens. Not so for a decoder that strips or
+    rewrites (SentencePiece's leading space), which an imported tokenizer may have."""
 
     @property
     def vocab_size(self) -> int:
@@ -226,7 +231,9 @@ class BpeTokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer) -> None:
         self._tok = hf_tokenizer
-        self._splits_at_words = _is_gpt2_byte_level(json.loads(hf_tokenizer.to_str()))
+        state = json.loads(hf_tokenizer.to_str())
+        self._splits_at_words = _is_gpt2_byte_level(state)
+        self.decodes_piecewise = (state.get("decoder") or {}).get("type") == "ByteLevel"
 
     @property
     def base_vocab_size(self) -> int:

@@ -374,9 +374,10 @@ class IncrementalText:
     Decoding every token at each step (what the scheduler did before) costs a time growing
     with the length; this decodes only the tokens since the text last ended on a whole
     character, and a single token from a cache of each id's text. It gives the same text for
-    lmlab's tokenizers: characters, bytes and byte-level BPE decode left to right, so text cut
-    after a whole character never changes when tokens follow, while a trailing replacement
-    character may be half of one and waits for the next token."""
+    tokenizers that decode piecewise (``Tokenizer.decodes_piecewise``: characters, bytes and
+    byte-level BPE decode left to right, so text cut after a whole character never changes when
+    tokens follow, while a trailing replacement character may be half of one and waits for the
+    next token); any other tokenizer (an imported SentencePiece one) decodes the whole reply."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -384,6 +385,8 @@ class IncrementalText:
 
     def __call__(self, choice: Choice) -> str:
         """The text of all of ``choice.ids`` (advancing the choice's settled text)."""
+        if not self.tokenizer.decodes_piecewise:
+            return self.tokenizer.decode(choice.ids)
         tail_ids = choice.ids[choice.settled_ids :]
         tail = self.piece(tail_ids[0]) if len(tail_ids) == 1 else self.tokenizer.decode(tail_ids)
         text = choice.settled + tail
