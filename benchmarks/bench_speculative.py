@@ -37,10 +37,10 @@ PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed", "KING HENRY")
 LOOP_WINDOW = 20
 
 
-def decoding(target, draft, prompts, tokens, settings, k, stats, label, outputs) -> Callable:
+def decoding(target, draft, prompts, tokens, settings, k, confidence, stats, label, outputs):
     """One timed call: decode ``tokens`` after each prompt, plainly (``draft`` None) or
-    speculatively, recording the speculative counts and the new tokens of the last call
-    under ``label``."""
+    speculatively (up to ``k`` drafts a round, fewer below ``confidence``), recording the
+    speculative counts and the new tokens of the last call under ``label``."""
 
     @torch.inference_mode()
     def run() -> None:
@@ -51,7 +51,7 @@ def decoding(target, draft, prompts, tokens, settings, k, stats, label, outputs)
                 stream = stream_tokens(target, prompt, tokens, settings)
             else:
                 stream = stream_speculative(
-                    target, draft, prompt, tokens, settings, k, stats=stats[label]
+                    target, draft, prompt, tokens, settings, k, 0, stats[label], confidence
                 )
             outputs[label].append([int(token) for token in stream])
 
@@ -118,6 +118,11 @@ def main() -> None:
     parser.add_argument("target", help="run folder of the target model")
     parser.add_argument("--draft", action="append", required=True, help="run folder or self:N")
     parser.add_argument("--draft-tokens", default="2,4,6", help="k values, comma-separated")
+    parser.add_argument(
+        "--draft-confidence",
+        default="0",
+        help="draft_confidence values, comma-separated (0: always draft k tokens)",
+    )
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per prompt")
     parser.add_argument("--temperatures", default="0,0.8")
     parser.add_argument("--repeats", type=int, default=3)
@@ -151,6 +156,7 @@ def main() -> None:
     )
     print()
     ks = [int(k) for k in args.draft_tokens.split(",")]
+    confidences = [float(c) for c in args.draft_confidence.split(",")]
     rows, samples = [], []
     for temperature in (float(t) for t in args.temperatures.split(",")):
         settings = SamplingSettings(temperature=temperature)
@@ -158,13 +164,13 @@ def main() -> None:
         outputs: dict[str, list[list[int]]] = {}
         fns = {
             "plain": decoding(
-                target, None, prompts, args.tokens, settings, 0, stats, "plain", outputs
+                target, None, prompts, args.tokens, settings, 0, 0, stats, "plain", outputs
             )
         }
-        for (spec, draft), k in itertools.product(drafts.items(), ks):
-            label = f"{spec} k={k}"
+        for (spec, draft), k, confidence in itertools.product(drafts.items(), ks, confidences):
+            label = f"{spec} k={k}" + (f" c={confidence:g}" if confidence else "")
             fns[label] = decoding(
-                target, draft, prompts, args.tokens, settings, k, stats, label, outputs
+                target, draft, prompts, args.tokens, settings, k, confidence, stats, label, outputs
             )
         ms = interleaved_wall_and_cpu_ms(fns, repeats=args.repeats, warmup=1)
         total = args.tokens * len(prompts)

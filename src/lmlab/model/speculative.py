@@ -111,10 +111,19 @@ def accept_or_resample(
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
-def check_draft(model: LanguageModel, draft: Draft, draft_tokens: int) -> None:
-    """A ParamError unless ``draft`` can draft ``draft_tokens`` tokens per round for ``model``."""
+def check_draft(
+    model: LanguageModel, draft: Draft, draft_tokens: int, draft_confidence: float = 0.0
+) -> None:
+    """A ParamError unless ``draft`` can draft ``draft_tokens`` tokens per round for ``model``,
+    stopping below ``draft_confidence``."""
     if draft_tokens < 1:
         raise ParamError(f"<draft_tokens>={draft_tokens} must be at least 1", "draft_tokens")
+    if not 0 <= draft_confidence < 1:
+        raise ParamError(
+            f"<draft_confidence>={draft_confidence} must be in [0, 1) (0 always drafts "
+            "draft_tokens)",
+            "draft_confidence",
+        )
     if draft.cfg.vocab_size != model.cfg.vocab_size:
         raise ParamError(
             f"<draft> has a vocabulary of {draft.cfg.vocab_size}, the model {model.cfg.vocab_size}"
@@ -132,16 +141,20 @@ def stream_speculative(
     draft_tokens: int = 4,
     seed: int = 0,
     stats: SpeculativeStats | None = None,
+    draft_confidence: float = 0.0,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``[1, 1]`` new tokens one at a time, as ``stream_tokens`` does, drafting
-    ``draft_tokens`` per round with ``draft`` and verifying them with ``model``; ``stats``
-    (if given) counts rounds and accepted tokens. Batch 1: each row would accept a different
-    number of tokens."""
+    """Yield ``[1, 1]`` new tokens one at a time, as ``stream_tokens`` does, drafting up to
+    ``draft_tokens`` per round with ``draft`` (fewer when its confidence falls below
+    ``draft_confidence``, see :func:`speculative_round`) and verifying them with ``model``;
+    ``stats`` (if given) counts rounds and accepted tokens. Batch 1: each row would accept a
+    different number of tokens."""
     if prompt.shape[0] != 1 or prompt.shape[1] < 1:
         raise ParamError(f"<prompt> must be [1, T>=1], got {list(prompt.shape)}", "prompt")
-    check_draft(model, draft, draft_tokens)
+    check_draft(model, draft, draft_tokens, draft_confidence)
     stats = stats if stats is not None else SpeculativeStats()
-    return _speculate(model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats)
+    return _speculate(
+        model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats, draft_confidence
+    )
 
 
 @dataclass
@@ -176,10 +189,18 @@ def speculative_round(
     settings: SamplingSettings,
     generator: torch.Generator,
     stats: SpeculativeStats,
+    draft_confidence: float = 0.0,
 ) -> tuple[list[int], SpeculativeCursor]:
-    """One round: ``k`` drafted tokens (0: plain decoding), one verification, the tokens it
-    emits (the accepted drafts and one more) and where the generation then stands. Batch 1;
+    """One round: up to ``k`` drafted tokens (0: plain decoding), one verification, the tokens
+    it emits (the accepted drafts and one more) and where the generation then stands. Batch 1;
     ``stats`` counts the round but not the emitted tokens (the caller may discard some).
+
+    ``draft_confidence`` > 0 ends the drafting early, after a token to which the draft's own
+    softmax (temperature 1, no filters) gives less than that probability: a token the draft
+    is unsure of is likely rejected, and drafting past it wastes draft forwards (as
+    ``assistant_confidence_threshold`` in transformers' assisted generation). The output's
+    distribution is unchanged: whether to draft one more token depends only on the tokens
+    drafted so far, and each is verified by the same rule.
 
     Under ``inference_mode`` rather than ``no_grad``: a one-token forward of a small model is
     mostly per-op dispatch, which inference tensors make about a tenth cheaper; the states it
@@ -195,6 +216,9 @@ def speculative_round(
         drafted.append(int(torch.multinomial(q, 1, generator=generator)))
         draft_probs.append(q)
         step_input = template.new_tensor([[drafted[-1]]])
+        if draft_confidence and logits[0, -1].softmax(-1)[drafted[-1]] < draft_confidence:
+            break
+    k = len(drafted)
     verify = torch.cat([cursor.pending, template.new_tensor([drafted])], 1) if k else cursor.pending
     logits, verified_state = model(verify, cursor.target_state)
     p = token_probabilities(logits[0], settings)
@@ -231,6 +255,7 @@ def _speculate(
     draft_tokens: int,
     seed: int,
     stats: SpeculativeStats,
+    draft_confidence: float,
 ) -> Iterator[torch.Tensor]:
     """The rounds of :func:`stream_speculative`, whose arguments are checked (at the call, not
     at the first token)."""
@@ -239,7 +264,9 @@ def _speculate(
     emitted = 0
     while emitted < max_new_tokens:
         k = min(draft_tokens, max_new_tokens - emitted - 1)
-        tokens, cursor = speculative_round(model, draft, cursor, k, settings, generator, stats)
+        tokens, cursor = speculative_round(
+            model, draft, cursor, k, settings, generator, stats, draft_confidence
+        )
         for token in tokens:
             stats.emitted += 1
             emitted += 1
