@@ -89,12 +89,9 @@ class SpeculativeStats:
 
 
 def token_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """The distribution ``[..., V]`` that plain sampling draws from: filtered and tempered, or
-    one-hot on the argmax at temperature 0 (the same argmax as ``sample_next``)."""
-    logits = logits.float()
-    if settings.temperature == 0:
-        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, settings).softmax(-1)
+    """The distribution ``[..., V]`` that plain sampling draws from at a temperature above 0:
+    filtered and tempered (greedy rounds compare argmaxes instead, see :func:`verify_drafts`)."""
+    return filter_logits(logits.float(), settings).softmax(-1)
 
 
 def accept_or_resample(
@@ -109,6 +106,42 @@ def accept_or_resample(
     if residual.sum() <= 0:  # p == q up to rounding: rejection had probability ~0
         residual = p
     return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def draw_draft_token(
+    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """The draft's token from its logits ``[V]`` and the distribution ``q`` it was drawn from;
+    greedy: the argmax and no ``q`` (the one-hot rule needs none, see :func:`verify_drafts`)."""
+    if settings.temperature == 0:
+        return int(logits.argmax()), None
+    q = token_probabilities(logits, settings)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def verify_drafts(
+    logits: torch.Tensor,
+    drafted: list[int],
+    draft_probs: list[torch.Tensor | None],
+    settings: SamplingSettings,
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """How many of ``drafted`` the target keeps, given its logits ``[k + 1, V]`` at the
+    verified positions, and the token it emits after them (a resampled or a bonus token).
+
+    Greedy, Leviathan et al.'s rule with one-hot p and q reduces to "keep drafts while they
+    equal the target's argmax, then emit that argmax"; it is computed so, without the sampling
+    calls (the argmax is ``sample_next``'s, so the text is plain greedy decoding's)."""
+    if settings.temperature == 0:
+        best = logits.argmax(-1).tolist()
+        accepted = next((i for i, t in enumerate(drafted) if t != best[i]), len(drafted))
+        return accepted, best[accepted]
+    p = token_probabilities(logits, settings)
+    for i, token in enumerate(drafted):
+        new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
+        if new_token is not None:
+            return i, new_token
+    return len(drafted), int(torch.multinomial(p[len(drafted)], 1, generator=generator))
 
 
 def check_draft(
@@ -212,24 +245,16 @@ def speculative_round(
     for _ in range(k):
         logits, draft_state = draft(step_input, draft_state)
         draft_states.append(draft_state)
-        q = token_probabilities(logits[0, -1], settings)
-        drafted.append(int(torch.multinomial(q, 1, generator=generator)))
+        token, q = draw_draft_token(logits[0, -1], settings, generator)
+        drafted.append(token)
         draft_probs.append(q)
-        step_input = template.new_tensor([[drafted[-1]]])
-        if draft_confidence and logits[0, -1].softmax(-1)[drafted[-1]] < draft_confidence:
+        step_input = template.new_tensor([[token]])
+        if draft_confidence and logits[0, -1].softmax(-1)[token] < draft_confidence:
             break
     k = len(drafted)
     verify = torch.cat([cursor.pending, template.new_tensor([drafted])], 1) if k else cursor.pending
     logits, verified_state = model(verify, cursor.target_state)
-    p = token_probabilities(logits[0], settings)
-    accepted, new_token = k, None
-    for i, token in enumerate(drafted):
-        new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
-        if new_token is not None:
-            accepted = i
-            break
-    if new_token is None:
-        new_token = int(torch.multinomial(p[k], 1, generator=generator))
+    accepted, new_token = verify_drafts(logits[0], drafted, draft_probs, settings, generator)
     target_state = model.rewind(cursor.target_state, verified_state, verify, accepted + 1)
     new = template.new_tensor([[new_token]])
     if k == 0:
