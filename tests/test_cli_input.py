@@ -200,6 +200,7 @@ CASES = [
     ["generate", "RUN", "--draft", "missing-run"],
     ["generate", "RUN", "--draft", "BYTE_RUN"],
     ["generate", "RUN", "--draft", "RUN", "--draft-tokens", "0"],
+    ["generate", "RUN", "--draft", "RUN", "--draft-confidence", "1"],
     ["quantize", "RUN", "--out", "small"],
     ["quantize", "RUN", "--int8", "--int4", "--out", "small"],
     ["quantize", "RUN", "--int4", "--group-size", "48", "--out", "small"],
@@ -363,3 +364,5 @@ def test_generate_with_a_draft_prints_the_same_greedy_text(run, capsys):
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "(100%)" in captured.err
+    assert main([*greedy, "--draft", str(run), "--draft-confidence", "0.5"]) == 0
+    assert capsys.readouterr().out == plain

@@ -31,8 +31,10 @@ def tiny_model(seed: int, vocab: int = VOCAB, **fields) -> LanguageModel:
     return LanguageModel(ModelConfig(vocab_size=vocab, **fields)).double().eval()
 
 
-def speculate(target, draft, prompt, new, settings, k, seed=0, stats=None) -> torch.Tensor:
-    tokens = stream_speculative(target, draft, prompt, new, settings, k, seed, stats)
+def speculate(
+    target, draft, prompt, new, settings, k, seed=0, stats=None, confidence=0.0
+) -> torch.Tensor:
+    tokens = stream_speculative(target, draft, prompt, new, settings, k, seed, stats, confidence)
     return torch.cat([prompt, *tokens], 1)
 
 
@@ -58,6 +60,11 @@ def test_greedy_output_equals_plain_greedy(family: str) -> None:
     stats = SpeculativeStats()
     speculate(target, drafts["another model"], prompt, 30, GREEDY, 3, stats=stats)
     assert stats.accepted < stats.drafted
+    # drafting stops early where the draft is unsure, and the text stays the same
+    short = SpeculativeStats()
+    got = speculate(target, drafts["another model"], prompt, 30, GREEDY, 3, 0, short, 0.5)
+    assert torch.equal(got, expected)
+    assert short.drafted < 3 * (short.rounds - 1)  # the last round may draft fewer anyway
 
 
 def test_one_token_prompt_and_short_budgets() -> None:
@@ -98,23 +105,40 @@ def exact_two_token_distribution(model: LanguageModel, prompt: torch.Tensor) -> 
     return (first[:, None] * second).flatten()
 
 
-def chi_square_of_speculative_samples(samples: int) -> float:
-    """Chi-square of the first two tokens (both drafted: ``draft_tokens=2``) against the
-    target's exact joint distribution."""
+def chi_square_of_speculative_samples(samples: int, confidence: float = 0.0) -> float:
+    """Chi-square of the first two tokens (both drafted: ``draft_tokens=2``, unless the
+    draft's ``confidence`` in the first is too low) against the target's exact joint
+    distribution."""
     target, draft = bigram_model(seed=0), bigram_model(seed=1)
     prompt = torch.tensor([[1, 4, 2]])
     settings = SamplingSettings(temperature=1.0)
     expected = exact_two_token_distribution(target, prompt) * samples
     counts = torch.zeros(VOCAB_SMALL * VOCAB_SMALL, dtype=torch.float64)
     for seed in range(samples):
-        tokens = stream_speculative(target, draft, prompt, 3, settings, 2, seed)
+        tokens = stream_speculative(target, draft, prompt, 3, settings, 2, seed, None, confidence)
         t1, t2 = itertools.islice(tokens, 2)
         counts[int(t1) * VOCAB_SMALL + int(t2)] += 1
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_sampling_follows_the_target_distribution() -> None:
-    assert chi_square_of_speculative_samples(1000) < CHI2_999_DOF24
+@pytest.mark.parametrize("confidence", [0.0, 0.5])
+def test_sampling_follows_the_target_distribution(confidence: float) -> None:
+    assert chi_square_of_speculative_samples(1000, confidence) < CHI2_999_DOF24
+
+
+def test_an_unsure_draft_ends_the_round_early() -> None:
+    """With ``draft_confidence`` 0.5, the first round of the chi-square test above drafts one
+    token when the draft gave its first token less than 0.5, else two: both happen."""
+    target, draft = bigram_model(seed=0), bigram_model(seed=1)
+    settings = SamplingSettings(temperature=1.0)
+    drafted = []
+    for seed in range(40):
+        stats = SpeculativeStats()
+        cursor = speculative.start_cursor(target, draft, torch.tensor([[1, 4, 2]]))
+        generator = torch.Generator().manual_seed(seed)
+        speculative.speculative_round(target, draft, cursor, 2, settings, generator, stats, 0.5)
+        drafted.append(stats.drafted)
+    assert set(drafted) == {1, 2}
 
 
 def test_a_wrong_rejection_rule_fails_the_same_test(monkeypatch) -> None:
@@ -139,5 +163,7 @@ def test_bad_parameters_name_themselves() -> None:
         next(stream_speculative(target, tiny_model(1, vocab=7), prompt, 3, GREEDY))
     with pytest.raises(ParamError, match="prompt"):
         next(stream_speculative(target, target, prompt.expand(2, -1), 3, GREEDY))
+    with pytest.raises(ParamError, match="draft_confidence"):
+        next(stream_speculative(target, target, prompt, 3, GREEDY, 2, draft_confidence=1.0))
     with pytest.raises(ParamError, match="n_layers"):
         EarlyExit(target, 3)

@@ -474,7 +474,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.draft:
         draft = load_draft(args.draft, model, tokenizer, device)
         tokens = stream_speculative(
-            model, draft, prompt, args.max_new_tokens, settings, args.draft_tokens, args.seed, stats
+            model,
+            draft,
+            prompt,
+            args.max_new_tokens,
+            settings,
+            args.draft_tokens,
+            args.seed,
+            stats,
+            args.draft_confidence,
         )
     else:
         tokens = stream_tokens(model, prompt, args.max_new_tokens, settings, args.seed, hook)
@@ -966,6 +974,14 @@ COMMANDS: tuple[Command, ...] = (
                 "draft_tokens",
                 source=stream_speculative,
                 type=at_least(1),
+            ),
+            opt(
+                "--draft-confidence",
+                "end a round's drafting after a token the draft gives less than this "
+                "probability (0: always --draft-tokens)",
+                "draft_confidence",
+                source=stream_speculative,
+                type=float,
             ),
             DEVICE,
         ),

@@ -89,12 +89,9 @@ class SpeculativeStats:
 
 
 def token_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """The distribution ``[..., V]`` that plain sampling draws from: filtered and tempered, or
-    one-hot on the argmax at temperature 0 (the same argmax as ``sample_next``)."""
-    logits = logits.float()
-    if settings.temperature == 0:
-        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, settings).softmax(-1)
+    """The distribution ``[..., V]`` that plain sampling draws from at a temperature above 0:
+    filtered and tempered (greedy rounds compare argmaxes instead, see :func:`verify_drafts`)."""
+    return filter_logits(logits.float(), settings).softmax(-1)
 
 
 def accept_or_resample(
@@ -111,10 +108,55 @@ def accept_or_resample(
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
-def check_draft(model: LanguageModel, draft: Draft, draft_tokens: int) -> None:
-    """A ParamError unless ``draft`` can draft ``draft_tokens`` tokens per round for ``model``."""
+def draw_draft_token(
+    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """The draft's token from its logits ``[V]`` and the distribution ``q`` it was drawn from;
+    greedy: the argmax and no ``q`` (the one-hot rule needs none, see :func:`verify_drafts`)."""
+    if settings.temperature == 0:
+        return int(logits.argmax()), None
+    q = token_probabilities(logits, settings)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def verify_drafts(
+    logits: torch.Tensor,
+    drafted: list[int],
+    draft_probs: list[torch.Tensor | None],
+    settings: SamplingSettings,
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """How many of ``drafted`` the target keeps, given its logits ``[k + 1, V]`` at the
+    verified positions, and the token it emits after them (a resampled or a bonus token).
+
+    Greedy, Leviathan et al.'s rule with one-hot p and q reduces to "keep drafts while they
+    equal the target's argmax, then emit that argmax"; it is computed so, without the sampling
+    calls (the argmax is ``sample_next``'s, so the text is plain greedy decoding's)."""
+    if settings.temperature == 0:
+        best = logits.argmax(-1).tolist()
+        accepted = next((i for i, t in enumerate(drafted) if t != best[i]), len(drafted))
+        return accepted, best[accepted]
+    p = token_probabilities(logits, settings)
+    for i, token in enumerate(drafted):
+        new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
+        if new_token is not None:
+            return i, new_token
+    return len(drafted), int(torch.multinomial(p[len(drafted)], 1, generator=generator))
+
+
+def check_draft(
+    model: LanguageModel, draft: Draft, draft_tokens: int, draft_confidence: float = 0.0
+) -> None:
+    """A ParamError unless ``draft`` can draft ``draft_tokens`` tokens per round for ``model``,
+    stopping below ``draft_confidence``."""
     if draft_tokens < 1:
         raise ParamError(f"<draft_tokens>={draft_tokens} must be at least 1", "draft_tokens")
+    if not 0 <= draft_confidence < 1:
+        raise ParamError(
+            f"<draft_confidence>={draft_confidence} must be in [0, 1) (0 always drafts "
+            "draft_tokens)",
+            "draft_confidence",
+        )
     if draft.cfg.vocab_size != model.cfg.vocab_size:
         raise ParamError(
             f"<draft> has a vocabulary of {draft.cfg.vocab_size}, the model {model.cfg.vocab_size}"
@@ -132,16 +174,20 @@ def stream_speculative(
     draft_tokens: int = 4,
     seed: int = 0,
     stats: SpeculativeStats | None = None,
+    draft_confidence: float = 0.0,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``[1, 1]`` new tokens one at a time, as ``stream_tokens`` does, drafting
-    ``draft_tokens`` per round with ``draft`` and verifying them with ``model``; ``stats``
-    (if given) counts rounds and accepted tokens. Batch 1: each row would accept a different
-    number of tokens."""
+    """Yield ``[1, 1]`` new tokens one at a time, as ``stream_tokens`` does, drafting up to
+    ``draft_tokens`` per round with ``draft`` (fewer when its confidence falls below
+    ``draft_confidence``, see :func:`speculative_round`) and verifying them with ``model``;
+    ``stats`` (if given) counts rounds and accepted tokens. Batch 1: each row would accept a
+    different number of tokens."""
     if prompt.shape[0] != 1 or prompt.shape[1] < 1:
         raise ParamError(f"<prompt> must be [1, T>=1], got {list(prompt.shape)}", "prompt")
-    check_draft(model, draft, draft_tokens)
+    check_draft(model, draft, draft_tokens, draft_confidence)
     stats = stats if stats is not None else SpeculativeStats()
-    return _speculate(model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats)
+    return _speculate(
+        model, draft, prompt, max_new_tokens, settings, draft_tokens, seed, stats, draft_confidence
+    )
 
 
 @dataclass
@@ -158,6 +204,7 @@ class SpeculativeCursor:
     """``[1, P]``: the tokens the draft has not consumed (ending with ``pending``)."""
 
 
+@torch.inference_mode()
 def start_cursor(model: LanguageModel, draft: Draft, prompt: torch.Tensor) -> SpeculativeCursor:
     """Both models past all of ``prompt [1, T]`` but its last token."""
     context, pending = prompt[:, :-1], prompt[:, -1:]
@@ -166,7 +213,7 @@ def start_cursor(model: LanguageModel, draft: Draft, prompt: torch.Tensor) -> Sp
     return SpeculativeCursor(target_state, draft_state, pending, pending)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_round(
     model: LanguageModel,
     draft: Draft,
@@ -175,10 +222,22 @@ def speculative_round(
     settings: SamplingSettings,
     generator: torch.Generator,
     stats: SpeculativeStats,
+    draft_confidence: float = 0.0,
 ) -> tuple[list[int], SpeculativeCursor]:
-    """One round: ``k`` drafted tokens (0: plain decoding), one verification, the tokens it
-    emits (the accepted drafts and one more) and where the generation then stands. Batch 1;
-    ``stats`` counts the round but not the emitted tokens (the caller may discard some)."""
+    """One round: up to ``k`` drafted tokens (0: plain decoding), one verification, the tokens
+    it emits (the accepted drafts and one more) and where the generation then stands. Batch 1;
+    ``stats`` counts the round but not the emitted tokens (the caller may discard some).
+
+    ``draft_confidence`` > 0 ends the drafting early, after a token to which the draft's own
+    softmax (temperature 1, no filters) gives less than that probability: a token the draft
+    is unsure of is likely rejected, and drafting past it wastes draft forwards (as
+    ``assistant_confidence_threshold`` in transformers' assisted generation). The output's
+    distribution is unchanged: whether to draft one more token depends only on the tokens
+    drafted so far, and each is verified by the same rule.
+
+    Under ``inference_mode`` rather than ``no_grad``: a one-token forward of a small model is
+    mostly per-op dispatch, which inference tensors make about a tenth cheaper; the states it
+    returns are inference tensors, read only by later rounds."""
     template = cursor.pending
     drafted: list[int] = []
     draft_probs, draft_states = [], []
@@ -186,21 +245,16 @@ def speculative_round(
     for _ in range(k):
         logits, draft_state = draft(step_input, draft_state)
         draft_states.append(draft_state)
-        q = token_probabilities(logits[0, -1], settings)
-        drafted.append(int(torch.multinomial(q, 1, generator=generator)))
+        token, q = draw_draft_token(logits[0, -1], settings, generator)
+        drafted.append(token)
         draft_probs.append(q)
-        step_input = template.new_tensor([[drafted[-1]]])
+        step_input = template.new_tensor([[token]])
+        if draft_confidence and logits[0, -1].softmax(-1)[token] < draft_confidence:
+            break
+    k = len(drafted)
     verify = torch.cat([cursor.pending, template.new_tensor([drafted])], 1) if k else cursor.pending
     logits, verified_state = model(verify, cursor.target_state)
-    p = token_probabilities(logits[0], settings)
-    accepted, new_token = k, None
-    for i, token in enumerate(drafted):
-        new_token = accept_or_resample(p[i], draft_probs[i], token, generator)
-        if new_token is not None:
-            accepted = i
-            break
-    if new_token is None:
-        new_token = int(torch.multinomial(p[k], 1, generator=generator))
+    accepted, new_token = verify_drafts(logits[0], drafted, draft_probs, settings, generator)
     target_state = model.rewind(cursor.target_state, verified_state, verify, accepted + 1)
     new = template.new_tensor([[new_token]])
     if k == 0:
@@ -217,7 +271,6 @@ def speculative_round(
     return tokens, SpeculativeCursor(target_state, draft_state, new, draft_pending)
 
 
-@torch.no_grad()
 def _speculate(
     model: LanguageModel,
     draft: Draft,
@@ -227,6 +280,7 @@ def _speculate(
     draft_tokens: int,
     seed: int,
     stats: SpeculativeStats,
+    draft_confidence: float,
 ) -> Iterator[torch.Tensor]:
     """The rounds of :func:`stream_speculative`, whose arguments are checked (at the call, not
     at the first token)."""
@@ -235,7 +289,9 @@ def _speculate(
     emitted = 0
     while emitted < max_new_tokens:
         k = min(draft_tokens, max_new_tokens - emitted - 1)
-        tokens, cursor = speculative_round(model, draft, cursor, k, settings, generator, stats)
+        tokens, cursor = speculative_round(
+            model, draft, cursor, k, settings, generator, stats, draft_confidence
+        )
         for token in tokens:
             stats.emitted += 1
             emitted += 1
