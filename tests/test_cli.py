@@ -84,7 +84,7 @@ def test_interrupt_then_resume_continues_exactly(tmp_path, corpus):
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, corpus):
     common = ["train.max_steps=40", "train.checkpoint_interval=5", "train.deterministic=true"]
     assert main(train_args(tmp_path, corpus, "whole", *common)) == 0
-    command = [sys.executable, "-m", "lmlab.cli", *train_args(tmp_path, corpus, "killed", *common)]
+    command = [sys.executable, "-m", "lmlab", *train_args(tmp_path, corpus, "killed", *common)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 120

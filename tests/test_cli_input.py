@@ -140,6 +140,7 @@ CASES = [
     ["serve", "RUN", "--draft", "missing-run", "--port", "0"],
     ["serve", "RUN", "--draft", "BYTE_RUN", "--port", "0"],
     ["serve", "RUN", "--draft", "RUN", "--draft-tokens", "0", "--port", "0"],
+    ["serve", "RUN", "--draft", "RUN", "--draft-confidence", "1", "--port", "0"],
     ["serve", "RUN", "--draft", "RUN", "--memory", "STORE", "--port", "0"],
     ["serve", "RUN", "--memory", "missing", "--port", "0"],
     ["serve", "RUN", "--memory", "WIDE", "--port", "0"],

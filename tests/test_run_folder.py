@@ -304,8 +304,8 @@ def test_files_keep_the_normal_mode_after_a_resume(run):
 @pytest.mark.parametrize(
     ("argv", "target"),
     [
-        (["generate", "{run}", "--max-new-tokens", "5"], "lmlab.cli.stream_tokens"),
-        (["eval", "{run}", "--batches", "1"], "lmlab.cli.evaluate"),
+        (["generate", "{run}", "--max-new-tokens", "5"], "lmlab.cli.handlers.stream_tokens"),
+        (["eval", "{run}", "--batches", "1"], "lmlab.cli.handlers.evaluate"),
     ],
 )
 def test_ctrl_c_in_generate_and_eval_is_one_line_exit_130(run, capsys, monkeypatch, argv, target):

@@ -457,15 +457,21 @@ def other_run(runs: dict[str, Path]) -> Path:
     return out / "other"
 
 
-@pytest.mark.parametrize(("mixer", "draft"), [("attention", "self"), ("gla", "self:1")])
-def test_a_speculative_server_completes_what_plain_decoding_does(runs, mixer, draft, capfd):
-    """Greedy speculative decoding (the run or its first layer as draft) is plain greedy
-    decoding; every row decodes on its own, n choices included."""
+@pytest.mark.parametrize(
+    ("mixer", "draft", "confidence"), [("attention", "self", 0.0), ("gla", "self:1", 0.5)]
+)
+def test_a_speculative_server_completes_what_plain_decoding_does(
+    runs, mixer, draft, confidence, capfd
+):
+    """Greedy speculative decoding (the run or its first layer as draft, drafting every round
+    or stopping after an unsure draft) is plain greedy decoding; every row decodes on its own,
+    n choices included."""
     run = runs[mixer]
     spec = str(run) if draft == "self" else draft
-    service = open_service(run, draft=spec, draft_tokens=3)
+    service = open_service(run, draft=spec, draft_tokens=3, draft_confidence=confidence)
     decoder = service.scheduler.decoder
     assert isinstance(decoder, SpeculativeDecoder) and not service.scheduler.batcher.enabled
+    assert decoder.draft_confidence == confidence
     with serving_in_thread(service) as url:
         api = client(url)
         for prompt in PROMPTS[:2]:

@@ -69,11 +69,18 @@ class SpeculativeDecoder(Decoder):
 
     batched = False
 
-    def __init__(self, model: LanguageModel, draft: Draft, draft_tokens: int = 4) -> None:
-        check_draft(model, draft, draft_tokens)
+    def __init__(
+        self,
+        model: LanguageModel,
+        draft: Draft,
+        draft_tokens: int = 4,
+        draft_confidence: float = 0.0,
+    ) -> None:
+        check_draft(model, draft, draft_tokens, draft_confidence)
         super().__init__(model)
         self.draft = draft
         self.draft_tokens = draft_tokens
+        self.draft_confidence = draft_confidence
         self.stats = SpeculativeStats()
 
     def prefill(
@@ -101,6 +108,7 @@ class SpeculativeDecoder(Decoder):
             sampler.settings,
             generator,
             self.stats,
+            self.draft_confidence,
         )
         self.stats.emitted += len(tokens)
         target = cursor.target_state or ModelState()  # never None: the round consumed a token

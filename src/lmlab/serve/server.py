@@ -38,12 +38,14 @@ def open_service(
     decoder: Callable[..., Decoder] | None = None,
     draft: str | None = None,
     draft_tokens: int = 4,
+    draft_confidence: float = 0.0,
     memory: str | Path | None = None,
     knn: KnnSettings | None = None,
 ) -> Service:
     """The run's model, tokenizer and chat template behind a (not yet started) scheduler;
     ``decoder(model)`` replaces the plain one-token decode step. ``draft`` (a run folder with
-    the same tokenizer, or ``self:N``) decodes speculatively, ``draft_tokens`` per round;
+    the same tokenizer, or ``self:N``) decodes speculatively, ``draft_tokens`` per round (fewer
+    after a token the draft gives less than ``draft_confidence``);
     ``memory`` (a store from ``lmlab memory build`` of this run) mixes its kNN distribution,
     read with ``knn``, into every next-token distribution. Both are checked here, before the
     server listens."""
@@ -86,7 +88,7 @@ def open_service(
     if draft is not None:
         target_device = next(model.parameters()).device
         drafter = load_draft(draft, model, tokenizer, target_device)
-        chosen: Decoder | None = SpeculativeDecoder(model, drafter, draft_tokens)
+        chosen: Decoder | None = SpeculativeDecoder(model, drafter, draft_tokens, draft_confidence)
     elif memory is not None:
         store = open_store(memory)
         store.check_model(model.cfg.d_model, tokenizer, run_dir)
@@ -188,6 +190,7 @@ def serve(
     device: str = "auto",
     draft: str | None = None,
     draft_tokens: int = 4,
+    draft_confidence: float = 0.0,
     memory: str | Path | None = None,
     knn: KnnSettings | None = None,
 ) -> None:
@@ -207,6 +210,7 @@ def serve(
             api_key,
             draft=draft,
             draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
             memory=memory,
             knn=knn,
         )
