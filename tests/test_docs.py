@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.cli import DEFAULT_PRESET, build_parser, parse_args
+from lmlab.cli import build_parser, parse_args
+from lmlab.cli.options import DEFAULT_PRESET
 from lmlab.config.load import build_config, preset_names
 from lmlab.data.dataset import fit_vocab, prepare_data
 from lmlab.model.lm import LanguageModel
