@@ -428,8 +428,8 @@ def test_sigint_at_random_moments_then_resume_matches_uninterrupted(tmp_path, co
     ]
     assert main(["train", "--quiet", *settings, "name=whole"]) == 0
     run_dir, rng, interrupted_at = tmp_path / "part", random.Random(0), []
-    start = [sys.executable, "-m", "lmlab.cli", "train", "--quiet", *settings, "name=part"]
-    resume = [sys.executable, "-m", "lmlab.cli", "train", "--quiet", "--resume", str(run_dir)]
+    start = [sys.executable, "-m", "lmlab", "train", "--quiet", *settings, "name=part"]
+    resume = [sys.executable, "-m", "lmlab", "train", "--quiet", "--resume", str(run_dir)]
     for command in [start, resume, resume, resume]:
         done = logged_lines(run_dir)
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
