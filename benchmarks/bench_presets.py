@@ -27,7 +27,7 @@ def train(arm: str, overrides: list[str], out: Path) -> dict:
     """One ``lmlab train`` process; its summary plus the whole process's wall time."""
     name = Path(arm).stem
     source = ["--config", arm] if arm.endswith((".yaml", ".yml")) else ["--preset", arm]
-    command = [sys.executable, "-m", "lmlab.cli", "train", *source, "--quiet"]
+    command = [sys.executable, "-m", "lmlab", "train", *source, "--quiet"]
     command += [*overrides, f"out_dir={out}", f"name={name}"]
     start = time.perf_counter()
     subprocess.run(command, check=True)

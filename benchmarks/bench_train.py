@@ -107,7 +107,7 @@ def nanogpt_iter_ms(output: str, skip: int = 2) -> float:
 
 
 def lmlab_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lmlab.cli", *args]
+    return [sys.executable, "-m", "lmlab", *args]
 
 
 def time_to_quality(data: Path, nanogpt: Path | None, out: Path) -> list[list[str]]:

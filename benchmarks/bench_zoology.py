@@ -154,7 +154,7 @@ def run_zoology(args: argparse.Namespace, mixer: str, env: dict[str, str], tmp: 
 def run_lmlab(args: argparse.Namespace, mixer: str, env: dict[str, str], tmp: Path) -> Result:
     out = tmp / f"lmlab_{mixer}"
     command = [
-        sys.executable, "-m", "lmlab.cli", "probe", "gpt-tiny",
+        sys.executable, "-m", "lmlab", "probe", "gpt-tiny",
         f"model.pattern={mixer}" if mixer.isupper() else f"model.mixer={mixer}",
         f"model.d_model={WIDTH}", f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}",
         *args.lmlab_overrides.split(),

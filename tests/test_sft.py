@@ -198,7 +198,7 @@ def test_finetune_resumes_after_sigkill_exactly(method, base, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "lmlab.cli",
+        "lmlab",
         "finetune",
         str(base),
         "--method",

@@ -324,7 +324,7 @@ def _train_in_process(
 
 
 def _subprocess_command(runset: RunSet, spec: RunSpec, how: str) -> list[str]:
-    base = [sys.executable, "-m", "lmlab.cli", "train", "--quiet"]
+    base = [sys.executable, "-m", "lmlab", "train", "--quiet"]
     if runset.nproc_per_run > 1:
         base += ["--nproc", str(runset.nproc_per_run)]
     if how == "resumed":

@@ -352,7 +352,7 @@ def _train_trial_job(
     atomic_write_text(path, dump_config(config))
     log = plan.out / "logs" / f"{config.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lmlab.cli", "train", "--quiet"]
+    command = [sys.executable, "-m", "lmlab", "train", "--quiet"]
     command += ["--nproc", str(plan.nproc_per_run), "--config", str(path)]
     env = {**os.environ, registry.REGISTRY_ENV: str(registry.registry_path(registry_location))}
     run_dir = Path(config.out_dir) / config.name
