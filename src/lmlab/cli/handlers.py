@@ -56,18 +56,22 @@ def preset_and_configs(args: argparse.Namespace) -> list[str]:
     return ([args.preset] if args.preset else []) + args.configs
 
 
-def run_resumable(run: Callable[..., dict], plan: object, args: argparse.Namespace) -> dict | None:
-    """Run a compare, scale or search plan; on Ctrl-C say how to continue and return None."""
+def run_study(
+    run: Callable[..., dict],
+    plan: object,
+    args: argparse.Namespace,
+    summary_lines: Callable[[dict], list[str]],
+    succeeded: Callable[[dict], bool],
+) -> int:
+    """Run a compare, scale or search plan and print its summary: exit 0 when ``succeeded``
+    says so, else 1; on Ctrl-C say how to continue and exit 130."""
     try:
-        return run(plan, show_progress=not args.quiet, registry_location=args.registry)
+        results = run(plan, show_progress=not args.quiet, registry_location=args.registry)
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
-        return None
-
-
-def finish(lines: list[str], ok: bool) -> int:
-    print("\n".join(lines))
-    return 0 if ok else 1
+        return 130
+    print("\n".join(summary_lines(results)))
+    return 0 if succeeded(results) else 1
 
 
 def is_init_from(overrides: list[str]) -> bool:
@@ -523,8 +527,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         tasks_limit=args.tasks_limit,
     )
     print(f"compare folder {plan.out} ({len(plan.runset.runs)} runs)", file=sys.stderr)
-    results = run_resumable(run_compare, plan, args)
-    return 130 if results is None else finish(summary_lines(results), not results["failed"])
+    return run_study(run_compare, plan, args, summary_lines, lambda r: not r["failed"])
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -540,8 +543,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         out=args.out,
     )
     print(f"scale folder {plan.out} ({len(plan.runs.runs)} runs)", file=sys.stderr)
-    results = run_resumable(run_scale, plan, args)
-    return 130 if results is None else finish(summary_lines(results), not results["failed"])
+    return run_study(run_scale, plan, args, summary_lines, lambda r: not r["failed"])
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -556,8 +558,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         nproc_per_run=args.nproc_per_run,
     )
     print(f"search folder {plan.out} ({plan.trials} trials)", file=sys.stderr)
-    results = run_resumable(run_search, plan, args)
-    return 130 if results is None else finish(summary_lines(results), bool(results["best"]))
+    return run_study(run_search, plan, args, summary_lines, lambda r: bool(r["best"]))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
