@@ -14,8 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-from bench_posttrain import cpu_description, median_tokens_per_s, model_settings, pretrain
-from timing import print_table
+import torch
+from bench_posttrain import median_tokens_per_s, model_settings, pretrain
+from timing import machine, print_table
 
 from lmlab.posttrain.launch import start_run
 from lmlab.train.launch import parent_config
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}\n")
+    print(f"{machine()}, {torch.get_num_threads()} threads\n")
     rows = [["parent (the reference)", "", ""]]
     parent = args.parent
     if parent is None:

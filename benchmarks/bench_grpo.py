@@ -13,8 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_posttrain import cpu_description, held_out_accuracy
-from timing import print_table
+import torch
+from bench_posttrain import held_out_accuracy
+from timing import machine, print_table
 
 from lmlab.posttrain.launch import start_run
 from lmlab.train.launch import parent_config
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}\n")
+    print(f"{machine()}, {torch.get_num_threads()} threads\n")
     name = "grpo"
     config = parent_config(
         None,

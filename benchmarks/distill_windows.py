@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.data.dataset import prepare_data
-from lmlab.train.checkpoint import atomic_write_text
+from lmlab.files import atomic_write_text
 from lmlab.train.run import load_trained_model
 
 
