@@ -202,3 +202,16 @@ def test_overrides_after_options_reach_each_command(tmp_path, capsys):
     expect_one_error(capsys, compare, "not divisible")
     expect_one_error(capsys, ["probe", "--task", "mqar"], "give a config")
     expect_one_error(capsys, ["info", "gpt-tiny", "other"], "unexpected argument 'other'")
+
+
+def test_serve_takes_speculative_decodings_defaults():
+    """``lmlab serve`` and ``lmlab generate`` declare --draft-tokens and --draft-confidence once,
+    with stream_speculative's defaults: serve's own signature must agree with them."""
+    import inspect
+
+    from lmlab.model.speculative import stream_speculative
+    from lmlab.serve.server import serve
+
+    for name in ("draft_tokens", "draft_confidence"):
+        expected = inspect.signature(stream_speculative).parameters[name].default
+        assert inspect.signature(serve).parameters[name].default == expected

@@ -77,6 +77,33 @@ DATA_SOURCE = opt(
     source=build_store,
 )
 KNN = tuple(dataclasses.replace(o, source=KnnSettings) for o in MEMORY_OPTIONS[1:])
+SPECULATIVE = (
+    opt(
+        "--draft",
+        "speculative decoding (one row at a time): a smaller run with the same tokenizer "
+        "drafts tokens, or self:N (early exit after N of the run's own layers)",
+        "draft",
+        source=stream_speculative,
+        default=None,
+    ),
+    opt(
+        "--draft-tokens",
+        "tokens the draft proposes per verification",
+        "draft_tokens",
+        source=stream_speculative,
+        type=at_least(1),
+    ),
+    opt(
+        "--draft-confidence",
+        "end a round's drafting after a token the draft gives less than this probability "
+        "(0: always --draft-tokens)",
+        "draft_confidence",
+        source=stream_speculative,
+        type=float,
+    ),
+)
+"""Speculative decoding, as ``lmlab generate`` and ``lmlab serve`` take it (the defaults of
+:func:`~lmlab.model.speculative.stream_speculative`, which ``serve`` shares)."""
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -223,29 +250,7 @@ COMMANDS: tuple[Command, ...] = (
             dataclasses.replace(SAMPLER_SEED, source=stream_tokens),
             MEMORY_OPTIONS[0],
             *KNN,
-            opt(
-                "--draft",
-                "speculative decoding: a smaller run with the same tokenizer drafts tokens, "
-                "or self:N (early exit after N of the run's own layers)",
-                "draft",
-                source=stream_speculative,
-                default=None,
-            ),
-            opt(
-                "--draft-tokens",
-                "tokens the draft proposes per verification",
-                "draft_tokens",
-                source=stream_speculative,
-                type=at_least(1),
-            ),
-            opt(
-                "--draft-confidence",
-                "end a round's drafting after a token the draft gives less than this "
-                "probability (0: always --draft-tokens)",
-                "draft_confidence",
-                source=stream_speculative,
-                type=float,
-            ),
+            *SPECULATIVE,
             DEVICE,
         ),
         library=SamplingSettings,
@@ -303,25 +308,7 @@ COMMANDS: tuple[Command, ...] = (
                 "prefill_chunk",
                 type=at_least(1),
             ),
-            opt(
-                "--draft",
-                "speculative decoding (one row at a time): a smaller run with the same "
-                "tokenizer drafts tokens, or self:N (early exit after N of the run's layers)",
-                "draft",
-            ),
-            opt(
-                "--draft-tokens",
-                "tokens the draft proposes per verification",
-                "draft_tokens",
-                type=at_least(1),
-            ),
-            opt(
-                "--draft-confidence",
-                "end a round's drafting after a token the draft gives less than this "
-                "probability (0: always --draft-tokens)",
-                "draft_confidence",
-                type=float,
-            ),
+            *SPECULATIVE,
             dataclasses.replace(MEMORY_OPTIONS[0], param="memory"),
             *KNN,
             DEVICE,
