@@ -4,6 +4,7 @@ that no mixer file imports another one for them."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +34,42 @@ def check_core_options(name: str, mode: str, chunk_size: int) -> None:
         raise LmlabError(f"{name}: chunk_size={chunk_size} must be at least 1")
 
 
-def mamba_heads(name: str, d_model: int, expand: int, head_dim: int, ngroups: int) -> int:
-    """The head count of a Mamba-style layer (``expand * d_model`` channels in heads of
-    ``head_dim``, B/C maps shared by ``ngroups`` groups of heads), or one line on what to change."""
-    d_inner = expand * d_model
-    if head_dim <= 0 or d_inner % head_dim:
+@dataclass
+class MambaHeadOptions:
+    """The settings Mamba-2 and Mamba-3 share: heads of ``head_dim`` channels over
+    ``expand * d_model``, state size ``d_state``, B/C maps shared by ``ngroups`` groups of heads,
+    and the core's mode and chunk."""
+
+    d_state: int = 128
+    """State size N (the key width of the core); mamba_ssm's default."""
+    expand: int = 2
+    """d_inner = expand * d_model."""
+    head_dim: int = 64
+    """P, the value width of each head; heads = d_inner / head_dim."""
+    ngroups: int = 1
+    """Number of distinct B/C maps, each shared by n_heads / ngroups heads."""
+    chunk_size: int = 64
+    """Core steps per chunk."""
+    mode: str = "chunk"
+    """``chunk`` (training) or ``recurrent`` (the core's step-by-step oracle)."""
+
+
+def mamba_heads(name: str, d_model: int, options: MambaHeadOptions) -> int:
+    """The head count of a Mamba-style layer, or one line on what to change; also checks the
+    core's mode and chunk."""
+    d_inner = options.expand * d_model
+    if options.head_dim <= 0 or d_inner % options.head_dim:
         raise LmlabError(
             f"{name}: expand * d_model = {d_inner} is not a multiple of head_dim="
-            f"{head_dim}; change model.mixer_options.{name}.head_dim"
+            f"{options.head_dim}; change model.mixer_options.{name}.head_dim"
         )
-    n_heads = d_inner // head_dim
-    if ngroups <= 0 or n_heads % ngroups:
+    n_heads = d_inner // options.head_dim
+    if options.ngroups <= 0 or n_heads % options.ngroups:
         raise LmlabError(
-            f"{name}: ngroups={ngroups} must divide the {n_heads} heads; "
+            f"{name}: ngroups={options.ngroups} must divide the {n_heads} heads; "
             f"change model.mixer_options.{name}.ngroups"
         )
+    check_core_options(name, options.mode, options.chunk_size)
     return n_heads
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.base import TokenMixer
-from lmlab.layers.common import check_core_options, mamba_heads
+from lmlab.layers.common import MambaHeadOptions, mamba_heads
 from lmlab.layers.norm import GatedRMSNorm
 from lmlab.layers.registry import register_token_mixer
 from lmlab.ops.gated_linear_attention import gated_linear_attention
@@ -42,15 +42,7 @@ class Mamba2(TokenMixer):
     """Selective state-space layer with scalar per-head decay (SSD)."""
 
     @dataclass
-    class Options:
-        d_state: int = 128
-        """State size N (the key width of the core); mamba_ssm's default."""
-        expand: int = 2
-        """d_inner = expand * d_model."""
-        head_dim: int = 64
-        """P, the value width of each head; heads = d_inner / head_dim."""
-        ngroups: int = 1
-        """Number of distinct B/C maps, each shared by n_heads / ngroups heads."""
+    class Options(MambaHeadOptions):
         conv_width: int = 4
         a_init_min: float = 1.0
         a_init_max: float = 16.0
@@ -58,17 +50,12 @@ class Mamba2(TokenMixer):
         dt_max: float = 0.1
         dt_init_floor: float = 1e-4
         norm_before_gate: bool = False
-        chunk_size: int = 64
-        mode: str = "chunk"
-        """``chunk`` (training) or ``recurrent`` (the core's step-by-step oracle)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
         self.options = options
         self.d_inner = options.expand * cfg.d_model
-        self.n_heads = mamba_heads(
-            "mamba2", cfg.d_model, options.expand, options.head_dim, options.ngroups
-        )
+        self.n_heads = mamba_heads("mamba2", cfg.d_model, options)
         self.head_dim = options.head_dim
         if options.d_state < 1 or options.conv_width < 1:
             raise LmlabError("mamba2: d_state and conv_width must be at least 1")
@@ -76,7 +63,6 @@ class Mamba2(TokenMixer):
             raise LmlabError("mamba2: need 0 < a_init_min <= a_init_max")
         if not 0 < options.dt_min <= options.dt_max:
             raise LmlabError("mamba2: need 0 < dt_min <= dt_max")
-        check_core_options("mamba2", options.mode, options.chunk_size)
         self.ngroups = options.ngroups
         self.d_state = options.d_state
         self.norm_before_gate = options.norm_before_gate

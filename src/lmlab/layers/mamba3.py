@@ -72,8 +72,8 @@ from lmlab.config.schema import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.layers.base import TokenMixer
 from lmlab.layers.common import (
+    MambaHeadOptions,
     at_least_float32,
-    check_core_options,
     mamba_heads,
     reset_mamba_decay,
 )
@@ -88,30 +88,19 @@ class Mamba3(TokenMixer):
     option, a rank-R (MIMO) state update."""
 
     @dataclass
-    class Options:
-        d_state: int = 128
-        """State size N (even: channels pair up for the rotation)."""
-        expand: int = 2
-        """d_inner = expand * d_model."""
-        head_dim: int = 64
-        """P, the value width of each head; heads = d_inner / head_dim."""
-        ngroups: int = 1
-        """Number of distinct B/C (and angle) maps, each shared by n_heads / ngroups heads."""
+    class Options(MambaHeadOptions):
+        """As Mamba-2's; ``d_state`` must be even (state channels rotate in pairs) and
+        ``chunk_size`` counts core steps, ``mimo_rank`` per token."""
+
         mimo_rank: int = 1
         """R, the rank of each state update: 1 is SISO; R > 1 is MIMO (R columns of B and C,
         R times the state work; the paper's MIMO uses 4)."""
-        chunk_size: int = 64
-        """Core steps per chunk; each token is ``mimo_rank`` steps."""
-        mode: str = "chunk"
-        """``chunk`` (training) or ``recurrent`` (the core's step-by-step oracle)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Options) -> None:
         super().__init__()
         self.options = options
         self.d_inner = options.expand * cfg.d_model
-        self.n_heads = mamba_heads(
-            "mamba3", cfg.d_model, options.expand, options.head_dim, options.ngroups
-        )
+        self.n_heads = mamba_heads("mamba3", cfg.d_model, options)
         if options.d_state < 2 or options.d_state % 2:
             raise LmlabError(
                 f"mamba3: d_state={options.d_state} must be even and >= 2 (state channels "
@@ -123,7 +112,6 @@ class Mamba3(TokenMixer):
                 f"mamba3: mimo_rank={rank!r} must be an integer >= 1 (1: SISO, e.g. 4: MIMO); "
                 "change model.mixer_options.mamba3.mimo_rank"
             )
-        check_core_options("mamba3", options.mode, options.chunk_size)
         self.mode = options.mode
         self.head_dim, self.d_state, self.ngroups, self.rank = (
             options.head_dim,
