@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmlab.train.metrics import read_metrics
 
@@ -38,6 +39,18 @@ CPU (float32, one thread); a test adds the settings it is about."""
 TINY_GRID = [*TINY_RUN, "model.n_layers=1", "train.batch_size=8", "train.optimizer=adamw"]
 """The tiny run for experiments that train many runs (scale, search): one layer, batches of 8
 (their token budgets are counted in these steps)."""
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Normwise relative error of ``actual`` against the reference ``expected``, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest elementwise error over the reference's largest magnitude, in float64."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
 def tiny_run_args(corpus: Path, out: Path, name: str, *extra: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_rel_err
 
 from lmlab.ops.dplr_delta_rule import dplr_delta_rule
 
@@ -47,11 +48,6 @@ def make_state(inputs: dict[str, torch.Tensor], seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(inputs["v"].dtype)
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-
-
 def run_with_grads(
     inputs: dict[str, torch.Tensor], state: torch.Tensor | None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -92,7 +88,7 @@ def test_oracle_matches_explicit_transition_matrices() -> None:
     inputs = make_inputs(batch=1, time=6, heads=2, key_dim=4, value_dim=3)
     state = make_state(inputs)
     o, _ = dplr_delta_rule(*(inputs[n] for n in NAMES), initial_state=state, mode="recurrent")
-    assert rel_error(o, explicit_matrices(inputs, state)) < 1e-12
+    assert max_rel_err(o, explicit_matrices(inputs, state)) < 1e-12
 
 
 def test_oracle_without_decay_or_low_rank_is_causal_linear_attention() -> None:
@@ -103,7 +99,7 @@ def test_oracle_without_decay_or_low_rank_is_causal_linear_attention() -> None:
     o, _ = dplr_delta_rule(*(inputs[n] for n in NAMES), scale=0.5, mode="recurrent")
     q, k, v = (inputs[n].transpose(1, 2) for n in "qkv")
     scores = (q @ k.transpose(-1, -2)).tril()
-    assert rel_error(o, (0.5 * scores @ v).transpose(1, 2)) < 1e-12
+    assert max_rel_err(o, (0.5 * scores @ v).transpose(1, 2)) < 1e-12
 
 
 @pytest.mark.parametrize("time", [7, 63, 65, 200])
@@ -114,11 +110,11 @@ def test_chunk_matches_recurrent_float64(time: int, chunk_size: int, with_state:
     state = make_state(inputs) if with_state else None
     o_ref, s_ref, g_ref = run_with_grads(inputs, state, mode="recurrent")
     o, s, grads = run_with_grads(inputs, state, mode="chunk", chunk_size=chunk_size)
-    assert rel_error(o, o_ref) < 1e-10
-    assert rel_error(s, s_ref) < 1e-10
+    assert max_rel_err(o, o_ref) < 1e-10
+    assert max_rel_err(s, s_ref) < 1e-10
     assert grads.keys() == g_ref.keys()
     for name, grad in grads.items():
-        assert rel_error(grad, g_ref[name]) < 1e-9, name
+        assert max_rel_err(grad, g_ref[name]) < 1e-9, name
 
 
 @pytest.mark.parametrize(
@@ -133,11 +129,11 @@ def test_chunk_float32_matches_float64_oracle(min_log_decay: float, chunk_size: 
     inputs32 = {n: x.float() for n, x in inputs.items()}
     o, s, grads = run_with_grads(inputs32, state.float(), mode="chunk", chunk_size=chunk_size)
     assert o.dtype == torch.float32 and s.dtype == torch.float32
-    assert rel_error(o, o_ref) < 2e-6
-    assert rel_error(s, s_ref) < 2e-6
+    assert max_rel_err(o, o_ref) < 2e-6
+    assert max_rel_err(s, s_ref) < 2e-6
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
-        assert rel_error(grad, g_ref[name]) < 2e-6, name
+        assert max_rel_err(grad, g_ref[name]) < 2e-6, name
 
 
 def test_bfloat16_inputs_stay_close() -> None:
@@ -149,7 +145,7 @@ def test_bfloat16_inputs_stay_close() -> None:
             *(inputs[n] for n in NAMES), mode=mode, chunk_size=16, output_final_state=True
         )
         assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
-        assert rel_error(o, o_ref) < 2e-2, mode
+        assert max_rel_err(o, o_ref) < 2e-2, mode
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
@@ -160,7 +156,7 @@ def test_bfloat16_autocast_still_computes_in_float32(mode: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o, _ = dplr_delta_rule(*(leaves[n] for n in NAMES), mode=mode, chunk_size=8)
     assert o.dtype == torch.float32
-    assert rel_error(o, expected) < 1e-6
+    assert max_rel_err(o, expected) < 1e-6
     o.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves.values())
 
@@ -183,8 +179,8 @@ def test_prefill_then_decode_matches_full(mode: str) -> None:
             chunk_size=8,
         )
         outputs.append(o)
-    assert rel_error(torch.cat(outputs, dim=1), full) < 1e-12
-    assert rel_error(state, full_state) < 1e-12
+    assert max_rel_err(torch.cat(outputs, dim=1), full) < 1e-12
+    assert max_rel_err(state, full_state) < 1e-12
 
 
 def test_two_segments_with_carried_state_equal_one_sequence() -> None:
@@ -199,8 +195,8 @@ def test_two_segments_with_carried_state_equal_one_sequence() -> None:
     second, state = dplr_delta_rule(
         *(inputs[n][:, 33:] for n in NAMES), initial_state=state, output_final_state=True
     )
-    assert rel_error(torch.cat((first, second), dim=1), full) < 1e-12
-    assert rel_error(state, full_state) < 1e-12
+    assert max_rel_err(torch.cat((first, second), dim=1), full) < 1e-12
+    assert max_rel_err(state, full_state) < 1e-12
 
 
 def test_scale_none_means_inverse_sqrt_key_dim() -> None:
@@ -210,8 +206,8 @@ def test_scale_none_means_inverse_sqrt_key_dim() -> None:
     o_explicit, _ = dplr_delta_rule(*args, scale=0.25)
     o_default, _ = dplr_delta_rule(*args)
     assert none_state is None
-    assert rel_error(o_none, o_explicit) < 1e-14
-    assert rel_error(o_default, 4 * o_explicit) < 1e-12
+    assert max_rel_err(o_none, o_explicit) < 1e-14
+    assert max_rel_err(o_default, 4 * o_explicit) < 1e-12
 
 
 @pytest.mark.parametrize(

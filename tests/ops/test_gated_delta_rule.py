@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from lmlab.ops.gated_delta_rule import gated_delta_rule
 
@@ -74,12 +75,6 @@ def _run(inputs: dict, with_state: bool, grad: bool, **kwargs) -> tuple[torch.Te
     return (o, state, *grads)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Normwise relative error of ``a`` against the reference ``b``."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("t", [1, 7, 63, 65, 200])
 @pytest.mark.parametrize("with_state", [False, True])
@@ -102,8 +97,8 @@ def test_chunk_matches_recurrent_float32(decay: str) -> None:
     rec32 = _run(inputs, True, grad=True, mode="recurrent")
     assert got32[0].dtype == torch.float32 and got32[1].dtype == torch.float32
     for g, r32, r in zip(got32, rec32, ref, strict=True):
-        assert _rel_err(g, r32) < 1e-5
-        assert _rel_err(g, r) < 1e-5
+        assert rel_err(g, r32) < 1e-5
+        assert rel_err(g, r) < 1e-5
 
 
 @pytest.mark.parametrize("decay", DECAYS)
@@ -114,11 +109,11 @@ def test_bfloat16_inputs(decay: str) -> None:
     got = _run(inputs, True, grad=True, mode="chunk", chunk_size=16)
     o, state = got[:2]
     assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
-    assert _rel_err(o, ref[0]) < 5e-3
-    assert _rel_err(state, ref[1]) < 1e-5  # inputs are exact in float64; accumulation is float32
+    assert rel_err(o, ref[0]) < 5e-3
+    assert rel_err(state, ref[1]) < 1e-5  # inputs are exact in float64; accumulation is float32
     for g, r in zip(got[2:], ref[2:], strict=True):
         assert g.dtype == torch.bfloat16
-        assert _rel_err(g, r) < 1e-2
+        assert rel_err(g, r) < 1e-2
 
 
 @pytest.mark.parametrize("decay", ["head", "channel"])
@@ -129,7 +124,7 @@ def test_strong_decay_long_chunks_stay_finite(decay: str) -> None:
     got = _run(inputs, True, grad=True, mode="chunk", chunk_size=64)
     for g, r in zip(got, ref, strict=True):
         assert torch.isfinite(g).all()
-        assert _rel_err(g, r) < 1e-5
+        assert rel_err(g, r) < 1e-5
 
 
 @pytest.mark.parametrize("fraction", [0.98, 1.02])
@@ -153,7 +148,7 @@ def test_per_channel_forms_either_side_of_the_span_limit(
     inputs = {n: x.float() for n, x in exact.items()}
     got = _run(inputs, True, grad=True, mode="chunk", chunk_size=c)
     for g, r in zip(got, ref, strict=True):
-        assert _rel_err(g, r) < 1e-5
+        assert rel_err(g, r) < 1e-5
     assert bool(sub_chunked) == (fraction > 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_rel_err
 
 from lmlab.ops.long_conv import causal_long_conv, causal_long_conv_step
 
@@ -16,11 +17,6 @@ def make_inputs(
     filt = torch.randn(channels, taps or time + 5, generator=gen, dtype=torch.float64)
     bias = torch.randn(channels, generator=gen, dtype=torch.float64)
     return u, filt, bias
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
 def grads_of(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -39,7 +35,7 @@ def test_direct_matches_explicit_loop() -> None:
         for s in range(t + 1):
             expected[:, t] += filt[:, t - s] * u[:, s]
     expected += bias * u
-    assert rel_error(causal_long_conv(u, filt, bias, mode="direct"), expected) < 1e-14
+    assert max_rel_err(causal_long_conv(u, filt, bias, mode="direct"), expected) < 1e-14
 
 
 @pytest.mark.parametrize("time", [1, 7, 64, 100])
@@ -49,11 +45,11 @@ def test_fft_matches_direct_with_gradients(time: int, with_bias: bool) -> None:
     extra = (bias,) if with_bias else ()
     fft = causal_long_conv(u, filt, *extra)
     direct = causal_long_conv(u, filt, *extra, mode="direct")
-    assert rel_error(fft, direct) < 1e-12
+    assert max_rel_err(fft, direct) < 1e-12
     grads_fft = grads_of(lambda *t: causal_long_conv(*t), u, filt, *extra)
     grads_direct = grads_of(lambda *t: causal_long_conv(*t, mode="direct"), u, filt, *extra)
     for got, want in zip(grads_fft, grads_direct, strict=True):
-        assert rel_error(got, want) < 1e-12
+        assert max_rel_err(got, want) < 1e-12
 
 
 def test_float32_fft_on_a_long_sequence_with_gradients() -> None:
@@ -61,11 +57,11 @@ def test_float32_fft_on_a_long_sequence_with_gradients() -> None:
     filt = filt * torch.exp(-torch.arange(filt.shape[1], dtype=torch.float64) / 300)
     y = causal_long_conv(u.float(), filt.float(), bias.float())
     assert y.dtype == torch.float32
-    assert rel_error(y, causal_long_conv(u, filt, bias, mode="direct")) < 1e-5
+    assert max_rel_err(y, causal_long_conv(u, filt, bias, mode="direct")) < 1e-5
     grads = grads_of(causal_long_conv, u.float(), filt.float(), bias.float())
     expected = grads_of(lambda *t: causal_long_conv(*t, mode="direct"), u, filt, bias)
     for got, want in zip(grads, expected, strict=True):
-        assert rel_error(got, want) < 1e-5
+        assert max_rel_err(got, want) < 1e-5
 
 
 def test_bfloat16_input_keeps_its_dtype() -> None:
@@ -73,7 +69,7 @@ def test_bfloat16_input_keeps_its_dtype() -> None:
     y = causal_long_conv(u.bfloat16(), filt.bfloat16(), bias.bfloat16())
     assert y.dtype == torch.bfloat16
     reference = causal_long_conv(u.bfloat16().double(), filt.bfloat16().double(), bias.bfloat16())
-    assert rel_error(y, reference) < 1e-2
+    assert max_rel_err(y, reference) < 1e-2
 
 
 def test_bfloat16_autocast_still_computes_in_float32() -> None:
@@ -84,8 +80,8 @@ def test_bfloat16_autocast_still_computes_in_float32() -> None:
     expected = causal_long_conv(u.double(), filt.double(), bias.double())
     for y in results:
         assert y.dtype == torch.float32
-        assert rel_error(y, expected) < 1e-6
-    assert rel_error(step, expected[:, -1:]) < 1e-6
+        assert max_rel_err(y, expected) < 1e-6
+    assert max_rel_err(step, expected[:, -1:]) < 1e-6
 
 
 def test_taps_beyond_the_sequence_are_ignored() -> None:
@@ -105,11 +101,11 @@ def test_token_by_token_decode_matches_full_with_gradients() -> None:
             [causal_long_conv_step(u[:, : t + 1], filt, bias) for t in range(u.shape[1])], 1
         )
 
-    assert rel_error(stepwise(u, filt, bias), full) < 1e-12
+    assert max_rel_err(stepwise(u, filt, bias), full) < 1e-12
     grads_step = grads_of(stepwise, u, filt, bias)
     grads_full = grads_of(causal_long_conv, u, filt, bias)
     for got, want in zip(grads_step, grads_full, strict=True):
-        assert rel_error(got, want) < 1e-12
+        assert max_rel_err(got, want) < 1e-12
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from lmlab.ops.neural_memory import MemoryState, neural_memory
 
@@ -97,11 +98,6 @@ def _mlp_weights(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     return w1, w2
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize(
     ("chunk_size", "start"),
     # A chunk of one token is never open.
@@ -127,8 +123,8 @@ def test_chunk_matches_recurrent_float32() -> None:
     rec = _run(x, "weights", grad=True, mode="recurrent", chunk_size=16)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     for g, r32, r in zip(got, rec, truth, strict=True):
-        assert _rel_err(g, r32) < 1e-5
-        assert _rel_err(g, r) < 1e-5
+        assert rel_err(g, r32) < 1e-5
+        assert rel_err(g, r) < 1e-5
 
 
 def test_bfloat16_inputs_accumulate_in_float32() -> None:
@@ -138,10 +134,10 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
     )
     got = _run(x, "weights", grad=True, mode="chunk", chunk_size=16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    assert _rel_err(got[0], ref[0]) < 1e-2
-    assert _rel_err(got[1], ref[1]) < 1e-5
+    assert rel_err(got[0], ref[0]) < 1e-2
+    assert rel_err(got[1], ref[1]) < 1e-5
     for g, r in zip(got[4:], ref[4:], strict=True):
-        assert g.dtype == torch.bfloat16 and _rel_err(g, r) < 3e-2
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) < 3e-2
 
 
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import max_rel_err
 
 from lmlab.ops.short_conv import short_conv
 
@@ -46,11 +47,6 @@ def explicit_loop(
     return torch.stack(out, dim=1)
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.mark.parametrize("time", [1, 2, 9])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -71,7 +67,7 @@ def test_matches_explicit_loop_with_gradients(
     ref_leaves = [t.clone().requires_grad_() for t in (x, weight, state)]
     ref_bias = None if bias is None else bias.clone().requires_grad_()
     expected = explicit_loop(ref_leaves[0], ref_leaves[1], ref_bias, ref_leaves[2], activation)
-    assert rel_error(y, expected) < 1e-13
+    assert max_rel_err(y, expected) < 1e-13
     assert torch.equal(tail, torch.cat((state, x), dim=1)[:, -3:])
 
     weight_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
@@ -83,7 +79,7 @@ def test_matches_explicit_loop_with_gradients(
     if bias is not None:
         checked.append((bias_leaf, ref_bias))
     for got, want in checked:
-        assert rel_error(got.grad, want.grad) < 1e-13
+        assert max_rel_err(got.grad, want.grad) < 1e-13
 
 
 def test_prefill_then_steps_match_full() -> None:
@@ -94,7 +90,7 @@ def test_prefill_then_steps_match_full() -> None:
     for t in range(5, 12):
         y, tail = short_conv(x[:, t : t + 1], weight, bias, tail, activation="silu")
         outputs.append(y)
-    assert rel_error(torch.cat(outputs, dim=1), full) < 1e-14
+    assert max_rel_err(torch.cat(outputs, dim=1), full) < 1e-14
     assert torch.equal(tail, full_tail)
 
 
@@ -105,7 +101,7 @@ def test_segments_shorter_than_the_window_match_whole() -> None:
     for piece in (slice(0, 2), slice(2, 3), slice(3, 9), slice(9, 11)):
         y, tail = short_conv(x[:, piece], weight, bias, tail)
         outputs.append(y)
-    assert rel_error(torch.cat(outputs, dim=1), full) < 1e-14
+    assert max_rel_err(torch.cat(outputs, dim=1), full) < 1e-14
     assert torch.equal(tail, full_tail)
 
 
@@ -119,7 +115,7 @@ def test_width_one_is_a_pointwise_scale() -> None:
     x, weight, bias, _ = make_inputs(width=1)
     y, tail = short_conv(x, weight, bias)
     assert tail.shape == (2, 0, 5)
-    assert rel_error(y, x * weight[:, 0] + bias) < 1e-15
+    assert max_rel_err(y, x * weight[:, 0] + bias) < 1e-15
 
 
 def test_bfloat16_input_keeps_its_dtype() -> None:
@@ -127,7 +123,7 @@ def test_bfloat16_input_keeps_its_dtype() -> None:
     y, tail = short_conv(x, weight, bias, state, activation="silu")
     assert y.dtype == torch.bfloat16 and tail.dtype == torch.bfloat16
     expected = explicit_loop(*(t.double() for t in (x, weight, bias, state)), "silu")
-    assert rel_error(y, expected) < 1e-2
+    assert max_rel_err(y, expected) < 1e-2
 
 
 @pytest.mark.parametrize("time", [1, 7])
@@ -137,7 +133,7 @@ def test_bfloat16_autocast_still_computes_in_float32(time: int) -> None:
         y, _ = short_conv(x, weight, bias, state, activation="silu")
     assert y.dtype == torch.float32
     expected = explicit_loop(*(t.double() for t in (x, weight, bias, state)), "silu")
-    assert rel_error(y, expected) < 1e-6
+    assert max_rel_err(y, expected) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -166,4 +162,4 @@ def test_matches_padded_depthwise_conv1d() -> None:
         conv.bias.copy_(bias)
         expected = conv(x.transpose(1, 2))[..., :11].transpose(1, 2)
     y, _ = short_conv(x, weight, bias)
-    assert rel_error(y, expected) < 1e-12
+    assert max_rel_err(y, expected) < 1e-12

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err
 
 from lmlab.ops.ttt_linear import TTTLinearState, ttt_linear
 
@@ -81,11 +82,6 @@ def _run(
     return (*outputs, *torch.autograd.grad(live, list(leaves.values()), cotangents))
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize(
     ("mini_batch_size", "start"),
     # A mini-batch of one token is never open.
@@ -109,8 +105,8 @@ def test_chunk_matches_recurrent_float32() -> None:
     rec = _run(inputs, "tensor", grad=True, mode="recurrent", mini_batch_size=16)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     for g, r32, r in zip(got, rec, truth, strict=True):
-        assert _rel_err(g, r32) < 1e-5
-        assert _rel_err(g, r) < 1e-5
+        assert rel_err(g, r32) < 1e-5
+        assert rel_err(g, r) < 1e-5
 
 
 def test_bfloat16_inputs_accumulate_in_float32() -> None:
@@ -119,10 +115,10 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
     ref = _run(exact, "tensor", grad=True, mode="recurrent", mini_batch_size=16)
     got = _run(inputs, "tensor", grad=True, mode="chunk", mini_batch_size=16)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
-    assert _rel_err(got[0], ref[0]) < 1e-2
-    assert _rel_err(got[1], ref[1]) < 1e-5  # exact inputs, float32 accumulation
+    assert rel_err(got[0], ref[0]) < 1e-2
+    assert rel_err(got[1], ref[1]) < 1e-5  # exact inputs, float32 accumulation
     for g, r in zip(got[5:], ref[5:], strict=True):
-        assert g.dtype == torch.bfloat16 and _rel_err(g, r) < 3e-2
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) < 3e-2
 
 
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
