@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.ops.checks import MODES
+from lmlab.ops.chunks import AlignedChunks
 
 __all__ = ["MEMORIES", "MemoryState", "neural_memory"]
 
@@ -176,14 +177,9 @@ def _chunk(
     steps from adding the momentum into the memory (``M_t = M_{t-1}`` there, so the factor
     ``L_a`` is taken over live steps ``s`` only); its outputs are dropped.
     """
-    t, c = q.shape[1], chunk_size
-    front = state.seen
-    back = -(front + t) % c
-    n = (front + t + back) // c
-
-    def split(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, *] -> [N, B, H, C, *]
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, front, back))
-        return x.unflatten(1, (n, c)).movedim(1, 0).transpose(2, 3)
+    c = chunk_size
+    chunks = AlignedChunks(q.shape[1], state.seen, c)
+    split = chunks.split
 
     q, k, v = split(q), split(k), split(v)
     theta = split(lr[..., None])  # [N, B, H, C, 1]
@@ -213,7 +209,7 @@ def _chunk(
     decays = tuple(d.unbind(0) for d in decays)
     weights, momenta, anchor, _ = state
     outs = []
-    for i in range(n):
+    for i in range(chunks.count):
         chunk = tuple(d[i] for d in decays)
         if memory == "linear":
             inputs = (k[i],)
@@ -235,10 +231,10 @@ def _chunk(
             for w, m, x, g in zip(weights, momenta, inputs, out_grads, strict=True)
         ]
         weights, momenta = tuple(u[0] for u in updated), tuple(u[1] for u in updated)
-        if i < n - 1 or back == 0:  # a closed chunk: the next one's gradient base
+        if chunks.closes(i):  # a closed chunk: the next one's gradient base
             anchor = weights
-    o = torch.stack(outs).transpose(2, 3).movedim(0, 1).flatten(1, 2)[:, front : front + t]
-    return o, MemoryState(weights, momenta, anchor, (front + t) % c)
+    o = chunks.merge(outs)
+    return o, MemoryState(weights, momenta, anchor, chunks.next_seen)
 
 
 def _read(

@@ -36,9 +36,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from lmlab.ops.checks import MODES
+from lmlab.ops.chunks import AlignedChunks
 
 __all__ = ["TTTLinearState", "ttt_linear"]
 
@@ -172,14 +172,9 @@ def _chunk(
     up to a whole mini-batch, so that every loop step is one aligned mini-batch. Padding is
     inert: its ``lr`` is zero, so it adds nothing to any step, and its outputs are dropped.
     """
-    t, c = q.shape[1], mini_batch_size
-    front = state.seen
-    back = -(front + t) % c
-    n = (front + t + back) // c
-
-    def split(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, *] -> [N, B, H, C, *]
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, front, back))
-        return x.unflatten(1, (n, c)).movedim(1, 0).transpose(2, 3)
+    c = mini_batch_size
+    chunks = AlignedChunks(q.shape[1], state.seen, c)
+    split = chunks.split
 
     q, k, v = split(q), split(k), split(v)
     lr = split(lr[..., None]).transpose(-1, -2)  # [N, B, H, 1, C]: lr_j along the columns
@@ -193,7 +188,7 @@ def _chunk(
     q, k, v, lr, steps = (x.unbind(0) for x in (q, k, v, lr, steps))
     weight, bias, acc_w, acc_b, _ = state
     outs = []
-    for i in range(n):
+    for i in range(chunks.count):
         q_i, k_i = q[i], k[i]
         dz = _inner_grad_z(k_i @ weight + bias, v[i] - k_i, ln_w, ln_b, eps)  # [B, H, C, D]
         z = q_i @ weight + bias - steps[i] @ dz
@@ -203,12 +198,12 @@ def _chunk(
             z = z - inv_pos * (q_i @ acc_w + acc_b)
             grad_w, grad_b = grad_w + acc_w, grad_b + acc_b
         outs.append(q_i + _layer_norm(z, ln_w, ln_b, eps))
-        if i < n - 1 or back == 0:  # close the mini-batch: the last token's factor 1/c
+        if chunks.closes(i):  # close the mini-batch: the last token's factor 1/c
             weight, bias = weight - grad_w / c, bias - grad_b / c
             grad_w, grad_b = torch.zeros_like(grad_w), torch.zeros_like(grad_b)
         acc_w, acc_b = grad_w, grad_b
-    o = torch.stack(outs).transpose(2, 3).movedim(0, 1).flatten(1, 2)[:, front : front + t]
-    return o, TTTLinearState(weight, bias, acc_w, acc_b, (front + t) % c)
+    o = chunks.merge(outs)
+    return o, TTTLinearState(weight, bias, acc_w, acc_b, chunks.next_seen)
 
 
 def _inner_grad_z(
